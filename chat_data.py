@@ -1,0 +1,380 @@
+"""Dataset normalisation: any supported file or hub dataset -> `messages` rows.
+
+Accepted shapes (detected from the columns, logged once):
+
+| format            | columns                                                          |
+|-------------------|------------------------------------------------------------------|
+| messages (OpenAI) | `messages`: [{"role": "system"/"user"/"assistant", "content"}]   |
+| sharegpt          | `conversations`: [{"from": "human"/"gpt"/"system", "value"}]     |
+| lima              | `conversations`: ["user text", "assistant text", ...]            |
+| alpaca            | `instruction`, optional `input`, `output` (optional `system`)    |
+| prompt-completion | `prompt`, `completion` (strings, or lists of messages)           |
+
+Every format becomes a list of chat messages that starts with an optional
+system message, alternates user/assistant and ends on an assistant turn.
+Rows that cannot be used (empty or non-string content, unknown roles, no
+assistant turn) are skipped and counted; if none is usable the load fails
+with `DatasetFormatError`. Nothing from a data file is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("huggingface_model")
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+FORMATS = {
+    "messages": "`messages`: list of {role, content} (OpenAI)",
+    "sharegpt": "`conversations`: list of {from, value} (ShareGPT)",
+    "lima": "`conversations`: list of alternating strings (LIMA)",
+    "alpaca": "`instruction`, optional `input`, `output` (alpaca)",
+    "prompt-completion": "`prompt` and `completion`",
+}
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+}
+
+
+class DatasetFormatError(ValueError):
+    """A data file or dataset cannot be turned into chat rows; the message says why and how to fix it."""
+
+
+@dataclass
+class ChatDataset:
+    """Normalised conversations plus what was detected and dropped on the way."""
+
+    rows: list[Conversation]
+    format: str
+    source: str
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def describe(self) -> str:
+        text = f"{self.source}: format '{self.format}', {len(self.rows)} usable rows"
+        if self.skipped:
+            reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
+            text += f"; skipped {sum(self.skipped.values())} ({reasons})"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_chat_dataset(data_path: str, split: str = "train") -> ChatDataset:
+    """Load a local json/jsonl/csv/parquet file or a hub dataset id and normalise it."""
+    raw_rows = load_rows(data_path, split=split)
+    data = normalize_rows(raw_rows, source=str(data_path))
+    logger.info("Dataset %s", data.describe())
+    return data
+
+
+def load_rows(data_path: str, split: str = "train") -> list[dict[str, Any]]:
+    """Read raw rows with `datasets`; turn its errors into messages that name the file and the fix."""
+    path = Path(os.path.expanduser(str(data_path)))
+    if path.suffix.lower() in FILE_LOADERS or path.exists():
+        return _load_local(path)
+    if looks_like_hub_id(str(data_path)):
+        return _load_hub(str(data_path), split)
+    raise DatasetFormatError(
+        f"Data file not found: {data_path}. Give a path to a .json, .jsonl, .csv or .parquet file "
+        "(relative to the folder you run from) or a Hugging Face dataset id like 'user/name'."
+    )
+
+
+def looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def _load_local(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise DatasetFormatError(
+            f"Data file not found: {path}. Check the path (relative paths start from {Path.cwd()})."
+        )
+    if path.is_dir():
+        raise DatasetFormatError(f"{path} is a folder; give one .json, .jsonl, .csv or .parquet file.")
+    builder = FILE_LOADERS.get(path.suffix.lower())
+    if builder is None:
+        raise DatasetFormatError(
+            f"Unsupported data file extension '{path.suffix}' ({path}). "
+            f"Use one of: {', '.join(sorted(FILE_LOADERS))}."
+        )
+    if path.stat().st_size == 0 or (builder != "parquet" and not path.read_bytes().strip()):
+        raise DatasetFormatError(f"Data file {path} is empty; it needs at least one conversation.")
+    if builder == "json":
+        _check_json_syntax(path)
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as e:
+        cause = e.__cause__ or e
+        raise DatasetFormatError(
+            f"Could not read {path}: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}. "
+            "Check that every row has the same columns with the same types."
+        ) from e
+    return _materialize(dataset)
+
+
+def _check_json_syntax(path: Path) -> None:
+    """Report malformed JSON with the file and line number (datasets' own error names neither)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
+        stripped = text.lstrip()
+        if path.suffix.lower() == ".json" and stripped.startswith("{"):
+            try:
+                json.loads(text)
+                return
+            except json.JSONDecodeError:
+                pass  # maybe JSON Lines in a .json file: check line by line below
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetFormatError(
+                    f"Malformed JSON in {path}, line {number}, column {e.colno}: {e.msg}. "
+                    "Each line of a .jsonl file must be one complete JSON object."
+                ) from e
+            if not isinstance(row, dict):
+                raise DatasetFormatError(
+                    f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}."
+                )
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(
+            f"Malformed JSON in {path}, line {e.lineno}, column {e.colno}: {e.msg}."
+        ) from e
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DatasetFormatError(f"{path} must hold a JSON list of objects (one per conversation).")
+    if not rows:
+        raise DatasetFormatError(f"Data file {path} holds an empty list; it needs at least one conversation.")
+
+
+def _load_hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split)
+    except FileNotFoundError as e:
+        raise DatasetFormatError(
+            f"Dataset '{dataset_id}' is neither a local file nor a dataset the hub has (or the hub is "
+            "unreachable and it is not cached). Check the spelling, or download it and give the file path."
+        ) from e
+    except (ConnectionError, HfHubHTTPError) as e:
+        raise DatasetFormatError(
+            f"Could not fetch dataset '{dataset_id}' from the hub ({type(e).__name__}). "
+            "Check your network and HF_TOKEN, or give a local file path."
+        ) from e
+    except ValueError as e:
+        raise DatasetFormatError(f"Dataset '{dataset_id}': {str(e).splitlines()[0][:300]}") from e
+    return _materialize(dataset)
+
+
+def _materialize(dataset: Any) -> list[dict[str, Any]]:
+    rows = dataset.to_list()
+    if not rows:
+        raise DatasetFormatError("The dataset has no rows; it needs at least one conversation.")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalising
+
+
+def detect_format(columns: set[str], first_value: Any = None) -> str:
+    """Name the format a set of columns is in, or raise listing what was found and what is accepted."""
+    if "messages" in columns:
+        return "messages"
+    if "conversations" in columns:
+        sample = _parse_json_string(first_value)
+        if isinstance(sample, list) and sample and all(isinstance(x, str) for x in sample):
+            return "lima"
+        return "sharegpt"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
+    if {"prompt", "completion"} <= columns:
+        return "prompt-completion"
+    accepted = "; ".join(FORMATS.values())
+    raise DatasetFormatError(
+        f"No known dataset format matches the columns found: {sorted(columns) or 'none'}. "
+        f"Accepted formats: {accepted}."
+    )
+
+
+def normalize_rows(raw_rows: list[dict[str, Any]], source: str = "dataset") -> ChatDataset:
+    """Turn raw rows of one format into conversations; skip and count the rows that cannot be used."""
+    if not raw_rows:
+        raise DatasetFormatError(f"{source} has no rows; it needs at least one conversation.")
+    if not all(isinstance(r, dict) for r in raw_rows):
+        raise DatasetFormatError(f"{source}: every row must be an object with named columns.")
+    columns = set().union(*(r.keys() for r in raw_rows))
+    key = {"messages": "messages", "conversations": "conversations"}
+    first_key = next((key[c] for c in ("messages", "conversations") if c in columns), None)
+    first_value = next((r.get(first_key) for r in raw_rows if r.get(first_key)), None) if first_key else None
+    fmt = detect_format(columns, first_value)
+    converter = _CONVERTERS[fmt]
+    rows: list[Conversation] = []
+    skipped: Counter[str] = Counter()
+    for raw in raw_rows:
+        try:
+            rows.append(_validate_conversation(converter(raw)))
+        except _SkipRow as why:
+            skipped[str(why)] += 1
+    if not rows:
+        reasons = ", ".join(f"{n} {why}" for why, n in skipped.most_common())
+        raise DatasetFormatError(
+            f"{source}: no usable rows in format '{fmt}' ({reasons}). Each row needs at least one user "
+            "turn followed by a non-empty assistant turn."
+        )
+    return ChatDataset(rows=rows, format=fmt, source=source, skipped=skipped)
+
+
+class _SkipRow(Exception):
+    """One row cannot be used; its message is the reason counted in the summary."""
+
+
+def _parse_json_string(value: Any) -> Any:
+    """CSV and some parquet files hold nested columns as JSON text; parse it (never eval)."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _SkipRow(f"non-string {what}")
+    return value
+
+
+def _from_messages(raw: dict[str, Any]) -> Conversation:
+    messages = _parse_json_string(raw.get("messages"))
+    if not isinstance(messages, list):
+        raise _SkipRow("'messages' not a list")
+    out: Conversation = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise _SkipRow("message not an object")
+        role = m.get("role")
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+            raise _SkipRow("unknown role")
+        out.append({"role": ROLE_ALIASES[role.lower()], "content": _text(m.get("content"), "content")})
+    return out
+
+
+def _from_sharegpt(raw: dict[str, Any]) -> Conversation:
+    turns = _parse_json_string(raw.get("conversations"))
+    if not isinstance(turns, list):
+        raise _SkipRow("'conversations' not a list")
+    out: Conversation = []
+    if isinstance(raw.get("system"), str) and raw["system"].strip():
+        out.append({"role": "system", "content": raw["system"]})
+    for t in turns:
+        if not isinstance(t, dict):
+            raise _SkipRow("turn not an object")
+        role = t.get("from", t.get("role"))
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+            raise _SkipRow("unknown role")
+        out.append({"role": ROLE_ALIASES[role.lower()], "content": _text(t.get("value", t.get("content")), "content")})
+    return out
+
+
+def _from_lima(raw: dict[str, Any]) -> Conversation:
+    turns = _parse_json_string(raw.get("conversations"))
+    if not isinstance(turns, list):
+        raise _SkipRow("'conversations' not a list")
+    return [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": _text(t, "content")} for i, t in enumerate(turns)
+    ]
+
+
+def _from_alpaca(raw: dict[str, Any]) -> Conversation:
+    instruction = _text(raw.get("instruction"), "instruction").strip()
+    extra = _text(raw.get("input"), "input").strip()
+    prompt = f"{instruction}\n\n{extra}" if instruction and extra else instruction or extra
+    out: Conversation = []
+    system = raw.get("system")
+    if isinstance(system, str) and system.strip():
+        out.append({"role": "system", "content": system})
+    out += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(raw.get("output"), "output")}]
+    return out
+
+
+def _from_prompt_completion(raw: dict[str, Any]) -> Conversation:
+    prompt, completion = _parse_json_string(raw.get("prompt")), _parse_json_string(raw.get("completion"))
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return _from_messages({"messages": prompt + completion})
+    return [
+        {"role": "user", "content": _text(prompt, "prompt")},
+        {"role": "assistant", "content": _text(completion, "completion")},
+    ]
+
+
+_CONVERTERS = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "lima": _from_lima,
+    "alpaca": _from_alpaca,
+    "prompt-completion": _from_prompt_completion,
+}
+
+
+def _validate_conversation(messages: Conversation) -> Conversation:
+    """Enforce: optional leading system, then user/assistant alternating, ending on assistant."""
+    if any(not m["content"].strip() for m in messages):
+        raise _SkipRow("empty content")
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(system) :]
+    if not body:
+        raise _SkipRow("no turns")
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise _SkipRow("roles out of order" if m["role"] != "system" else "system message not first")
+    if body[-1]["role"] != "assistant":
+        if len(body) == 1:
+            raise _SkipRow("no assistant turn")
+        body = body[:-1]  # a trailing unanswered user turn carries no training signal
+    return system + body
+
+
+def with_system_prompt(rows: list[Conversation], system_prompt: str | None) -> list[Conversation]:
+    """Give rows without a system message the chat's system prompt, so training matches chatting."""
+    if not system_prompt:
+        return rows
+    return [r if r[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *r] for r in rows]
