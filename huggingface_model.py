@@ -131,6 +131,10 @@ def pick_device(device: str | None = None) -> torch.device:
         if chosen.type == "mps" and not torch.backends.mps.is_available():
             raise ModelLoadError(f"device='{device}' but MPS is not available. Use device='cpu' or leave it unset.")
         return chosen
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun: this rank's device
+        from accelerate import PartialState
+
+        return PartialState().device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -156,6 +160,37 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+def build_bnb_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    """QLoRA settings: NF4 with double quantisation (4bit), or LLM.int8 (8bit)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelLoadError(f"quantization must be \"4bit\", \"8bit\" or None, got {quantization!r}.")
+
+
+def quantization_config(quantization: str | None, device: torch.device) -> Any:
+    """The BitsAndBytesConfig for `quantization`, or a clear error where bitsandbytes cannot run."""
+    if quantization in (None, "", "none"):
+        return None
+    if quantization not in ("4bit", "8bit"):
+        raise ModelLoadError(f"quantization must be \"4bit\", \"8bit\" or None, got {quantization!r}.")
+    if device.type != "cuda":
+        raise ModelLoadError(
+            f"quantization={quantization!r} (QLoRA) needs bitsandbytes on a CUDA GPU, and this device is "
+            f"{device.type}. Remove \"quantization\" from model_configs to train LoRA in full precision here."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ModelLoadError("quantization needs bitsandbytes: pip install bitsandbytes") from e
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return build_bnb_config(quantization, compute)
 
 
 # =============================================================================================
@@ -549,6 +584,21 @@ def swapped_template(tokenizer: PreTrainedTokenizerBase, template: str) -> Itera
 # Run directories and results
 
 
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def shared_run_dir(base: Path, model_name: str, existing: Path | None = None) -> Path:
+    """The main process creates the run directory; under distributed training every rank gets its path."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return existing or new_run_dir(base, model_name)
+    from accelerate.utils import broadcast_object_list
+
+    holder = [str(existing or new_run_dir(base, model_name)) if is_main_process() else None]
+    broadcast_object_list(holder, from_process=0)
+    return Path(holder[0])  # type: ignore[arg-type]
+
+
 def new_run_dir(base: Path, model_name: str) -> Path:
     """`base/<timestamp>-<model>/`, never reused: mkdir is atomic, so two runs in one second differ."""
     base.mkdir(parents=True, exist_ok=True)
@@ -565,6 +615,8 @@ def new_run_dir(base: Path, model_name: str) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    if not is_main_process():
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(redact(json.dumps(data, indent=2, default=str)))
     tmp.replace(path)
@@ -669,6 +721,7 @@ class HuggingFaceWrapper(ChatModelBase):
         seed: int | None = 1234,
         dtype: str | None = None,
         trust_remote_code: bool = False,
+        quantization: str | None = None,
         system_prompt: str | None = None,
         stream: bool = True,
         **unknown: Any,
@@ -687,6 +740,7 @@ class HuggingFaceWrapper(ChatModelBase):
             temperature, top_p, repetition_penalty, do_sample, seed: generation settings.
             dtype: "auto" (default: suits the device), "float32", "bfloat16", "float16".
             trust_remote_code: run model code from the hub repository (off unless you trust it).
+            quantization: "4bit" or "8bit" loads the base with bitsandbytes for QLoRA (CUDA only).
             system_prompt: used for training rows that have none (the agent sets it to its own).
         """
         unknown.pop("model_type", None)
@@ -712,11 +766,13 @@ class HuggingFaceWrapper(ChatModelBase):
         self.local_tokenizer_path = local_tokenizer_path
         self.data_path = data_path
         self.trust_remote_code = trust_remote_code
+        self.quantization = quantization
         self.system_prompt = system_prompt
         self.fine_tune_config = fine_tune_config
         FineTuneConfig.from_dict(fine_tune_config)  # fail fast, before a long load
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
+        self.bnb_config = quantization_config(quantization, self.device)
         logger.info("Device: %s, dtype: %s", self.device, str(self.dtype).replace("torch.", ""))
         self.hf_model: PreTrainedModel | PeftModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -752,10 +808,12 @@ class HuggingFaceWrapper(ChatModelBase):
             model = AutoModelForCausalLM.from_pretrained(
                 source.path, dtype=self.dtype, local_files_only=source.local_only, token=token,
                 trust_remote_code=self.trust_remote_code, use_safetensors=None,
+                **({"quantization_config": self.bnb_config, "device_map": {"": self.device}} if self.bnb_config else {}),
             )
         except (OSError, ValueError, ImportError) as e:
             raise _hub_error(source.path, e, self.trust_remote_code) from e
-        model.to(self.device)
+        if not self.bnb_config:
+            model.to(self.device)
         model.eval()
         self.hf_model = model
         self.source = source
@@ -1044,7 +1102,7 @@ class HuggingFaceWrapper(ChatModelBase):
         if cfg.resume and resume_dir is None:
             logger.warning("resume=True but no interrupted run with the same model, data and config has a "
                            "checkpoint; starting a new run.")
-        run_dir = resume_dir or new_run_dir(base_dir, self.model)
+        run_dir = shared_run_dir(base_dir, self.model, resume_dir)
         args = dict(cfg.training_args)
         template = self.tokenizer.chat_template
         if args["assistant_only_loss"]:
@@ -1103,7 +1161,7 @@ class HuggingFaceWrapper(ChatModelBase):
         except (KeyboardInterrupt, Exception) as e:
             self._discard_adapter(adapter_name, previous)
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            write_json_atomic(run_dir / "run.json", {**json.loads((run_dir / "run.json").read_text()),
+            write_json_atomic(run_dir / "run.json", {**_read_json(run_dir / "run.json"),
                                                      "status": status, "error": redact(repr(e))[:500],
                                                      "log_history": trainer.state.log_history if trainer else []})
             if isinstance(e, KeyboardInterrupt):
@@ -1127,7 +1185,7 @@ class HuggingFaceWrapper(ChatModelBase):
             data=data, eval_rows=eval_rows, log_history=log_history,
         )
         write_json_atomic(run_dir / "run.json", {
-            **json.loads((run_dir / "run.json").read_text()), "status": "completed",
+            **_read_json(run_dir / "run.json"), "status": "completed",
             "train_loss": result.train_loss, "eval_loss_before": eval_before, "eval_loss_after": eval_after,
             "seconds": round(seconds, 2), "steps": result.steps, "train_tokens": train_tokens,
             "tokens_per_second": round(result.tokens_per_second, 1),
@@ -1165,6 +1223,10 @@ class HuggingFaceWrapper(ChatModelBase):
         except (TypeError, ValueError) as e:
             raise FineTuneConfigError(f"Invalid lora_config: {e}") from e
         if not isinstance(self.hf_model, PeftModel):
+            if self.bnb_config is not None:
+                from peft import prepare_model_for_kbit_training
+
+                self.hf_model = prepare_model_for_kbit_training(self.hf_model, use_gradient_checkpointing=False)
             self.hf_model = get_peft_model(self.hf_model, lora, adapter_name=name)
         else:
             self.hf_model.add_adapter(name, lora)
@@ -1195,6 +1257,8 @@ class HuggingFaceWrapper(ChatModelBase):
     def _save_adapter(self, name: str, dest: Path) -> Path:
         """Write adapter + tokenizer to a temporary folder, then rename: no half-written adapter ever loads."""
         model = self._peft()
+        if not is_main_process():
+            return dest
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, selected_adapters=[name])
@@ -1280,6 +1344,11 @@ class HuggingFaceWrapper(ChatModelBase):
         """Write base + active adapter merged into one model folder loadable by `from_pretrained`."""
         if self.active_adapter is None:
             raise FineTuneError("No adapter is active: there is nothing to merge. Use /save for the base model.")
+        if self.bnb_config is not None:
+            raise FineTuneError(
+                "Refusing to merge into a 4/8-bit quantized base (the result loses precision). Save the adapter "
+                "(/save), load the full-precision base without \"quantization\", load the adapter, then export."
+            )
         dest = Path(dest).expanduser()
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1339,6 +1408,13 @@ def find_resumable_run(base_dir: Path, fingerprint: str) -> Path | None:
                 latest_checkpoint(run.parent / "checkpoints") is not None:
             return run.parent
     return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
