@@ -647,6 +647,27 @@ class FineTuneResult:
 
 
 @dataclass
+class DryRun:
+    """The dataset as a fine-tune would see it (see `HuggingFaceWrapper.dry_run`)."""
+
+    data: ChatDataset
+    lengths: list[int]
+    max_length: int | None
+    truncated: int
+    segments: list[tuple[str, bool]]  # (token text, carries loss) for the first row
+    template_name: str
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(flag for _, flag in self.segments)
+
+    def ends_turns_with_loss(self, end_token: str) -> bool:
+        """True if every assistant end-of-turn token in row 1 carries loss (else the model never learns to stop)."""
+        ends = [flag for text, flag in self.segments if text == end_token]
+        return bool(ends) and any(ends)
+
+
+@dataclass
 class AdapterRecord:
     """One adapter made or loaded in this session."""
 
@@ -753,7 +774,7 @@ class HuggingFaceWrapper(ChatModelBase):
             )
         super().__init__(
             credential=CredentialBase(),
-            model=str(model_id or local_model_path or config_name),
+            model=str(local_model_path or model_id or config_name),
             parameters=self.Parameters(max_length=max_length, temperature=temperature, top_p=top_p,
                                        repetition_penalty=repetition_penalty, do_sample=do_sample, seed=seed),
             stream=stream,
@@ -819,7 +840,7 @@ class HuggingFaceWrapper(ChatModelBase):
         self.source = source
         self.model_id = model_id
         self.local_model_path = local_model_path
-        self.model = str(model_id or source.path)
+        self.model = str(local_model_path or model_id or source.path)
         self.adapters, self.active_adapter, self.adapter_stack = {}, None, []
         self.context_size = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         logger.info("Loaded model %s in %.1f s", source.describe(), time.perf_counter() - started)
@@ -1197,6 +1218,30 @@ class HuggingFaceWrapper(ChatModelBase):
                     result.train_loss or float("nan"),
                     f", eval loss {eval_before:.3f} -> {eval_after:.3f}" if eval_rows else "", run_dir)
         return result
+
+    def dry_run(self, data_path: str | None = None, fine_tune_config: dict[str, Any] | None = None) -> DryRun:
+        """What a fine-tune would see: format, rows, token lengths, truncation, and the loss mask of row 1."""
+        data_path = data_path or self.data_path
+        if not data_path:
+            raise FineTuneError("No data given: /dryrun <file or hub dataset id>.")
+        cfg = FineTuneConfig.from_dict(fine_tune_config if fine_tune_config is not None else self.fine_tune_config)
+        assert self.tokenizer is not None
+        data = load_chat_dataset(str(data_path))
+        rows = with_system_prompt(data.rows, self.system_prompt)
+        assistant_only = bool(cfg.training_args.get("assistant_only_loss", True))
+        template = training_template(self.tokenizer, rows) if assistant_only else self.tokenizer.chat_template
+        lengths = sorted(len(self.tokenizer.apply_chat_template(r, chat_template=template, tokenize=True)["input_ids"])
+                         for r in rows)
+        max_length = cfg.training_args.get("max_length")
+        enc = self.tokenizer.apply_chat_template(rows[0], chat_template=template, tokenize=True, return_dict=True,
+                                                 return_assistant_tokens_mask=assistant_only)
+        ids = enc["input_ids"]
+        mask = enc["assistant_masks"] if assistant_only else [1] * len(ids)
+        segments = [(self.tokenizer.decode([i]), bool(m)) for i, m in zip(ids, mask, strict=True)]
+        return DryRun(data=data, lengths=lengths, max_length=max_length,
+                      truncated=sum(n > max_length for n in lengths) if max_length else 0,
+                      segments=segments, template_name="ChatML + generation markers" if template == CHATML_TEMPLATE
+                      else "the tokenizer's own" if template == self.tokenizer.chat_template else "trl-patched")
 
     # ---------------------------------------------------------------------------------------- adapters
 

@@ -1,0 +1,123 @@
+"""The before/after report written after every fine-tune: eval loss and perplexity, probe answers, speed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_model import FineTuneResult
+
+
+@dataclass
+class Probe:
+    prompt: str
+    before: str
+    after: str
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(min(loss, 50.0))
+
+
+def pick_probes(result: FineTuneResult, configured: list[str] | None, n: int = 4) -> list[str]:
+    """Configured probes, else the first user turns of the held-out rows."""
+    if configured:
+        return configured[:5]
+    prompts = []
+    for row in result.eval_rows:
+        user = next((m["content"] for m in row if m["role"] == "user"), None)
+        if user and user not in prompts:
+            prompts.append(user)
+    return prompts[:n]
+
+
+def run_probes(prompts: list[str], answer_before: Callable[[str], str], answer_after: Callable[[str], str]
+               ) -> list[Probe]:
+    return [Probe(p, answer_before(p), answer_after(p)) for p in prompts]
+
+
+def loss_curves(log_history: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    train = [(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e and "step" in e]
+    evals = [(int(e["step"]), float(e["eval_loss"])) for e in log_history if "eval_loss" in e and "step" in e]
+    return train, evals
+
+
+def plot_losses(log_history: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Train and eval loss against optimiser step, as a PNG."""
+    train, evals = loss_curves(log_history)
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="#d9480f", linewidth=1.8)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), label="eval loss (held out)", color="#1971c2", marker="o", linewidth=1.8)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy loss (assistant tokens)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def summary_rows(result: FineTuneResult) -> list[tuple[str, str, str]]:
+    """(metric, before, after) rows for the terminal table and report.md."""
+
+    def fmt(x: float | None, digits: int = 3) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    return [
+        ("eval loss", fmt(result.eval_loss_before), fmt(result.eval_loss_after)),
+        ("eval perplexity", fmt(perplexity(result.eval_loss_before), 2), fmt(perplexity(result.eval_loss_after), 2)),
+        ("train loss (mean)", "", fmt(result.train_loss)),
+        ("steps", "", str(result.steps)),
+        ("training time", "", f"{result.seconds:.1f} s"),
+        ("tokens/s (trained)", "", f"{result.tokens_per_second:.0f}"),
+        ("trainable params", "", f"{result.trainable_params:,}"),
+    ]
+
+
+def write_report(result: FineTuneResult, probes: list[Probe], before_label: str, after_label: str) -> Path:
+    """report.md + loss.png in the run directory (written to temporary names, then renamed)."""
+    run_dir = result.run_dir
+    plot = plot_losses(result.log_history, run_dir / "loss.png", f"{run_dir.name}: loss")
+    lines = [
+        f"# Fine-tune report: {run_dir.name}",
+        "",
+        f"Adapter `{result.adapter_name}` ({result.adapter_dir}); compared with `{before_label}`.",
+        "",
+        f"| metric | before ({before_label}) | after ({after_label}) |",
+        "|---|---|---|",
+        *[f"| {m} | {b} | {a} |" for m, b, a in summary_rows(result)],
+        "",
+    ]
+    if probes:
+        lines += ["## Probes (same prompt, same generation settings and seed)", ""]
+        for p in probes:
+            lines += [f"**{p.prompt}**", "", f"- before: {_one_line(p.before)}", f"- after: {_one_line(p.after)}", ""]
+    if plot:
+        lines += ["![loss](loss.png)", ""]
+    path = run_dir / "report.md"
+    tmp = path.with_name("report.md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(empty)"
