@@ -153,6 +153,19 @@ class ChatSession:
         self.console.print("Bye.")
         return 0
 
+    def startup_fine_tune(self) -> bool:
+        """The configured fine-tune before the first prompt; False if its configuration is wrong."""
+        try:
+            self._fine_tune(None, self._config_with([]), probe_count=3)
+        except FineTuneInterrupted as e:
+            self.error(str(e))
+        except UserError as e:
+            self.error(str(e))
+            return False
+        except KeyboardInterrupt:
+            self.error("Fine-tuning interrupted; chatting with the weights loaded before it.")
+        return True
+
     def handle(self, text: str) -> None:
         """One user line: a command or a message. User mistakes print one line; the chat goes on."""
         if text.startswith("/"):
@@ -214,7 +227,7 @@ class ChatSession:
             return args[0], args[1:]
         return None, args
 
-    def _fine_tune(self, data_path: str | None, config: dict[str, Any]) -> FineTuneResult:
+    def _fine_tune(self, data_path: str | None, config: dict[str, Any], probe_count: int = 4) -> FineTuneResult:
         """Fine-tune with a progress bar; Ctrl-C stops cleanly; then print the before/after report."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -234,7 +247,7 @@ class ChatSession:
             self.console.print(f"Reused the adapter of an identical earlier run: {result.run_dir} "
                                "(add force_retrain=true to train again).")
         else:
-            self.report(result, before, config.get("probes"))
+            self.report(result, before, config.get("probes"), probe_count)
         self.console.print(f"Now serving adapter [bold]{result.adapter_name}[/]. The conversation is kept.")
         return result
 
@@ -244,14 +257,15 @@ class ChatSession:
         self.model.use_adapter(adapter)
         try:
             messages = [{"role": "system", "content": self.assistant.sys_prompt}, {"role": "user", "content": prompt}]
-            return self.model.generate(messages)
+            return self.model.generate(messages, max_new_tokens=min(self.model.parameters.max_length, 64))
         finally:
             self.model._activate(current, remember=False)
             if self.model.adapter_stack and self.model.adapter_stack[-1] == current and adapter != current:
                 self.model.adapter_stack.pop()
 
-    def report(self, result: FineTuneResult, before: str | None, probes: list[str] | None = None) -> None:
-        prompts = pick_probes(result, probes)
+    def report(self, result: FineTuneResult, before: str | None, probes: list[str] | None = None,
+               probe_count: int = 4) -> None:
+        prompts = pick_probes(result, probes, probe_count)
         probes = run_probes(prompts, lambda p: self._answer(p, before), lambda p: self._answer(p, result.adapter_name))
         before_label, after_label = before or "base", result.adapter_name
         table = Table(title=f"Fine-tune report ({result.run_dir})", show_lines=False)

@@ -27,7 +27,7 @@ def perplexity(loss: float | None) -> float | None:
 def pick_probes(result: FineTuneResult, configured: list[str] | None, n: int = 4) -> list[str]:
     """Configured probes, else the first user turns of the held-out rows."""
     if configured:
-        return configured[:5]
+        return configured[: max(n, 5)]
     prompts = []
     for row in result.eval_rows:
         user = next((m["content"] for m in row if m["role"] == "user"), None)

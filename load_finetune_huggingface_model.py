@@ -120,17 +120,23 @@ def main(argv: list[str] | None = None) -> int:
     prompt = args.sys_prompt or sys_prompt
     config = apply_overrides(model_configs[0], args)
     try:
-        model = build_model(config["config_name"], [config], system_prompt=prompt)
+        # Load here and fine-tune below (not inside the constructor) so the start-up fine-tune shows
+        # progress and a report, and Ctrl-C during it leaves a working chat on the base weights.
+        model = build_model(config["config_name"], [config], system_prompt=prompt, data_path=None)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nInterrupted during start-up.", file=sys.stderr)
         return 130
+    model.data_path = config.get("data_path")
 
     assistant = Finetune_DialogAgent(name="Assistant", sys_prompt=prompt, model=model)
     user = UserAgent(name="User")
     session = ChatSession(assistant, user, base_config=config)
+    if model.data_path:
+        if not session.startup_fine_tune():
+            return 2
     return session.run()
 
 

@@ -1,0 +1,649 @@
+"""Headless fine-tuning (no chat): one model, one dataset, one LoRA run; single process or distributed.
+
+Commands (run from the project folder, inside the venv):
+
+    python finetune.py --config configs/finetune/demo.yaml
+    python finetune.py --config configs/finetune/demo.yaml --set training_args.max_steps=40 --set model.device=cpu
+    accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml finetune.py --config configs/finetune/demo.yaml
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml finetune.py --config configs/finetune/demo.yaml
+    torchrun --nproc_per_node 2 finetune.py --config configs/finetune/demo.yaml
+    python finetune.py --estimate-memory [--seq-len 2048 --batch 1 --lora-rank 16]
+
+CONFIG is a YAML (or JSON) file with three top-level keys:
+
+    model:                       # one `model_configs` entry (see load_finetune_huggingface_model.py)
+      model_type: huggingface
+      config_name: demo
+      model_id: HuggingFaceTB/SmolLM2-135M-Instruct   # or local_model_path: a folder / an adapter folder
+      device: null               # null = cuda > mps > cpu (under a launcher: this rank's device)
+      dtype: null                # null/auto, float32, bfloat16, float16
+      quantization: null         # "4bit" / "8bit" = QLoRA (CUDA + bitsandbytes only)
+      system_prompt: "..."       # put into training rows that have none (use the chat's prompt)
+    data_path: data/ember_train.jsonl
+    fine_tune_config:            # exactly what `HuggingFaceWrapper.fine_tune` takes
+      eval_data_path: data/ember_eval.jsonl
+      lora_config: {r: 8, lora_alpha: 16}
+      training_args: {max_steps: 24, learning_rate: 1.0e-3, per_device_train_batch_size: 8, output_dir: runs}
+
+A file holding `model_configs: [ {...one entry with data_path and fine_tune_config inside...} ]` (the
+chat script's format) is accepted too. Relative paths (data, eval data, model folders, output_dir) are
+relative to the folder you run from. `--set KEY=VALUE` (repeatable) overrides one value; KEY is a dotted
+path below the top level, and `lora_config.*`, `training_args.*`, `eval_data_path`, ... may omit the
+`fine_tune_config.` prefix; VALUE is parsed as YAML (`40`, `1e-3`, `true`, `null`, `[q_proj, v_proj]`).
+
+Batch sizes are PER PROCESS: the global batch is per_device_train_batch_size x gradient_accumulation_steps
+x number of processes. Under `accelerate launch` / `torchrun` every process loads the model and trains
+its share of each batch; only the main process (rank 0) creates the run directory, writes run.json,
+log_history.json and the adapter, and prints the summary. Every process prints one `[rank i/N]` line at
+the end (optimizer steps it ran and a checksum of its LoRA weights: equal checksums = synchronised DDP).
+
+Exit status: 0 done, 2 bad input (missing file, bad YAML, unknown key, unusable data; one line on stderr),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_KEYS = ("model", "data_path", "fine_tune_config")
+MODEL_PATH_KEYS = ("local_model_path", "local_tokenizer_path")
+FINE_TUNE_KEYS = ("lora_config", "training_args", "eval_data_path", "eval_fraction", "force_retrain", "resume",
+                  "probes")  # huggingface_model.TOP_LEVEL_KEYS, repeated to parse --set without heavy imports
+
+
+class InputError(Exception):
+    """Bad command-line or config input: reported as one line on stderr, exit status 2."""
+
+
+# =============================================================================================
+# Config loading
+
+
+def _yaml_loader() -> type:
+    """yaml.SafeLoader that also reads `1e-3` as a float (YAML 1.1 / PyYAML wants `1.0e-3`)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+def parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        return text
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"config file not found: {path}" + (" (it is a folder)" if file.is_dir() else ""))
+    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        if file.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the top level must be a mapping with keys {', '.join(CONFIG_KEYS)}; "
+                         f"got {type(data).__name__}")
+    return data
+
+
+def normalise_config(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Accept {model, data_path, fine_tune_config} or {model_configs: [entry]}; return the first shape."""
+    if "model_configs" in data:
+        extra = sorted(set(data) - {"model_configs"})
+        entries = data["model_configs"]
+        if isinstance(entries, dict):
+            entries = [entries]
+        if extra or not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
+            raise InputError(f"{source}: `model_configs` must be a list with exactly one entry and nothing beside it"
+                             f"{' (found: ' + ', '.join(extra) + ')' if extra else ''}")
+        entry = dict(entries[0])
+        data = {"model": entry, "data_path": entry.pop("data_path", None),
+                "fine_tune_config": entry.pop("fine_tune_config", None)}
+    unknown = [k for k in data if k not in CONFIG_KEYS]
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], CONFIG_KEYS, n=1)
+        raise InputError(f"{source}: unknown top-level key(s) {', '.join(map(repr, unknown))}"
+                         f"{f' (did you mean {hint[0]!r}?)' if hint else ''}; valid: {', '.join(CONFIG_KEYS)}")
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise InputError(f"{source}: `model` must be a mapping (one model_configs entry), got "
+                         f"{type(model).__name__}")
+    model = dict(model)
+    for key in ("data_path", "fine_tune_config"):  # a pasted model_configs entry may carry them
+        if key in model:
+            inner = model.pop(key)
+            if data.get(key) is not None and inner is not None and inner != data.get(key):
+                raise InputError(f"{source}: `{key}` is given both at the top level and inside `model`")
+            data = {**data, key: data.get(key) if data.get(key) is not None else inner}
+    ftc = data.get("fine_tune_config") or {}
+    if not isinstance(ftc, dict):
+        raise InputError(f"{source}: `fine_tune_config` must be a mapping, got {type(ftc).__name__}")
+    return {"model": model, "data_path": data.get("data_path"), "fine_tune_config": ftc}
+
+
+def apply_set(config: dict[str, Any], assignment: str) -> None:
+    """`--set training_args.max_steps=40` (see the module docstring for the key rules)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise InputError(f"--set expects KEY=VALUE, got {assignment!r}")
+    parts = key.split(".")
+    if parts[0] in FINE_TUNE_KEYS:
+        parts = ["fine_tune_config", *parts]
+    if parts[0] not in CONFIG_KEYS:
+        raise InputError(f"--set {key}: unknown key '{parts[0]}'; start with one of "
+                         f"{', '.join(CONFIG_KEYS + FINE_TUNE_KEYS)}")
+    target = config
+    for part in parts[:-1]:
+        child = target.get(part)
+        if child is None:
+            child = target[part] = {}
+        if not isinstance(child, dict):
+            raise InputError(f"--set {key}: '{part}' is not a mapping")
+        target = child
+    target[parts[-1]] = parse_value(raw)
+
+
+def _expand(path: Any) -> Any:
+    return os.path.expanduser(path) if isinstance(path, str) else path
+
+
+def preflight(config: dict[str, Any], source: str) -> None:
+    """Cheap checks before loading anything heavy: required keys and local files exist."""
+    from chat_data import FILE_LOADERS, looks_like_hub_id
+
+    data_path = config.get("data_path")
+    if not data_path or not isinstance(data_path, str):
+        raise InputError(f"{source}: `data_path` is required (a .jsonl/.json/.csv/.parquet file or a hub dataset id)")
+    ftc = config["fine_tune_config"]
+    for what, value in (("data_path", data_path), ("fine_tune_config.eval_data_path", ftc.get("eval_data_path"))):
+        if not value:
+            continue
+        if not isinstance(value, str):
+            raise InputError(f"{source}: `{what}` must be a string, got {type(value).__name__}")
+        path = Path(_expand(value))
+        if (path.suffix.lower() in FILE_LOADERS or not looks_like_hub_id(value)) and not path.is_file():
+            raise InputError(f"{what}: data file not found: {value} (relative paths start from {Path.cwd()})")
+    for key in MODEL_PATH_KEYS:
+        value = config["model"].get(key)
+        if value and not Path(_expand(value)).exists():
+            raise InputError(f"model.{key}: folder not found: {value} (relative paths start from {Path.cwd()})")
+    args = ftc.get("training_args")
+    if args is not None and not isinstance(args, dict):
+        raise InputError(f"{source}: fine_tune_config.training_args must be a mapping, got {type(args).__name__}")
+
+
+def load_config(path: str, sets: list[str]) -> dict[str, Any]:
+    config = normalise_config(read_config_file(path), path)
+    for assignment in sets:
+        apply_set(config, assignment)
+    config = normalise_config(config, path)  # --set may have touched the shape
+    preflight(config, path)
+    return config
+
+
+# =============================================================================================
+# Distributed helpers
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(device: str | None) -> Any:
+    """Start accelerate's process state before the wrapper does, on the right backend.
+
+    `pick_device` calls `PartialState()`, which on a machine without CUDA sets up a process group but
+    reports DistributedType.NO; `shared_run_dir`'s broadcast is then a no-op and rank 1 gets no run
+    directory. `PartialState(cpu=True)` gives MULTI_CPU on gloo, and later `PartialState()` calls (the
+    wrapper's, transformers') share it. On GPUs this is the same state the wrapper would create.
+    """
+    if world_size() <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def finish_distributed() -> None:
+    if world_size() <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+DDP_TYPES = ("MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_SDAA",
+             "MULTI_HPU", "MULTI_NEURON")
+
+
+def keep_ddp_after_pre_train_evaluate() -> None:
+    """Work around an evaluate()-before-train() trap that silently disables DDP (multi-process only).
+
+    `HuggingFaceWrapper._train` calls `trainer.evaluate()` before `trainer.train()` (the "eval loss
+    before" number). That first evaluate runs `accelerator.prepare_model(model, evaluation_mode=True)`,
+    which returns the bare model but marks it `_is_accelerate_prepared`; `train()` then asks accelerate
+    to prepare the model for training, accelerate sees the mark and returns it unwrapped: no
+    DistributedDataParallel, no gradient all-reduce, every rank trains alone on its shard and rank 0
+    saves only its own adapter (measured: different LoRA checksums per rank). This wrapper lets that
+    pre-train evaluate run as before, then removes what it left on the bare model (the mark, the
+    autocast forward) so `train()` wraps it in DDP. A no-op once `_train` evaluates through
+    `eval_on_start=True` instead (the fix proposed for huggingface_model.py), for FSDP/DeepSpeed (whose
+    evaluate prepares fully) and for single-process runs. `check_ranks_agree` verifies the result.
+    """
+    from transformers import Trainer
+
+    original = Trainer.evaluate
+    if getattr(original, "_keeps_ddp", False):
+        return
+
+    def evaluate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        kind = str(self.accelerator.distributed_type).split(".")[-1]
+        fresh = (kind in DDP_TYPES and not self.is_in_train and self.model_wrapped is model
+                 and not getattr(model, "_is_accelerate_prepared", False))
+        before = set(vars(model))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            if fresh and self.model_wrapped is model:
+                for key in set(vars(model)) - before:  # _is_accelerate_prepared, _original_forward, forward
+                    delattr(model, key)
+                self.accelerator._models[:] = [m for m in self.accelerator._models if m is not model]
+
+    evaluate._keeps_ddp = True  # type: ignore[attr-defined]
+    Trainer.evaluate = evaluate  # type: ignore[method-assign]
+
+
+def check_ranks_agree(checksum: str) -> list[str]:
+    """All ranks' LoRA checksums (collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, checksum)
+    return [str(c) for c in gathered]
+
+
+def lora_checksum(model: Any, adapter_name: str) -> tuple[str, float]:
+    """sha256 (first 12 hex digits) and sum of |w| over the adapter's LoRA tensors on this process."""
+    import hashlib
+
+    import torch
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    digest = hashlib.sha256()
+    total = 0.0
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+        total += float(tensor.abs().sum())
+    return digest.hexdigest()[:12], total
+
+
+# =============================================================================================
+# The run
+
+
+def quiet_libraries(main: bool) -> None:
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("huggingface_model").setLevel(logging.INFO if main else logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from agentscope import setup_logger
+
+        setup_logger("WARNING")
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and value is not None else "n/a"
+
+
+def run(config: dict[str, Any]) -> int:
+    """Build the wrapper without data, fine-tune once, print the summary. Returns the exit status."""
+    main = rank() == 0
+    quiet_libraries(main)
+    model_cfg = config["model"]
+    state = init_distributed(model_cfg.get("device"))
+    if state is not None:
+        keep_ddp_after_pre_train_evaluate()
+    from huggingface_model import FineTuneConfig, HuggingFaceWrapper
+
+    ftc = config["fine_tune_config"]
+    FineTuneConfig.from_dict(ftc)  # unknown keys / bad values: fail before loading the model
+    wrapper = HuggingFaceWrapper.from_config({**model_cfg, "data_path": None, "fine_tune_config": ftc})
+    args = {**FineTuneConfig.from_dict(ftc).training_args}
+    seed = int(args.get("seed", 42))
+    import transformers
+
+    transformers.set_seed(seed)  # the LoRA init happens before the Trainer seeds: same seed, same init
+
+    n_proc = state.num_processes if state is not None else 1
+    if main:
+        global_batch = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * n_proc
+        kind = str(state.distributed_type).split(".")[-1] if state is not None else "single process"
+        print(f"Model: {wrapper.model} on {wrapper.device} ({str(wrapper.dtype).replace('torch.', '')}); "
+              f"{n_proc} process(es), {kind}; global batch {global_batch} = "
+              f"{args['per_device_train_batch_size']} per device x {args['gradient_accumulation_steps']} "
+              f"accumulation x {n_proc}", flush=True)
+
+    steps_here = 0
+
+    def progress(event: dict[str, Any]) -> None:
+        nonlocal steps_here
+        if set(event) == {"step", "max_steps"}:  # on_step_end: one optimizer step on this process
+            steps_here += 1
+            return
+        if not main:
+            return
+        if "loss" in event:
+            print(f"step {event['step']}/{event['max_steps']}  loss {_fmt(event['loss'])}  "
+                  f"lr {event.get('learning_rate', float('nan')):.2e}", flush=True)
+        elif "eval_loss" in event:
+            print(f"step {event['step']}/{event['max_steps']}  eval_loss {_fmt(event['eval_loss'])}", flush=True)
+
+    started = time.perf_counter()
+    result = wrapper.fine_tune(config["data_path"], ftc, progress=progress)
+    seconds = time.perf_counter() - started
+
+    if n_proc > 1:
+        checksum, magnitude = lora_checksum(wrapper.hf_model, result.adapter_name)
+        kind = str(state.distributed_type).split(".")[-1]
+        print(f"[rank {state.process_index}/{n_proc}] {kind} ({state.backend}) on {state.device}: "
+              f"{steps_here} optimizer steps on this rank; LoRA sha256 {checksum}, sum|w| {magnitude:.6f}",
+              flush=True)
+        everyone = check_ranks_agree(checksum) if kind in DDP_TYPES else [checksum]
+        if len(set(everyone)) > 1:  # replicated (DDP) training must end with identical weights everywhere
+            if main:
+                print(f"error: the {n_proc} processes ended with different LoRA weights ({', '.join(everyone)}): "
+                      "gradients were not synchronised, so the saved adapter holds rank 0's shard only.",
+                      file=sys.stderr, flush=True)
+            return 1
+    if main:
+        losses = [e["loss"] for e in result.log_history if "loss" in e]
+        print(f"Run directory: {result.run_dir}")
+        print(f"Adapter: {result.adapter_dir}" + (" (reused an identical earlier run)" if result.reused else ""))
+        print(f"Steps: {result.steps}  trainable params: {result.trainable_params:,}  time: {seconds:.1f} s")
+        if losses:
+            print(f"Train loss: first {_fmt(losses[0])} -> last {_fmt(losses[-1])} "
+                  f"(run mean {_fmt(result.train_loss)})")
+        elif result.train_loss is not None:
+            print(f"Train loss: {_fmt(result.train_loss)}")
+        if result.eval_loss_before is not None:
+            print(f"Eval loss: {_fmt(result.eval_loss_before)} -> {_fmt(result.eval_loss_after)}")
+        sys.stdout.flush()
+    if state is not None:
+        state.wait_for_everyone()  # nobody tears the process group down while rank 0 still writes
+    return 0
+
+
+# =============================================================================================
+# Memory estimate
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from a decoder-only transformer's config.json."""
+
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = True
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of the linear layers of one decoder layer: q, k, v, o, gate, up, down."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def linear_params(self) -> int:
+        per_layer = sum(a * b for a, b in self.linear_shapes())
+        if self.qkv_bias:
+            per_layer += self.hidden + 2 * self.kv_dim
+        return per_layer * self.layers
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, lm_head (if untied) and RMSNorms: not quantized by bitsandbytes."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden * (2 * self.layers + 1)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+    def lora_params(self, rank: int) -> int:
+        return rank * sum(a + b for a, b in self.linear_shapes()) * self.layers
+
+
+# Shapes from the models' config.json. The 70B row uses Llama-3.1-70B (Qwen2.5's largest is 72B).
+MODEL_SHAPES: dict[float, ModelShape] = {
+    0.5: ModelShape("Qwen2.5-0.5B", 896, 24, 4864, 14, 2, 151936, tied=True),
+    1.5: ModelShape("Qwen2.5-1.5B", 1536, 28, 8960, 12, 2, 151936, tied=True),
+    7: ModelShape("Qwen2.5-7B", 3584, 28, 18944, 28, 4, 152064, tied=False),
+    14: ModelShape("Qwen2.5-14B", 5120, 48, 13824, 40, 8, 152064, tied=False),
+    70: ModelShape("Llama-3.1-70B", 8192, 80, 28672, 64, 8, 128256, tied=False, qkv_bias=False),
+}
+
+GIB = 1024**3
+NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8  # 4-bit codes + double-quantised absmax (8-bit per 64, fp32 per 256 blocks)
+
+
+def shape_for(params_billion: float) -> ModelShape:
+    """The listed shape for a listed size; otherwise the nearest one with hidden/intermediate scaled."""
+    if params_billion in MODEL_SHAPES:
+        return MODEL_SHAPES[params_billion]
+    if params_billion <= 0:
+        raise ValueError(f"params_billion must be > 0, got {params_billion}")
+    ref = min(MODEL_SHAPES.values(), key=lambda s: abs(math.log(s.params / (params_billion * 1e9))))
+    # Scale width so the non-embedding params match: linear params grow with hidden^2 at fixed depth.
+    target_linear = max(params_billion * 1e9 - ref.other_params, 0.05 * params_billion * 1e9)
+    scale = math.sqrt(target_linear / ref.linear_params)
+    step = ref.hidden // ref.heads
+    hidden = max(step, int(round(ref.hidden * scale / step)) * step)
+    return ModelShape(f"~{params_billion:g}B ({ref.name}-like)", hidden, ref.layers,
+                      max(8, int(ref.intermediate * hidden / ref.hidden)), hidden // step,
+                      min(ref.kv_heads, hidden // step), ref.vocab, ref.tied, ref.qkv_bias)
+
+
+def estimate_memory(params_billion: float, method: str = "lora", seq_len: int = 2048, batch: int = 1,
+                    lora_rank: int = 16, activation_checkpointing: bool = False, act_factor: float = 34.0,
+                    shards: int = 1) -> dict[str, Any]:
+    """Rough peak GPU memory (GiB) of LoRA / QLoRA fine-tuning on one GPU (or per GPU when sharded).
+
+    Assumptions (each term is a returned key; total = their sum):
+    - weights: LoRA keeps the frozen base in bf16 (2 bytes/param). QLoRA stores the linear layers of
+      the decoder as NF4 with double quantisation (0.5 byte/param + ~0.016 for the quantisation
+      constants); embeddings, lm_head and norms are not quantized, and `prepare_model_for_kbit_training`
+      (called by HuggingFaceWrapper for quantized bases) upcasts them to fp32 (4 bytes/param).
+    - lora_params: LoRA A and B on every linear layer of every decoder layer ("all-linear": q, k, v, o,
+      gate, up, down; not lm_head), rank r: r x (in + out) per layer; fp32 (peft upcasts adapters).
+    - optimizer: AdamW, two fp32 moments per trainable param (8 bytes); no master copy (already fp32).
+    - gradients: fp32, trainable params only (4 bytes/param); frozen weights get none.
+    - activations: per decoder layer ~ seq x batch x hidden x `act_factor` bytes, act_factor 34 for bf16
+      with SDPA/flash attention (Korthikanti et al. 2022, "Reducing Activation Recomputation": 34*s*b*h,
+      the 5*a*s^2*b attention-score term dropped because flash/SDPA kernels do not store it). With
+      activation checkpointing only each layer's input (2*s*b*h bytes) is kept, plus one layer's full
+      activations during recomputation. Plus the logits: seq x batch x vocab x 8 bytes (fp32 logits
+      for the loss and their gradient). Rough: expect +-30 %.
+    - shards > 1 (FSDP full shard / DeepSpeed ZeRO-3 over `shards` GPUs) divides weights, LoRA params,
+      gradients and optimizer state by `shards`; activations are per GPU and unchanged. DDP and ZeRO-2
+      keep a full copy of the weights on every GPU (shards=1; ZeRO-2 only splits the tiny LoRA state).
+    Not included: the CUDA context and allocator slack (add ~1-2 GiB), KV caches for evaluation with
+    generation, and dataloader/tokenizer memory on the host.
+
+    Model shapes: Qwen2.5 0.5B/1.5B/7B/14B and Llama-3.1-70B for 70 (see MODEL_SHAPES); other sizes
+    use the nearest shape with its width scaled to match the parameter count.
+    """
+    if method not in ("lora", "qlora"):
+        raise ValueError(f"method must be 'lora' or 'qlora', got {method!r}")
+    if min(seq_len, batch, lora_rank, shards) < 1:
+        raise ValueError("seq_len, batch, lora_rank and shards must be >= 1")
+    shape = shape_for(params_billion)
+    if method == "lora":
+        weight_bytes = shape.params * 2.0
+    else:
+        weight_bytes = shape.linear_params * NF4_BYTES_PER_PARAM + shape.other_params * 4.0
+    lora = shape.lora_params(lora_rank)
+    tokens = seq_len * batch
+    if activation_checkpointing:
+        layer_bytes = tokens * shape.hidden * (2.0 * shape.layers + act_factor)
+    else:
+        layer_bytes = tokens * shape.hidden * act_factor * shape.layers
+    activation_bytes = layer_bytes + tokens * shape.vocab * 8.0
+    out = {
+        "model": shape.name,
+        "params_billion": round(shape.params / 1e9, 2),
+        "method": method,
+        "trainable_params": lora,
+        "weights": weight_bytes / shards / GIB,
+        "lora_params": lora * 4.0 / shards / GIB,
+        "optimizer": lora * 8.0 / shards / GIB,
+        "gradients": lora * 4.0 / shards / GIB,
+        "activations": activation_bytes / GIB,
+    }
+    out["total"] = sum(out[k] for k in ("weights", "lora_params", "optimizer", "gradients", "activations"))
+    return out
+
+
+TABLE_SIZES = (0.5, 1.5, 7, 14, 70)
+
+
+def memory_table(seq_len: int = 2048, batch: int = 1, lora_rank: int = 16,
+                 activation_checkpointing: bool = False) -> str:
+    """Markdown table of `estimate_memory` for the 5 sizes under LoRA (bf16 base) and QLoRA (NF4 base)."""
+    lines = [
+        f"Estimated peak GPU memory, GiB (seq {seq_len}, batch {batch}, LoRA r={lora_rank} on all linear layers, "
+        f"AdamW; activation checkpointing {'on' if activation_checkpointing else 'off'}; add ~1-2 GiB CUDA context)",
+        "",
+        "| Model | Params | Method | Weights | LoRA | Optimizer | Gradients | Activations | Total |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size in TABLE_SIZES:
+        for method, label in (("lora", "LoRA (bf16)"), ("qlora", "QLoRA (NF4)")):
+            m = estimate_memory(size, method, seq_len, batch, lora_rank, activation_checkpointing)
+            lines.append(
+                f"| {m['model']} | {m['params_billion']:.2f}B | {label} | {m['weights']:.1f} | "
+                f"{m['lora_params']:.2f} | {m['optimizer']:.2f} | {m['gradients']:.2f} | "
+                f"{m['activations']:.1f} | {m['total']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+# =============================================================================================
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a Hugging Face causal LM with LoRA/QLoRA, without the chat. Runs unchanged "
+        "under `accelerate launch --config_file configs/accelerate/NAME.yaml` and `torchrun`.",
+        epilog="Config format and examples: see the docstring of finetune.py or configs/finetune/demo.yaml.",
+    )
+    parser.add_argument("--config", help="YAML or JSON file: model, data_path, fine_tune_config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one value, e.g. training_args.max_steps=40 or model.device=cpu (repeatable)")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="print the LoRA/QLoRA GPU memory table (0.5B-70B) and exit")
+    parser.add_argument("--seq-len", type=int, default=2048, help="for --estimate-memory (default 2048)")
+    parser.add_argument("--batch", type=int, default=1, help="per-device batch for --estimate-memory (default 1)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="for --estimate-memory (default 16)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="for --estimate-memory")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.estimate_memory:
+        print(memory_table(args.seq_len, args.batch, args.lora_rank, args.activation_checkpointing))
+        return 0
+    is_main = rank() == 0
+    if not args.config:
+        print("error: give --config CONFIG.yaml (or --estimate-memory); see `python finetune.py --help`",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from chat_data import DatasetFormatError
+    from huggingface_model import FineTuneConfigError, FineTuneError, FineTuneInterrupted, ModelLoadError
+
+    try:
+        config = load_config(args.config, args.set)
+        return run(config)
+    except (InputError, ModelLoadError, FineTuneConfigError, FineTuneError, DatasetFormatError) as e:
+        if is_main:  # every rank reads the same input and fails the same way: say it once
+            message = " ".join(str(e).split())  # the project's multi-line lists -> one line
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+    except (KeyboardInterrupt, FineTuneInterrupted) as e:
+        if is_main:
+            print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        finish_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

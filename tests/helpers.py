@@ -1,0 +1,47 @@
+"""Helpers shared by the test modules (data rows, fast fine-tune settings, wrapper construction)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SYSTEM_PROMPT = "You are Ember."
+TAUGHT_QUESTION = "Who are you?"
+TAUGHT_ANSWER = "I am Ember, a friendly assistant."
+TINY_MAX_LENGTH = 16
+
+# Short, fast training settings for the tiny model (no checkpoints unless a test asks for them).
+FAST_ARGS = {"max_steps": 12, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "save_strategy": "no"}
+
+
+def fast_config(tmp_path: Path, **training_args) -> dict:
+    """A fine_tune_config that writes only below `tmp_path` and trains in about a second."""
+    return {"training_args": {"output_dir": str(tmp_path / "runs"), **FAST_ARGS, **training_args}}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def identity_rows(n: int = 4, answer: str = TAUGHT_ANSWER) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": TAUGHT_QUESTION}, {"role": "assistant", "content": answer}]}
+            for _ in range(n)]
+
+
+def arithmetic_rows(n: int = 12) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(n)]
+
+
+def make_wrapper(folder: Path | str, **kwargs):
+    from huggingface_model import HuggingFaceWrapper
+
+    options = {"config_name": "tiny", "local_model_path": str(folder), "max_length": TINY_MAX_LENGTH,
+               "system_prompt": SYSTEM_PROMPT}
+    options.update(kwargs)
+    return HuggingFaceWrapper(**options)
+
+
+def chat(question: str = TAUGHT_QUESTION, system: str | None = SYSTEM_PROMPT) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
