@@ -411,7 +411,7 @@ def run(config: dict[str, Any]) -> int:
         if len(set(everyone)) > 1:  # replicated (DDP) training must end with identical weights everywhere
             if main:
                 print(f"error: the {n_proc} processes ended with different LoRA weights ({', '.join(everyone)}): "
-                      "gradients were not synchronised, so the saved adapter holds rank 0's shard only.",
+                      "gradients were not synchronised (each rank trained alone on its part of the data); the saved adapter is rank 0's.",
                       file=sys.stderr, flush=True)
             return 1
     if main:
