@@ -900,7 +900,8 @@ class HuggingFaceWrapper(ChatModelBase):
     def encode(self, messages: list[dict[str, str]], max_new_tokens: int) -> dict[str, torch.Tensor]:
         """Render with the chat template; drop the oldest turns if the prompt would not fit the window."""
         assert self.tokenizer is not None
-        budget = max(16, self.context_size - max_new_tokens)
+        # Keep at least half the window for the prompt, whatever max_new_tokens asks for.
+        budget = self.context_size - min(max_new_tokens, self.context_size // 2)
         messages = list(messages)
         dropped = 0
         while True:
@@ -947,6 +948,7 @@ class HuggingFaceWrapper(ChatModelBase):
         assert self.hf_model is not None and self.tokenizer is not None
         kwargs = self.generation_kwargs(**overrides)
         enc = self.encode(messages, kwargs["max_new_tokens"])
+        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.context_size - enc["input_ids"].shape[1])
         with self._generate_lock, torch.inference_mode():
             self._reseed()
             out = self.hf_model.generate(**enc, **kwargs)
@@ -964,6 +966,7 @@ class HuggingFaceWrapper(ChatModelBase):
         assert self.hf_model is not None and self.tokenizer is not None
         kwargs = self.generation_kwargs(**overrides)
         enc = self.encode(messages, kwargs["max_new_tokens"])
+        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.context_size - enc["input_ids"].shape[1])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(stop)])
         counter = _TokenCounter()
