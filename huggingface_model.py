@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -416,7 +417,8 @@ class FineTuneConfig:
     user_training_keys: set[str] = field(default_factory=set)
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any] | None, device: torch.device | None = None) -> FineTuneConfig:
+    def from_dict(cls, config: dict[str, Any] | None, device: torch.device | None = None,
+                  check_fields: bool = True) -> FineTuneConfig:
         config = dict(config or {})
         problems: list[str] = []
         for key in config:
@@ -430,8 +432,9 @@ class FineTuneConfig:
                 problems.append(f"'{name}' must be a dict, got {type(value).__name__}")
         lora = lora if isinstance(lora, dict) else {}
         args = args if isinstance(args, dict) else {}
-        problems += _unknown_keys("lora_config", lora, _lora_fields())
-        problems += _unknown_keys("training_args", args, _sft_fields())
+        if check_fields:
+            problems += _unknown_keys("lora_config", lora, _lora_fields())
+            problems += _unknown_keys("training_args", args, _sft_fields())
         resolved = cls(
             lora_config={**DEFAULT_LORA_CONFIG, **lora},
             training_args={**DEFAULT_TRAINING_ARGS, **args},
@@ -698,6 +701,12 @@ class _ProgressCallback:
         return Callback()
 
 
+def is_peft_model(model: Any) -> bool:
+    """True for a peft-wrapped model, without importing peft (it is only needed once fine-tuning starts)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
 class _StopOnEvent(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
@@ -790,7 +799,9 @@ class HuggingFaceWrapper(ChatModelBase):
         self.quantization = quantization
         self.system_prompt = system_prompt
         self.fine_tune_config = fine_tune_config
-        FineTuneConfig.from_dict(fine_tune_config)  # fail fast, before a long load
+        # Fail fast on a wrong config before a long load; field names are checked against trl/peft
+        # only when fine-tuning starts (importing them costs seconds at every start-up).
+        FineTuneConfig.from_dict(fine_tune_config, check_fields=bool(data_path))
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self.bnb_config = quantization_config(quantization, self.device)
@@ -891,9 +902,7 @@ class HuggingFaceWrapper(ChatModelBase):
 
     def _base_model(self) -> PreTrainedModel:
         model = self.hf_model
-        from peft import PeftModel
-
-        return model.get_base_model() if isinstance(model, PeftModel) else model  # type: ignore[return-value]
+        return model.get_base_model() if is_peft_model(model) else model  # type: ignore[union-attr,return-value]
 
     # ---------------------------------------------------------------------------------------- generation
 
@@ -1249,9 +1258,7 @@ class HuggingFaceWrapper(ChatModelBase):
     # ---------------------------------------------------------------------------------------- adapters
 
     def _peft(self) -> PeftModel:
-        from peft import PeftModel
-
-        if not isinstance(self.hf_model, PeftModel):
+        if not is_peft_model(self.hf_model):
             raise FineTuneError("No adapter is loaded yet.")
         return self.hf_model
 
@@ -1349,9 +1356,7 @@ class HuggingFaceWrapper(ChatModelBase):
         if remember and name != self.active_adapter:
             self.adapter_stack.append(self.active_adapter)
         self.active_adapter = name
-        from peft import PeftModel
-
-        if not isinstance(self.hf_model, PeftModel):
+        if not is_peft_model(self.hf_model):
             return
         if name is None:
             self.hf_model.base_model.disable_adapter_layers()
