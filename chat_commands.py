@@ -35,7 +35,9 @@ from huggingface_model import (
     FineTuneResult,
     HuggingFaceWrapper,
     ModelLoadError,
+    _closest,
     _sft_fields,
+    describe_validation,
 )
 
 # Mistakes a user can make; they get one line and the chat goes on.
@@ -82,7 +84,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         elif key in sft:
             config.setdefault("training_args", {})[key] = value
         else:
-            raise ValueError(f"Unknown setting '{key}'. Use a trl SFTConfig field (max_steps, learning_rate, ...), "
+            valid = sorted(sft | {f"lora.{k}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+                           | {k for k in TOP_LEVEL_KEYS if k not in ("lora_config", "training_args")})
+            raise ValueError(f"Unknown setting '{key}'{_closest(key, valid)}. Use a trl SFTConfig field (max_steps, learning_rate, ...), "
                              f"lora.<field> (lora.r, lora.lora_alpha, ...) or one of: "
                              f"{', '.join(k for k in TOP_LEVEL_KEYS if k not in ('lora_config', 'training_args'))}.")
     return config
@@ -188,7 +192,11 @@ class ChatSession:
             except KeyboardInterrupt:
                 self.error("Interrupted.")
             return
-        self.say(text)
+        try:
+            self.say(text)
+        except UserError as e:  # e.g. a generation setting the model rejects
+            self.out.write("\n")
+            self.error(str(e))
 
     def error(self, message: str) -> None:
         self.console.print(f"[red]error:[/] {escape(message)}")
@@ -244,7 +252,7 @@ class ChatSession:
 
             result = self.model.fine_tune(data_path, config, progress=report, stop=stop)
         if result.reused:
-            self.console.print(f"Reused the adapter of an identical earlier run: {result.run_dir} "
+            self.console.print(f"Reused the adapter of an identical earlier run: {escape(str(result.run_dir))} "
                                "(add force_retrain=true to train again).")
         else:
             self.report(result, before, config.get("probes"), probe_count)
@@ -268,23 +276,23 @@ class ChatSession:
         prompts = pick_probes(result, probes, probe_count)
         probes = run_probes(prompts, lambda p: self._answer(p, before), lambda p: self._answer(p, result.adapter_name))
         before_label, after_label = before or "base", result.adapter_name
-        table = Table(title=f"Fine-tune report ({result.run_dir})", show_lines=False)
+        table = Table(title=Text(f"Fine-tune report ({result.run_dir})"), show_lines=False)
         table.add_column("metric")
-        table.add_column(f"before ({before_label})", justify="right")
-        table.add_column(f"after ({after_label})", justify="right")
+        table.add_column(Text(f"before ({before_label})"), justify="right")
+        table.add_column(Text(f"after ({after_label})"), justify="right")
         for row in summary_rows(result):
             table.add_row(*row)
         self.console.print(table)
         if probes:
             side = Table(title="Probes (same settings and seed)", show_lines=True)
             side.add_column("prompt", max_width=30)
-            side.add_column(before_label)
-            side.add_column(after_label)
+            side.add_column(Text(before_label))
+            side.add_column(Text(after_label))
             for p in probes:
-                side.add_row(p.prompt, p.before, p.after)
+                side.add_row(Text(p.prompt), Text(p.before), Text(p.after))
             self.console.print(side)
         path = write_report(result, probes, before_label, after_label)
-        self.console.print(f"Report: {path} (+ loss.png)")
+        self.console.print(f"Report: {escape(str(path))} (+ loss.png)")
 
     def _last_turn(self) -> tuple[int, str, int | None]:
         """Index and text of the last user message, and the index of the reply after it (if any)."""
@@ -341,7 +349,7 @@ class ChatSession:
         self.taught.append(Taught(prompt, answer))
         path = self._save_taught()
         self.console.print(f"Taught example {len(self.taught)}: [italic]{escape(prompt)}[/] -> "
-                           f"[italic]{escape(answer)}[/] (saved to {path}; /train to learn it).")
+                           f"[italic]{escape(answer)}[/] (saved to {escape(str(path))}; /train to learn it).")
 
     def cmd_train(self, args: list[str], rest: str) -> None:
         if not self.taught:
@@ -371,10 +379,10 @@ class ChatSession:
             raise ValueError("No adapter is active, so base and current are the same model. Fine-tune first.")
         base_answer = self._answer(prompt, None)
         tuned_answer = self._answer(prompt, current)
-        table = Table(title=f"/compare: {prompt}", show_lines=True)
+        table = Table(title=Text(f"/compare: {prompt}"), show_lines=True)
         table.add_column("base")
-        table.add_column(current)
-        table.add_row(base_answer, tuned_answer)
+        table.add_column(Text(current))
+        table.add_row(Text(base_answer), Text(tuned_answer))
         self.console.print(table)
 
     def cmd_dryrun(self, args: list[str], rest: str) -> None:
@@ -398,22 +406,22 @@ class ChatSession:
         for column in ("", "name", "from", "path", "note"):
             table.add_column(column)
         active = self.model.active_adapter
-        table.add_row("*" if active is None else "", "base", "", self.model.source.path if self.model.source else "",
-                      "the loaded model without adapter")
+        table.add_row("*" if active is None else "", "base", "",
+                      Text(self.model.source.path if self.model.source else ""), "the loaded model without adapter")
         for record in self.model.adapters.values():
-            table.add_row("*" if record.name == active else "", record.name, record.parent or "base",
-                          str(record.path), record.note)
+            table.add_row("*" if record.name == active else "", Text(record.name), Text(record.parent or "base"),
+                          Text(str(record.path)), Text(record.note))
         self.console.print(table)
 
     def cmd_use(self, args: list[str], rest: str) -> None:
         if len(args) != 1:
             raise ValueError("Usage: /use <name|base> (see /adapters).")
         self.model.use_adapter(args[0])
-        self.console.print(f"Now serving {args[0]}.")
+        self.console.print(f"Now serving {escape(args[0])}.")
 
     def cmd_undo(self, args: list[str], rest: str) -> None:
         previous = self.model.undo()
-        self.console.print(f"Now serving {previous or 'base'}.")
+        self.console.print(f"Now serving {escape(previous or 'base')}.")
 
     def cmd_load(self, args: list[str], rest: str) -> None:
         if not rest:
@@ -421,7 +429,7 @@ class ChatSession:
         target = Path(rest).expanduser()
         if (target / "adapter_config.json").exists():
             record = self.model.load_adapter(target, note=f"/load {target}")
-            self.console.print(f"Adapter {record.name} loaded and active.")
+            self.console.print(f"Adapter {escape(record.name)} loaded and active.")
             return
         if target.exists():
             self.model.load_model(None, str(target))
@@ -439,7 +447,7 @@ class ChatSession:
         if dest.exists() and any(dest.iterdir()):
             raise ValueError(f"{dest} already exists and is not empty; choose a new folder.")
         path = self.model._save_adapter(self.model.active_adapter, dest)
-        self.console.print(f"Saved adapter {self.model.active_adapter} + tokenizer to {path}.")
+        self.console.print(f"Saved adapter {self.model.active_adapter} + tokenizer to {escape(str(path))}.")
 
     def cmd_export(self, args: list[str], rest: str) -> None:
         dest = Path(rest).expanduser() if rest else self._default_dest("merged")
@@ -448,7 +456,7 @@ class ChatSession:
         started = time.perf_counter()
         path = self.model.export_merged(dest)
         diff = verify_export(self.model, path)
-        self.console.print(f"Exported merged model to {path} in {time.perf_counter() - started:.1f} s; loaded back: "
+        self.console.print(f"Exported merged model to {escape(str(path))} in {time.perf_counter() - started:.1f} s; loaded back: "
                            f"max logit difference {diff:.2e} vs base+adapter.")
 
     def _default_dest(self, kind: str) -> Path:
@@ -481,9 +489,8 @@ class ChatSession:
             self.model.parameters = type(self.model.parameters).model_validate(
                 {**self.model.parameters.model_dump(), **updates})
         except ValidationError as e:
-            problems = "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in e.errors())
-            raise ValueError(f"Invalid value ({problems}).") from None
-        self.console.print(f"Settings: {self.model.parameters.model_dump()}")
+            raise ValueError(f"Invalid value ({describe_validation(e)}).") from None
+        self.console.print(f"Settings: {escape(str(self.model.parameters.model_dump()))}")
 
     def cmd_reset(self, args: list[str], rest: str) -> None:
         self.assistant.state.context.clear()

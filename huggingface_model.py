@@ -43,7 +43,7 @@ from agentscope.credential import CredentialBase
 from agentscope.formatter import OllamaChatFormatter
 from agentscope.message import Msg, TextBlock
 from agentscope.model import ChatModelBase, ChatResponse, ChatUsage
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -308,6 +308,10 @@ def resolve_model_source(model_id: str | None, local_model_path: str | None = No
         raise ModelLoadError("Give `model_id` (a hub id like 'Qwen/Qwen2.5-0.5B-Instruct') or `local_model_path`.")
     if Path(os.path.expanduser(model_id)).is_dir():
         return resolve_model_source(None, model_id)
+    if model_id.startswith(("/", ".", "~")) or os.sep + os.sep in model_id or model_id.count("/") > 1 or (
+            os.sep != "/" and os.sep in model_id):
+        raise ModelLoadError(f"Local model folder not found: {model_id}. Check the path (relative paths start "
+                             f"from {Path.cwd()}), or give a hub id like 'user/model'.")
     cached = is_cached_on_hub(model_id)
     online = hub_reachable()
     if cached:
@@ -701,6 +705,11 @@ class _ProgressCallback:
         return Callback()
 
 
+def describe_validation(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+                     for err in error.errors())
+
+
 def is_peft_model(model: Any) -> bool:
     """True for a peft-wrapped model, without importing peft (it is only needed once fine-tuning starts)."""
     peft = sys.modules.get("peft")
@@ -725,12 +734,12 @@ class HuggingFaceWrapper(ChatModelBase):
     class Parameters(BaseModel):
         """Generation settings (live: `/set` changes them between replies)."""
 
-        max_length: int = 512  # max NEW tokens per reply (the name is the original example's)
-        temperature: float = 0.3
-        top_p: float = 0.9
-        repetition_penalty: float = 1.1
+        max_length: int = Field(512, ge=1)  # max NEW tokens per reply (the name is the original example's)
+        temperature: float = Field(0.3, gt=0, le=5)
+        top_p: float = Field(0.9, gt=0, le=1)
+        repetition_penalty: float = Field(1.1, gt=0, le=5)
         do_sample: bool = True
-        seed: int | None = 1234  # reseeded before every reply: same history + settings -> same reply
+        seed: int | None = Field(1234, ge=0)  # reseeded before every reply: same history + settings -> same reply
 
     type = "huggingface"
 
@@ -781,11 +790,16 @@ class HuggingFaceWrapper(ChatModelBase):
                 f"Unknown model_configs key(s): {', '.join(unknown)}{_closest(first, valid)}. Valid keys: "
                 f"model_type, {', '.join(valid)}."
             )
+        try:
+            parameters = self.Parameters(max_length=max_length, temperature=temperature, top_p=top_p,
+                                         repetition_penalty=repetition_penalty, do_sample=do_sample, seed=seed)
+        except ValidationError as e:
+            raise ModelLoadError(f"Invalid generation settings in model_configs: {describe_validation(e)} "
+                                 "(for greedy decoding set do_sample=False rather than temperature=0).") from None
         super().__init__(
             credential=CredentialBase(),
             model=str(local_model_path or model_id or config_name),
-            parameters=self.Parameters(max_length=max_length, temperature=temperature, top_p=top_p,
-                                       repetition_penalty=repetition_penalty, do_sample=do_sample, seed=seed),
+            parameters=parameters,
             stream=stream,
             max_retries=0,
         )
@@ -1263,8 +1277,9 @@ class HuggingFaceWrapper(ChatModelBase):
         return self.hf_model
 
     def _next_adapter_name(self) -> str:
+        taken = set(self.adapters) | set(getattr(self.hf_model, "peft_config", {}) or {})
         n = len(self.adapters) + 1
-        while f"ft{n}" in self.adapters:
+        while f"ft{n}" in taken:
             n += 1
         return f"ft{n}"
 
@@ -1302,11 +1317,14 @@ class HuggingFaceWrapper(ChatModelBase):
         return name, model
 
     def _discard_adapter(self, name: str, previous: str | None) -> None:
+        """Forget a half-trained adapter; serve what served before."""
         model = self._peft()
-        if previous is not None:
-            model.set_adapter(previous)
         if name in model.peft_config and len(model.peft_config) > 1:
+            model.set_adapter(previous if previous is not None else next(a for a in model.peft_config if a != name))
             model.delete_adapter(name)
+        elif name in model.peft_config:  # it was the only adapter: back to the plain base model
+            self.hf_model = model.unload()
+            self.hf_model.eval()
         self._activate(previous, remember=False)
 
     def _save_adapter(self, name: str, dest: Path) -> Path:
