@@ -38,6 +38,7 @@ from huggingface_model import (
     _closest,
     _sft_fields,
     describe_validation,
+    redact,
 )
 
 # Mistakes a user can make; they get one line and the chat goes on.
@@ -199,7 +200,7 @@ class ChatSession:
             self.error(str(e))
 
     def error(self, message: str) -> None:
-        self.console.print(f"[red]error:[/] {escape(message)}")
+        self.console.print(f"[red]error:[/] {escape(redact(message))}")
 
     def say(self, text: str) -> str:
         """Send a message to the assistant and stream its reply; Ctrl-C stops the reply, not the chat."""

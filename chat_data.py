@@ -336,13 +336,18 @@ def _from_alpaca(raw: dict[str, Any]) -> Conversation:
 
 
 def _from_prompt_completion(raw: dict[str, Any]) -> Conversation:
-    prompt, completion = _parse_json_string(raw.get("prompt")), _parse_json_string(raw.get("completion"))
-    if isinstance(prompt, list) and isinstance(completion, list):
-        return _from_messages({"messages": prompt + completion})
+    prompt, completion = raw.get("prompt"), raw.get("completion")
+    parsed_prompt, parsed_completion = _parse_json_string(prompt), _parse_json_string(completion)
+    if _is_message_list(parsed_prompt) and _is_message_list(parsed_completion):  # trl's conversational form
+        return _from_messages({"messages": parsed_prompt + parsed_completion})
     return [
         {"role": "user", "content": _text(prompt, "prompt")},
         {"role": "assistant", "content": _text(completion, "completion")},
     ]
+
+
+def _is_message_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 _CONVERTERS = {

@@ -299,7 +299,9 @@ def resolve_model_source(model_id: str | None, local_model_path: str | None = No
         path = Path(os.path.expanduser(local_model_path))
         if (path / "adapter_config.json").exists():
             base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            source = resolve_model_source(model_id or base, None)
+            # The adapter's own base wins when it can be found here; else the configured model_id.
+            usable = base and (Path(base).expanduser().is_dir() or (not Path(base).is_absolute() and base.count("/") == 1))
+            source = resolve_model_source(base if usable else (model_id or base), None)
             source.adapter = str(path)
             return source
         check_local_model_folder(path)
@@ -921,25 +923,35 @@ class HuggingFaceWrapper(ChatModelBase):
     # ---------------------------------------------------------------------------------------- generation
 
     def encode(self, messages: list[dict[str, str]], max_new_tokens: int) -> dict[str, torch.Tensor]:
-        """Render with the chat template; drop the oldest turns if the prompt would not fit the window."""
+        """Render with the chat template; leave out the oldest turns if the prompt would not fit the window."""
         assert self.tokenizer is not None
         # Keep at least half the window for the prompt, whatever max_new_tokens asks for.
         budget = self.context_size - min(max_new_tokens, self.context_size // 2)
-        messages = list(messages)
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        turns = messages[len(system) :]
+
+        def render(dropped: int) -> dict[str, torch.Tensor]:
+            return self.tokenizer.apply_chat_template(  # type: ignore[union-attr]
+                system + turns[dropped:], add_generation_prompt=True, return_dict=True, return_tensors="pt")
+
+        enc = render(0)
         dropped = 0
-        while True:
-            enc = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
-            )
-            length = enc["input_ids"].shape[1]
-            start = 1 if messages and messages[0]["role"] == "system" else 0
-            if length <= budget or len(messages) - start <= 1:
-                break
-            del messages[start : start + (2 if len(messages) - start > 2 else 1)]
-            dropped += 1
-        if dropped:
+        if enc["input_ids"].shape[1] > budget and len(turns) > 1:
+            # Fewest oldest messages to leave out, by bisection: O(log n) renders, not one per turn.
+            low, high = 1, len(turns) - 1
+            while low < high:
+                mid = (low + high) // 2
+                if render(mid)["input_ids"].shape[1] <= budget:
+                    high = mid
+                else:
+                    low = mid + 1
+            dropped = low
+            if turns[dropped]["role"] == "assistant" and dropped < len(turns) - 1:
+                dropped += 1  # start on a user turn, as every chat template expects
+            enc = render(dropped)
             logger.warning("The conversation is longer than the model's window (%d tokens): left out the %d "
-                           "oldest turn(s) for this reply.", self.context_size, dropped)
+                           "oldest message(s) for this reply.", self.context_size, dropped)
+        length = enc["input_ids"].shape[1]
         if length > budget:
             logger.warning("This message alone is %d tokens; the model sees only its last %d.", length, budget)
             enc = {k: v[:, -budget:] for k, v in enc.items()}
@@ -1060,10 +1072,10 @@ class HuggingFaceWrapper(ChatModelBase):
     async def count_tokens(self, messages: list[Msg], tools: list[dict] | None = None) -> int:
         chat = await self.formatter.format(messages)
         assert self.tokenizer is not None
-        ids = self.tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m.get("content") or ""} for m in chat], tokenize=True
+        enc = self.tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m.get("content") or ""} for m in chat], tokenize=True, return_dict=True
         )
-        return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return len(enc["input_ids"])
 
     # ---------------------------------------------------------------------------------------- fine-tuning
 
@@ -1205,7 +1217,11 @@ class HuggingFaceWrapper(ChatModelBase):
                 if stop.is_set():
                     raise KeyboardInterrupt
                 eval_after = trainer.evaluate()["eval_loss"] if eval_rows else None
-        except (KeyboardInterrupt, Exception) as e:
+            seconds = time.perf_counter() - started
+            model.eval()
+            adapter_dir = self._save_adapter(adapter_name, run_dir / "adapter")  # with the chat template
+        except (KeyboardInterrupt, Exception) as e:  # clean up, record, re-raise
+            model.eval()
             self._discard_adapter(adapter_name, previous)
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             write_json_atomic(run_dir / "run.json", {**_read_json(run_dir / "run.json"),
@@ -1218,10 +1234,6 @@ class HuggingFaceWrapper(ChatModelBase):
                     f"Checkpoints stay in {run_dir / 'checkpoints'}; continue with resume=true."
                 ) from None
             raise
-        finally:
-            model.eval()
-        seconds = time.perf_counter() - started
-        adapter_dir = self._save_adapter(adapter_name, run_dir / "adapter")
         train_tokens = count_trained_tokens(trainer)
         log_history = trainer.state.log_history
         write_json_atomic(run_dir / "log_history.json", log_history)
@@ -1334,17 +1346,20 @@ class HuggingFaceWrapper(ChatModelBase):
             return dest
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, selected_adapters=[name])
-        nested = tmp / name
-        if nested.is_dir():  # peft nests non-"default" adapters in a subfolder
-            for item in nested.iterdir():
-                item.rename(tmp / item.name)
-            nested.rmdir()
-        assert self.tokenizer is not None
-        self.tokenizer.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        try:
+            model.save_pretrained(tmp, selected_adapters=[name])
+            nested = tmp / name
+            if nested.is_dir():  # peft nests non-"default" adapters in a subfolder
+                for item in nested.iterdir():
+                    item.rename(tmp / item.name)
+                nested.rmdir()
+            assert self.tokenizer is not None
+            self.tokenizer.save_pretrained(tmp)
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
     def load_adapter(self, path: str | Path, note: str = "loaded") -> AdapterRecord:
@@ -1421,18 +1436,21 @@ class HuggingFaceWrapper(ChatModelBase):
                 "(/save), load the full-precision base without \"quantization\", load the adapter, then export."
             )
         dest = Path(dest).expanduser()
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = copy.deepcopy(self._peft())
-        model.set_adapter(self.active_adapter)
-        merged = model.merge_and_unload(adapter_names=[self.active_adapter])
-        merged.save_pretrained(tmp)
-        assert self.tokenizer is not None
-        self.tokenizer.save_pretrained(tmp)
-        del merged, model
         if dest.exists():
             raise FineTuneError(f"{dest} already exists; choose a new folder.")
-        tmp.rename(dest)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model = copy.deepcopy(self._peft())
+            model.set_adapter(self.active_adapter)
+            merged = model.merge_and_unload(adapter_names=[self.active_adapter])
+            merged.save_pretrained(tmp)
+            assert self.tokenizer is not None
+            self.tokenizer.save_pretrained(tmp)
+            del merged, model
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
 

