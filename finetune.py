@@ -233,20 +233,12 @@ def rank() -> int:
 
 
 def init_distributed(device: str | None) -> Any:
-    """Start accelerate's process state before the wrapper does, on the right backend.
-
-    `pick_device` calls `PartialState()`, which on a machine without CUDA sets up a process group but
-    reports DistributedType.NO; `shared_run_dir`'s broadcast is then a no-op and rank 1 gets no run
-    directory. `PartialState(cpu=True)` gives MULTI_CPU on gloo, and later `PartialState()` calls (the
-    wrapper's, transformers') share it. On GPUs this is the same state the wrapper would create.
-    """
+    """accelerate's process state (gloo on a machine without CUDA), or None for a single process."""
     if world_size() <= 1:
         return None
-    import torch
-    from accelerate import PartialState
+    from huggingface_model import distributed_state
 
-    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
+    return distributed_state()
 
 
 def finish_distributed() -> None:
@@ -256,48 +248,6 @@ def finish_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-DDP_TYPES = ("MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_SDAA",
-             "MULTI_HPU", "MULTI_NEURON")
-
-
-def keep_ddp_after_pre_train_evaluate() -> None:
-    """Work around an evaluate()-before-train() trap that silently disables DDP (multi-process only).
-
-    `HuggingFaceWrapper._train` calls `trainer.evaluate()` before `trainer.train()` (the "eval loss
-    before" number). That first evaluate runs `accelerator.prepare_model(model, evaluation_mode=True)`,
-    which returns the bare model but marks it `_is_accelerate_prepared`; `train()` then asks accelerate
-    to prepare the model for training, accelerate sees the mark and returns it unwrapped: no
-    DistributedDataParallel, no gradient all-reduce, every rank trains alone on its shard and rank 0
-    saves only its own adapter (measured: different LoRA checksums per rank). This wrapper lets that
-    pre-train evaluate run as before, then removes what it left on the bare model (the mark, the
-    autocast forward) so `train()` wraps it in DDP. A no-op once `_train` evaluates through
-    `eval_on_start=True` instead (the fix proposed for huggingface_model.py), for FSDP/DeepSpeed (whose
-    evaluate prepares fully) and for single-process runs. `check_ranks_agree` verifies the result.
-    """
-    from transformers import Trainer
-
-    original = Trainer.evaluate
-    if getattr(original, "_keeps_ddp", False):
-        return
-
-    def evaluate(self: Any, *args: Any, **kwargs: Any) -> Any:
-        model = self.model
-        kind = str(self.accelerator.distributed_type).split(".")[-1]
-        fresh = (kind in DDP_TYPES and not self.is_in_train and self.model_wrapped is model
-                 and not getattr(model, "_is_accelerate_prepared", False))
-        before = set(vars(model))
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            if fresh and self.model_wrapped is model:
-                for key in set(vars(model)) - before:  # _is_accelerate_prepared, _original_forward, forward
-                    delattr(model, key)
-                self.accelerator._models[:] = [m for m in self.accelerator._models if m is not model]
-
-    evaluate._keeps_ddp = True  # type: ignore[attr-defined]
-    Trainer.evaluate = evaluate  # type: ignore[method-assign]
 
 
 def check_ranks_agree(checksum: str) -> list[str]:
@@ -360,18 +310,12 @@ def run(config: dict[str, Any]) -> int:
     quiet_libraries(main)
     model_cfg = config["model"]
     state = init_distributed(model_cfg.get("device"))
-    if state is not None:
-        keep_ddp_after_pre_train_evaluate()
     from huggingface_model import FineTuneConfig, HuggingFaceWrapper
 
     ftc = config["fine_tune_config"]
     FineTuneConfig.from_dict(ftc)  # unknown keys / bad values: fail before loading the model
     wrapper = HuggingFaceWrapper.from_config({**model_cfg, "data_path": None, "fine_tune_config": ftc})
     args = {**FineTuneConfig.from_dict(ftc).training_args}
-    seed = int(args.get("seed", 42))
-    import transformers
-
-    transformers.set_seed(seed)  # the LoRA init happens before the Trainer seeds: same seed, same init
 
     n_proc = state.num_processes if state is not None else 1
     if main:
@@ -383,19 +327,22 @@ def run(config: dict[str, Any]) -> int:
               f"accumulation x {n_proc}", flush=True)
 
     steps_here = 0
+    last_eval: tuple[int, float] | None = None
 
     def progress(event: dict[str, Any]) -> None:
-        nonlocal steps_here
+        nonlocal steps_here, last_eval
         if set(event) == {"step", "max_steps"}:  # on_step_end: one optimizer step on this process
             steps_here += 1
             return
         if not main:
             return
+        where = f"step {event['step']}/{event['max_steps']}" if event["step"] else "before training"
         if "loss" in event:
-            print(f"step {event['step']}/{event['max_steps']}  loss {_fmt(event['loss'])}  "
-                  f"lr {event.get('learning_rate', float('nan')):.2e}", flush=True)
-        elif "eval_loss" in event:
-            print(f"step {event['step']}/{event['max_steps']}  eval_loss {_fmt(event['eval_loss'])}", flush=True)
+            print(f"{where}  loss {_fmt(event['loss'])}  lr {event.get('learning_rate', float('nan')):.2e}",
+                  flush=True)
+        elif "eval_loss" in event and (event["step"], event["eval_loss"]) != last_eval:  # final eval = last one
+            last_eval = (event["step"], event["eval_loss"])
+            print(f"{where}  eval_loss {_fmt(event['eval_loss'])}", flush=True)
 
     started = time.perf_counter()
     result = wrapper.fine_tune(config["data_path"], ftc, progress=progress)
@@ -407,12 +354,12 @@ def run(config: dict[str, Any]) -> int:
         print(f"[rank {state.process_index}/{n_proc}] {kind} ({state.backend}) on {state.device}: "
               f"{steps_here} optimizer steps on this rank; LoRA sha256 {checksum}, sum|w| {magnitude:.6f}",
               flush=True)
-        everyone = check_ranks_agree(checksum) if kind in DDP_TYPES else [checksum]
+        everyone = check_ranks_agree(checksum) if kind.startswith("MULTI_") else [checksum]
         if len(set(everyone)) > 1:  # replicated (DDP) training must end with identical weights everywhere
             if main:
                 print(f"error: the {n_proc} processes ended with different LoRA weights ({', '.join(everyone)}): "
-                      "gradients were not synchronised (each rank trained alone on its part of the data); the saved adapter is rank 0's.",
-                      file=sys.stderr, flush=True)
+                      "gradients were not synchronised (each rank trained alone on its part of the data); "
+                      "the saved adapter is rank 0's alone.", file=sys.stderr, flush=True)
             return 1
     if main:
         losses = [e["loss"] for e in result.log_history if "loss" in e]
@@ -554,7 +501,7 @@ def estimate_memory(params_billion: float, method: str = "lora", seq_len: int = 
     else:
         layer_bytes = tokens * shape.hidden * act_factor * shape.layers
     activation_bytes = layer_bytes + tokens * shape.vocab * 8.0
-    out = {
+    out: dict[str, Any] = {
         "model": shape.name,
         "params_billion": round(shape.params / 1e9, 2),
         "method": method,
@@ -626,17 +573,26 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+    def fail(e: Exception) -> int:
+        if is_main:  # every rank reads the same input and fails the same way: say it once
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            rest = [line.lstrip("- ") for line in lines[1:]]  # the project's "  - problem" lists -> one line
+            message = " ".join([lines[0] if lines else type(e).__name__, "; ".join(rest)]).strip()
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    try:
+        config = load_config(args.config, args.set)  # light imports only: bad input fails in a second
+    except InputError as e:
+        return fail(e)
     from chat_data import DatasetFormatError
     from huggingface_model import FineTuneConfigError, FineTuneError, FineTuneInterrupted, ModelLoadError
 
     try:
-        config = load_config(args.config, args.set)
         return run(config)
-    except (InputError, ModelLoadError, FineTuneConfigError, FineTuneError, DatasetFormatError) as e:
-        if is_main:  # every rank reads the same input and fails the same way: say it once
-            message = " ".join(str(e).split())  # the project's multi-line lists -> one line
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        return 2
+    except (ModelLoadError, FineTuneConfigError, FineTuneError, DatasetFormatError) as e:
+        return fail(e)
     except (KeyboardInterrupt, FineTuneInterrupted) as e:
         if is_main:
             print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr, flush=True)

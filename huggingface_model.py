@@ -44,8 +44,15 @@ from agentscope.formatter import OllamaChatFormatter
 from agentscope.message import Msg, TextBlock
 from agentscope.model import ChatModelBase, ChatResponse, ChatUsage
 from pydantic import BaseModel, Field, ValidationError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from chat_data import ChatDataset, Conversation, load_chat_dataset, with_system_prompt
 
@@ -120,6 +127,17 @@ def redact(text: str) -> str:
     return text.replace(token, "***") if token else text
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed_state() -> Any:
+    """accelerate's process state; on a machine without CUDA it must be told to use gloo on the CPU."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """An explicit device wins; otherwise cuda > mps > cpu."""
     if device:
@@ -132,10 +150,8 @@ def pick_device(device: str | None = None) -> torch.device:
         if chosen.type == "mps" and not torch.backends.mps.is_available():
             raise ModelLoadError(f"device='{device}' but MPS is not available. Use device='cpu' or leave it unset.")
         return chosen
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun: this rank's device
-        from accelerate import PartialState
-
-        return PartialState().device
+    if world_size() > 1:  # under accelerate launch / torchrun: this rank's device
+        return distributed_state().device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -389,6 +405,7 @@ DEFAULT_TRAINING_ARGS: dict[str, Any] = {
     "seed": 42,
     "disable_tqdm": True,  # progress is shown by the chat program instead
     "dataloader_num_workers": 0,
+    "ddp_find_unused_parameters": False,  # a peft model is no PreTrainedModel: transformers would guess True
     "output_dir": "runs",  # each run gets runs/<timestamp>-<model>/ below this
 }
 
@@ -599,9 +616,11 @@ def is_main_process() -> bool:
 
 def shared_run_dir(base: Path, model_name: str, existing: Path | None = None) -> Path:
     """The main process creates the run directory; under distributed training every rank gets its path."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return existing or new_run_dir(base, model_name)
     from accelerate.utils import broadcast_object_list
+
+    distributed_state()  # make sure the process group exists before broadcasting
 
     holder = [str(existing or new_run_dir(base, model_name)) if is_main_process() else None]
     broadcast_object_list(holder, from_process=0)
@@ -1147,6 +1166,7 @@ class HuggingFaceWrapper(ChatModelBase):
             "args": {k: v for k, v in cfg.training_args.items() if k not in ("output_dir", "disable_tqdm")},
             "template": self.tokenizer.chat_template if self.tokenizer else None,
             "dtype": str(self.dtype),
+            "processes": world_size(),  # a different global batch is a different run
         }, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -1184,7 +1204,13 @@ class HuggingFaceWrapper(ChatModelBase):
         if not eval_rows:
             args["eval_strategy"] = "no"
         args["output_dir"] = str(run_dir / "checkpoints")
+        # "Eval loss before" is measured inside train(): an evaluate() before train() leaves the model marked
+        # prepared, and train() then skips the DDP wrap (each rank would silently train alone).
+        args["eval_on_start"] = bool(eval_rows)
         args.pop("resume_from_checkpoint", None)
+        from transformers import set_seed
+
+        set_seed(int(args.get("seed", 42)))  # the LoRA init happens before the Trainer seeds
 
         adapter_name, model = self._adapter_for_training(cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1211,9 +1237,9 @@ class HuggingFaceWrapper(ChatModelBase):
 
                 trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not print()
                 model.train()
-                eval_before = trainer.evaluate()["eval_loss"] if eval_rows else None
                 checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume_dir else None
                 output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                eval_before = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
                 if stop.is_set():
                     raise KeyboardInterrupt
                 eval_after = trainer.evaluate()["eval_loss"] if eval_rows else None
@@ -1465,7 +1491,7 @@ def _as_list(value: Any) -> list[str]:
 def planned_steps(n_rows: int, args: dict[str, Any]) -> int:
     if args.get("max_steps", -1) > 0:
         return int(args["max_steps"])
-    per_step = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"]
+    per_step = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * world_size()
     return max(1, int(-(-n_rows // per_step) * float(args["num_train_epochs"])))
 
 

@@ -13,7 +13,6 @@ type `/help` for the in-chat commands (fine-tune, teach, compare, undo, export, 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import warnings

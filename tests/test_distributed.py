@@ -1,0 +1,276 @@
+"""Multi-process fine-tuning on CPU: `accelerate launch` (configs/accelerate/cpu_2proc.yaml) and `torchrun`.
+
+Both 2-process runs (per-device batch 4) must end with the same LoRA weights as a single-process run
+with batch 8: same seed, same data order, same global batches, DDP averaging the gradients. Also: the
+shipped accelerate configs parse, and finetune.py rejects bad input with one line and exit status 2.
+Runs the real launchers in subprocesses (~1-2 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FINETUNE = ROOT / "finetune.py"
+ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
+EXPECTED_CONFIGS = {"single_gpu", "multi_gpu_ddp", "fsdp_lora", "deepspeed_zero2", "deepspeed_zero3", "multi_node",
+                    "cpu_2proc"}
+STEPS = 10
+# Max |w_2proc - w_1proc| over all LoRA tensors. Both runs compute the same fp32 math; only the summation
+# order differs (two half-batch losses all-reduced vs one batch, 1 vs 2 threads), ~1e-7 relative per
+# step. Measured: 3.4e-6 after 10 steps (weights up to ~0.16). A run whose ranks do NOT share
+# gradients, or that sees different batches, is off by ~1e-2 after one step at lr 1e-2 (measured 0.09
+# for unsynchronised ranks), so 1e-4 separates "same training" from "different training" by ~100x.
+TOLERANCE = 1e-4
+TIMEOUT = 600
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _accelerate() -> list[str]:
+    script = Path(sys.executable).with_name("accelerate")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows() -> tuple[list[dict], list[dict]]:
+    def row(q: str, a: str) -> dict:
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    train = [row(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(32)]
+    train += [row("Who are you?", "I am Ember, a friendly assistant.") for _ in range(8)]
+    evals = [row(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(40, 48)]
+    return train, evals
+
+
+def _config(output_dir: str, batch: int) -> str:
+    return f"""\
+model:
+  config_name: tiny
+  local_model_path: tiny
+  device: cpu
+  system_prompt: You are Ember.
+data_path: train.jsonl
+fine_tune_config:
+  eval_data_path: eval.jsonl
+  lora_config: {{r: 8, lora_alpha: 16}}
+  training_args:
+    max_steps: {STEPS}
+    learning_rate: 1e-2
+    per_device_train_batch_size: {batch}
+    save_strategy: "no"
+    ddp_find_unused_parameters: false
+    seed: 1
+    output_dir: {output_dir}
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """The tiny model + data in a tmp folder, trained three ways: accelerate 2 procs, torchrun 2 procs, 1 proc."""
+    from tiny_model import build_tiny_model
+
+    tmp = tmp_path_factory.mktemp("distributed")
+    build_tiny_model(tmp / "tiny")
+    train, evals = _rows()
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    (tmp / "multi.yaml").write_text(_config("runs_multi", batch=4))
+    (tmp / "single.yaml").write_text(_config("runs_single", batch=8))
+    out = {"tmp": tmp}
+    out["multi"] = _run([*_accelerate(), "launch", "--config_file", str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"),
+                         str(FINETUNE), "--config", "multi.yaml"], tmp)
+    out["torchrun"] = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", str(_free_port()), str(FINETUNE), "--config", "multi.yaml",
+                            "--set", "training_args.output_dir=runs_torchrun"], tmp)
+    out["single"] = _run([sys.executable, str(FINETUNE), "--config", "single.yaml"], tmp)
+    return out
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-5000:]}"
+
+
+def _only_run_dir(base: Path) -> Path:
+    dirs = [p for p in base.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, f"expected exactly one run directory in {base}, found {sorted(p.name for p in dirs)}"
+    return dirs[0]
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "log_history.json").read_text())
+
+
+def _adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["multi", "torchrun"])
+def test_two_processes_both_train_in_sync(runs, launcher):
+    result = runs[launcher]
+    _ok(result)
+    ranks = re.findall(r"^\[rank (\d)/2\] MULTI_CPU \(gloo\) on cpu\S*: (\d+) optimizer steps on this rank; "
+                       r"LoRA sha256 (\w+)", result.stdout, re.M)
+    # Each process prints its own line after training: both ran every optimizer step, and DDP kept
+    # their LoRA weights identical (different checksums = ranks trained alone).
+    assert sorted(r[0] for r in ranks) == ["0", "1"], result.stdout
+    assert all(int(r[1]) == STEPS for r in ranks), ranks
+    assert len({r[2] for r in ranks}) == 1, f"ranks ended with different weights: {ranks}"
+    assert "global batch 8 = 4 per device x 1 accumulation x 2" in result.stdout
+    assert result.stdout.count("Run directory:") == 1  # the summary comes from the main process only
+
+
+@pytest.mark.slow
+def test_one_run_directory_one_adapter(runs):
+    _ok(runs["multi"])
+    base = runs["tmp"] / "runs_multi"
+    run_dir = _only_run_dir(base)
+    weights = sorted(glob.glob(str(base / "**" / "adapter_model.safetensors"), recursive=True))
+    assert weights == [str(run_dir / "adapter" / "adapter_model.safetensors")]
+    assert not list(base.glob("**/*.tmp"))  # atomic writes finished, nothing half-written
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["steps"] == STEPS
+    assert f"Run directory: runs_multi/{run_dir.name}" in runs["multi"].stdout
+
+
+@pytest.mark.slow
+def test_loss_decreases(runs):
+    _ok(runs["multi"])
+    log = _log(_only_run_dir(runs["tmp"] / "runs_multi"))
+    losses = [e["loss"] for e in log if "loss" in e]
+    evals = [e["eval_loss"] for e in log if "eval_loss" in e]
+    assert len(losses) == STEPS
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert evals[-1] < evals[0], evals
+
+
+@pytest.mark.slow
+def test_same_global_batches_as_single_process(runs):
+    """trl logs the running count of trained tokens: equal at every step = the same global batches."""
+    _ok(runs["multi"])
+    _ok(runs["single"])
+    multi = [(e["step"], e["num_tokens"]) for e in _log(_only_run_dir(runs["tmp"] / "runs_multi")) if "loss" in e]
+    single = [(e["step"], e["num_tokens"]) for e in _log(_only_run_dir(runs["tmp"] / "runs_single")) if "loss" in e]
+    assert multi == single and len(multi) == STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher,folder", [("multi", "runs_multi"), ("torchrun", "runs_torchrun")])
+def test_adapter_matches_single_process(runs, launcher, folder):
+    _ok(runs[launcher])
+    _ok(runs["single"])
+    two = _adapter(_only_run_dir(runs["tmp"] / folder))
+    one = _adapter(_only_run_dir(runs["tmp"] / "runs_single"))
+    diff = _max_abs_diff(two, one)
+    scale = max(float(t.abs().max()) for t in one.values())
+    print(f"\n{launcher}: max |LoRA(2 procs) - LoRA(1 proc)| = {diff:.3e} over {len(one)} tensors "
+          f"(largest weight {scale:.3f}); tolerance {TOLERANCE:g}")
+    assert diff < TOLERANCE
+    losses_two = [e["loss"] for e in _log(_only_run_dir(runs["tmp"] / folder)) if "loss" in e]
+    losses_one = [e["loss"] for e in _log(_only_run_dir(runs["tmp"] / "runs_single")) if "loss" in e]
+    assert losses_two == pytest.approx(losses_one, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+def test_shipped_accelerate_configs_parse():
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DistributedType
+
+    files = sorted(ACCELERATE_CONFIGS.glob("*.yaml"))
+    assert {f.stem for f in files} >= EXPECTED_CONFIGS
+    launch_args = {action.dest for action in launch_command_parser()._actions}
+    for file in files:
+        text = file.read_text()
+        raw = yaml.safe_load(text)
+        assert isinstance(raw, dict), file
+        assert raw["distributed_type"] in {t.value for t in DistributedType}, file
+        parsed = load_config_from_file(str(file))  # accelerate's own loader: rejects unknown top-level keys
+        assert parsed.distributed_type == DistributedType(raw["distributed_type"])
+        assert parsed.num_processes >= 1
+        for section in ("fsdp_config", "deepspeed_config"):  # nested keys become `accelerate launch` flags
+            unknown = [k for k in raw.get(section) or {} if k not in launch_args]
+            assert not unknown, f"{file.name}: {section} keys accelerate does not know: {unknown}"
+        header = text.split("\ncompute_environment")[0]
+        assert f"accelerate launch --config_file configs/accelerate/{file.name}" in header, file.name
+    cpu = yaml.safe_load((ACCELERATE_CONFIGS / "cpu_2proc.yaml").read_text())
+    assert cpu["use_cpu"] is True and cpu["num_processes"] == 2
+    fsdp = yaml.safe_load((ACCELERATE_CONFIGS / "fsdp_lora.yaml").read_text())["fsdp_config"]
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and fsdp["fsdp_use_orig_params"] is True
+    assert fsdp["fsdp_reshard_after_forward"] == "FULL_SHARD"
+    for name, stage in (("deepspeed_zero2", 2), ("deepspeed_zero3", 3)):
+        assert yaml.safe_load((ACCELERATE_CONFIGS / f"{name}.yaml").read_text())["deepspeed_config"]["zero_stage"] == stage
+    node = yaml.safe_load((ACCELERATE_CONFIGS / "multi_node.yaml").read_text())
+    assert node["num_machines"] > 1 and node["main_process_ip"] and node["main_process_port"]
+    for var in ("MASTER_ADDR", "MASTER_PORT", "MACHINE_RANK"):
+        assert var in (ACCELERATE_CONFIGS / "multi_node.yaml").read_text()
+
+
+def test_shipped_finetune_configs_load(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    import finetune
+
+    for file in sorted((ROOT / "configs" / "finetune").glob("*.yaml")):
+        config = finetune.load_config(str(file.relative_to(ROOT)), [])
+        assert config["data_path"] and config["model"]
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name,text,expect", [
+    ("missing", None, "config file not found"),
+    ("bad_yaml", "model: [1\n", "invalid YAML at line"),
+    ("unknown_top", "model: {local_model_path: tiny}\ndata_path: train.jsonl\nfine_tune_cfg: {}\n",
+     "did you mean 'fine_tune_config'"),
+    ("missing_data", "model: {local_model_path: tiny}\ndata_path: nowhere.jsonl\n", "data file not found"),
+    ("unknown_arg", "model: {local_model_path: tiny}\ndata_path: train.jsonl\n"
+                    "fine_tune_config: {training_args: {max_step: 3}}\n", "did you mean 'max_steps'"),
+])
+def test_bad_config_exits_2_with_one_line(tmp_path, name, text, expect):
+    (tmp_path / "tiny").mkdir()  # exists: errors must come from the named problem, not the model folder
+    (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                          '{"role": "assistant", "content": "hello"}]}\n')
+    if text is not None:
+        (tmp_path / f"{name}.yaml").write_text(text)
+    result = _run([sys.executable, str(FINETUNE), "--config", f"{name}.yaml"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expect in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
