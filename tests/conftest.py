@@ -19,7 +19,6 @@ for p in (str(ROOT), str(TESTS)):
         sys.path.insert(0, p)
 
 import pytest  # noqa: E402
-
 from helpers import fast_config, identity_rows, make_wrapper, write_jsonl  # noqa: E402
 
 

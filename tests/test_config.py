@@ -147,8 +147,11 @@ def test_cpu_device_settings_override_what_cpu_cannot_do():
 def test_bad_config_fails_before_the_model_is_loaded(tmp_path):
     # The folder does not exist: a config check that ran after loading would raise ModelLoadError instead.
     with pytest.raises(FineTuneConfigError, match="learning_rte"):
-        HuggingFaceWrapper(local_model_path=str(tmp_path / "missing"),
+        HuggingFaceWrapper(local_model_path=str(tmp_path / "missing"), data_path=str(tmp_path / "data.jsonl"),
                            fine_tune_config={"training_args": {"learning_rte": 1e-3}})
+    with pytest.raises(FineTuneConfigError, match="max_steps = 0"):
+        HuggingFaceWrapper(local_model_path=str(tmp_path / "missing"),
+                           fine_tune_config={"training_args": {"max_steps": 0}})
 
 
 def test_unknown_model_config_key_is_named_with_a_suggestion(tmp_path):
@@ -156,3 +159,14 @@ def test_unknown_model_config_key_is_named_with_a_suggestion(tmp_path):
         HuggingFaceWrapper(local_model_path=str(tmp_path / "missing"), max_lenght=16)
     assert "max_lenght" in str(info.value)
     assert "did you mean 'max_length'" in str(info.value)
+
+
+def test_unknown_training_key_is_caught_when_fine_tuning(tiny_model_dir, tmp_path, monkeypatch):
+    from helpers import identity_rows, make_wrapper, write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    wrapper = make_wrapper(tiny_model_dir, fine_tune_config={"training_args": {"output_dir": str(tmp_path / "runs"),
+                                                                               "learning_rte": 1e-3}})
+    with pytest.raises(FineTuneConfigError, match="did you mean 'learning_rate'"):
+        wrapper.fine_tune(str(write_jsonl(tmp_path / "a.jsonl", identity_rows())))
+    assert not (tmp_path / "runs").exists() and wrapper.active_adapter is None

@@ -115,3 +115,26 @@ def test_adapter_folder_loads_base_and_adapter(taught_adapter, tiny_model_dir):
     assert m.source.adapter == str(taught_adapter)
     assert m.active_adapter == "ft1" and list(m.adapters) == ["ft1"]
     assert m.hf_model.active_adapters == ["ft1"]
+
+
+def test_dtype_choice():
+    from huggingface_model import pick_dtype
+
+    cpu = torch.device("cpu")
+    assert pick_dtype(cpu) == torch.float32 and pick_dtype(cpu, "auto") == torch.float32
+    assert pick_dtype(cpu, "bf16") == torch.bfloat16
+    assert pick_dtype(cpu, "float16") == torch.float32  # fp16 on CPU is slow and unstable
+    with pytest.raises(ModelLoadError, match="Unknown dtype"):
+        pick_dtype(cpu, "float8")
+
+
+def test_token_comes_from_env_file_and_is_redacted(tmp_path, monkeypatch):
+    from huggingface_model import hf_token, redact
+
+    monkeypatch.setenv("HF_TOKEN", "placeholder")
+    monkeypatch.delenv("HF_TOKEN")  # restored to "unset" afterwards, even though load_dotenv sets it
+    monkeypatch.delenv("HUGGINGFACE_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("HF_TOKEN=hf_fromDotEnvFile123\n")
+    assert hf_token() == "hf_fromDotEnvFile123"
+    assert redact("token=hf_fromDotEnvFile123 end") == "token=*** end"

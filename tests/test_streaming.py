@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import pytest
 from agentscope.message import SystemMsg, UserMsg
 from agentscope.model import ChatResponse
 from helpers import SYSTEM_PROMPT, TAUGHT_ANSWER, TAUGHT_QUESTION, TINY_MAX_LENGTH, chat

