@@ -469,8 +469,11 @@ class FineTuneConfig:
             user_training_keys=set(args),
         )
         problems += resolved._range_problems()
+        if check_fields:
+            problems += _type_problems("lora_config", lora, _field_defaults("lora"))
+            problems += _type_problems("training_args", args, _field_defaults("sft"))
         if problems:
-            raise FineTuneConfigError("Invalid fine_tune_config:\n  - " + "\n  - ".join(problems))
+            raise FineTuneConfigError("Invalid fine_tune_config: " + "; ".join(problems) + ".")
         if device is not None:
             resolved.training_args.update(device_training_args(device, resolved.training_args, set(args)))
         return resolved
@@ -528,12 +531,40 @@ def _sft_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(SFTConfig)]
 
 
+def _field_defaults(which: str) -> dict[str, Any]:
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    cls = LoraConfig if which == "lora" else SFTConfig
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def _type_problems(where: str, given: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """A value whose type cannot be what the field's default is (e.g. warmup_steps="soon")."""
+    problems = []
+    for key, value in given.items():
+        default = defaults.get(key, dataclasses.MISSING)
+        if value is None or default is dataclasses.MISSING or default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            problems.append(f"{where}.{key} = {value!r}: must be {type(default).__name__} like the default {default!r}")
+    return problems
+
+
 def _unknown_keys(where: str, given: dict[str, Any], valid: list[str]) -> list[str]:
     problems = []
+    common = DEFAULT_LORA_CONFIG if where == "lora_config" else DEFAULT_TRAINING_ARGS
+    docs = "peft LoraConfig" if where == "lora_config" else "trl SFTConfig"
     for key in given:
         if key not in valid:
-            shown = ", ".join(sorted(valid)) if len(valid) < 40 else f"see {'peft LoraConfig' if where == 'lora_config' else 'trl SFTConfig'} ({len(valid)} fields)"
-            problems.append(f"unknown key {where}.{key}{_closest(key, valid)}; valid: {shown}")
+            problems.append(f"unknown key {where}.{key}{_closest(key, valid)}; common keys: {', '.join(common)} "
+                            f"(all {len(valid)} are the fields of {docs})")
     return problems
 
 
@@ -1181,7 +1212,6 @@ class HuggingFaceWrapper(ChatModelBase):
         if cfg.resume and resume_dir is None:
             logger.warning("resume=True but no interrupted run with the same model, data and config has a "
                            "checkpoint; starting a new run.")
-        run_dir = shared_run_dir(base_dir, self.model, resume_dir)
         args = dict(cfg.training_args)
         template = self.tokenizer.chat_template
         if args["assistant_only_loss"]:
@@ -1192,6 +1222,13 @@ class HuggingFaceWrapper(ChatModelBase):
         if too_long:
             logger.warning("%d of %d rows are longer than max_length=%s tokens and will be truncated.",
                            too_long, len(lengths), args["max_length"])
+            if too_long == len(lengths) and not args.get("padding_free") and all(
+                    self._prompt_length(r, template) >= args["max_length"] for r in train_rows):
+                raise FineTuneError(
+                    f"Every row's first answer starts after max_length={args['max_length']} tokens, so truncation "
+                    "would leave nothing to learn. Raise training_args.max_length (longest row: "
+                    f"{max(lengths)} tokens) or shorten the rows.")
+        run_dir = shared_run_dir(base_dir, self.model, resume_dir)
         if args.get("padding_free") is None:
             args["padding_free"] = too_long == 0 and self.device.type != "mps"
         if args["padding_free"]:
@@ -1242,7 +1279,11 @@ class HuggingFaceWrapper(ChatModelBase):
                 eval_before = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
                 if stop.is_set():
                     raise KeyboardInterrupt
-                eval_after = trainer.evaluate()["eval_loss"] if eval_rows else None
+                eval_after = None
+                if eval_rows:  # the final step's scheduled evaluation already measured it, else evaluate now
+                    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+                    done = evals and evals[-1].get("step") == trainer.state.global_step and len(evals) > 1
+                    eval_after = evals[-1]["eval_loss"] if done else trainer.evaluate()["eval_loss"]
             seconds = time.perf_counter() - started
             model.eval()
             adapter_dir = self._save_adapter(adapter_name, run_dir / "adapter")  # with the chat template
@@ -1306,6 +1347,13 @@ class HuggingFaceWrapper(ChatModelBase):
                       truncated=sum(n > max_length for n in lengths) if max_length else 0,
                       segments=segments, template_name="ChatML + generation markers" if template == CHATML_TEMPLATE
                       else "the tokenizer's own" if template == self.tokenizer.chat_template else "trl-patched")
+
+    def _prompt_length(self, row: Conversation, template: str | None) -> int:
+        """Tokens before the first assistant answer (what truncation must keep for any loss to remain)."""
+        first = next((i for i, m in enumerate(row) if m["role"] == "assistant"), len(row))
+        assert self.tokenizer is not None
+        return len(self.tokenizer.apply_chat_template(row[:first], chat_template=template, tokenize=True,
+                                                      add_generation_prompt=True)["input_ids"])
 
     # ---------------------------------------------------------------------------------------- adapters
 

@@ -95,10 +95,11 @@ def apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> dict[st
 
 def quiet_libraries() -> None:
     """Our log lines on stderr via rich; library chatter (progress bars, deprecations) off."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)])
     logging.getLogger("huggingface_model").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)

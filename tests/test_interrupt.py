@@ -282,7 +282,8 @@ def test_a_save_failing_half_way_leaves_no_adapter_folder_that_a_later_run_would
     assert find_completed_run(tmp_path / "runs", fingerprint) is None
     monkeypatch.undo()
     # A new session with the same data and config trains again instead of loading a broken adapter.
-    again = make_wrapper(wrapper.source.path, do_sample=False).fine_tune(str(data), config(tmp_path, save_strategy="no", max_steps=4))
+    fresh = make_wrapper(wrapper.source.path, do_sample=False)
+    again = fresh.fine_tune(str(data), config(tmp_path, save_strategy="no", max_steps=4))
     assert again.reused is False and again.run_dir != run_dir
 
 
