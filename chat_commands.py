@@ -64,7 +64,7 @@ HELP = [
     ("exit", "leave (also Ctrl-D)"),
 ]
 
-TRAIN_REPEATS = 8  # taught examples are repeated so a few of them weigh as much as the replayed data
+TRAIN_REPEATS = 8  # minimum repeats of each taught example (more when replayed data would outweigh them)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -358,12 +358,16 @@ class ChatSession:
         pairs = [p for p in args if not p.startswith("replay=")]
         replay = all(_parse_value(p.split("=", 1)[1]) is not False for p in args if p.startswith("replay="))
         taught_path = self._save_taught()
-        rows = [json.loads(line) for line in taught_path.read_text().splitlines()] * TRAIN_REPEATS
+        taught = [json.loads(line) for line in taught_path.read_text().splitlines()]
+        replayed: list[dict[str, Any]] = []
         configured = self.base_config.get("data_path")
         if replay and configured:
             from chat_data import load_chat_dataset
 
-            rows += [{"messages": r} for r in load_chat_dataset(configured).rows]
+            replayed = [{"messages": r} for r in load_chat_dataset(configured).rows]
+        # Taught rows make up at least half of the mix, so a few corrections are learned within one short run.
+        repeats = max(TRAIN_REPEATS, -(-len(replayed) // len(taught)))
+        rows = taught * repeats + replayed
         mix = taught_path.with_name(taught_path.stem + "-train.jsonl")
         mix.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         config = self._config_with(pairs)

@@ -398,7 +398,7 @@ DEFAULT_TRAINING_ARGS: dict[str, Any] = {
     "padding_free": None,  # None = on when every row fits `max_length` (same losses, ~1.5x faster)
     "activation_checkpointing": False,  # trl turns it on; small models train faster without it
     "logging_steps": 1,
-    "eval_strategy": "steps",  # eval_steps is set to give ~4 evaluations per run
+    "eval_strategy": "steps",  # eval_steps is set to evaluate before, halfway and at the end
     "save_strategy": "steps",  # save_steps is set to give ~2 checkpoints per run (for resume)
     "save_total_limit": 2,
     "report_to": "none",
@@ -1234,8 +1234,8 @@ class HuggingFaceWrapper(ChatModelBase):
         if args["padding_free"]:
             args["max_length"] = None  # rows were checked above; trl requires None without packing
         steps = planned_steps(len(train_rows), args)
-        if "eval_steps" not in cfg.user_training_keys:
-            args["eval_steps"] = max(1, steps // 4)
+        if "eval_steps" not in cfg.user_training_keys:  # before, halfway, at the end: enough for the curve
+            args["eval_steps"] = max(1, -(-steps // 2))
         if "save_steps" not in cfg.user_training_keys:
             args["save_steps"] = max(1, steps // 2)
         if not eval_rows:
