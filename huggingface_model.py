@@ -52,6 +52,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
+    TextStreamer,
 )
 
 from chat_data import ChatDataset, Conversation, load_chat_dataset, with_system_prompt
@@ -1044,15 +1045,15 @@ class HuggingFaceWrapper(ChatModelBase):
         if self.parameters.seed is not None:
             torch.manual_seed(self.parameters.seed)
 
-    def stream_text(self, messages: list[dict[str, str]], stop: threading.Event, **overrides: Any) -> tuple[
-        TextIteratorStreamer, threading.Thread, int
-    ]:
-        """Start generating in a thread; text pieces arrive on the returned streamer."""
+    def stream_text(self, messages: list[dict[str, str]], stop: threading.Event, streamer: Any = None,
+                    **overrides: Any) -> tuple[Any, threading.Thread, int]:
+        """Start generating in a thread; text pieces arrive on the returned streamer (an iterator by default)."""
         assert self.hf_model is not None and self.tokenizer is not None
         kwargs = self.generation_kwargs(**overrides)
         enc = self.encode(messages, kwargs["max_new_tokens"])
         kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.context_size - enc["input_ids"].shape[1])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        if streamer is None:
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(stop)])
         counter = _TokenCounter()
         kwargs["streamer"] = _Tee(streamer, counter)
@@ -1095,16 +1096,13 @@ class HuggingFaceWrapper(ChatModelBase):
     ]:
         started = time.perf_counter()
         stop = threading.Event()
-        streamer, thread, n_in = await asyncio.to_thread(self.stream_text, chat, stop, **overrides)
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        streamer = _AsyncQueueStreamer(self.tokenizer, asyncio.get_running_loop(), queue)
+        _, thread, n_in = await asyncio.to_thread(self.stream_text, chat, stop, streamer, **overrides)
         block_id = f"hf-{time.time_ns()}"
         response_id = f"reply-{time.time_ns()}"
-        pieces = iter(streamer)
-        sentinel = object()
         try:
-            while True:
-                piece = await asyncio.to_thread(next, pieces, sentinel)
-                if piece is sentinel:
-                    break
+            while (piece := await queue.get()) is not None:
                 if piece:
                     yield ChatResponse(content=[TextBlock(text=piece, id=block_id)], is_last=False, id=response_id)
             error = getattr(streamer, "error", None)
@@ -1583,6 +1581,20 @@ def _read_json(path: Path) -> dict[str, Any]:
 def latest_checkpoint(folder: Path) -> Path | None:
     checkpoints = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+
+
+class _AsyncQueueStreamer(TextStreamer):
+    """Hands decoded text from the generation thread straight to the event loop (no thread hop per token)."""
+
+    def __init__(self, tokenizer: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.loop, self.queue = loop, queue
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
+        if stream_end:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
 class _TokenCounter:
