@@ -1547,28 +1547,22 @@ def count_trained_tokens(trainer: Any) -> int:
     return int(counts[-1]) if counts else 0
 
 
-def find_completed_run(base_dir: Path, fingerprint: str) -> Path | None:
+def _runs_with(base_dir: Path, fingerprint: str) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Earlier run directories under `base_dir` with this fingerprint, newest first."""
     for run in sorted(base_dir.glob("*/run.json"), reverse=True):
-        try:
-            info = json.loads(run.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if info.get("fingerprint") == fingerprint and info.get("status") == "completed" and \
-                (run.parent / "adapter" / "adapter_config.json").exists():
-            return run.parent
-    return None
+        info = _read_json(run)
+        if info.get("fingerprint") == fingerprint:
+            yield run.parent, info
+
+
+def find_completed_run(base_dir: Path, fingerprint: str) -> Path | None:
+    return next((run for run, info in _runs_with(base_dir, fingerprint) if info.get("status") == "completed"
+                 and (run / "adapter" / "adapter_config.json").exists()), None)
 
 
 def find_resumable_run(base_dir: Path, fingerprint: str) -> Path | None:
-    for run in sorted(base_dir.glob("*/run.json"), reverse=True):
-        try:
-            info = json.loads(run.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if info.get("fingerprint") == fingerprint and info.get("status") in ("interrupted", "failed") and \
-                latest_checkpoint(run.parent / "checkpoints") is not None:
-            return run.parent
-    return None
+    return next((run for run, info in _runs_with(base_dir, fingerprint) if info.get("status") in
+                 ("interrupted", "failed") and latest_checkpoint(run / "checkpoints") is not None), None)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

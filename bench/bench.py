@@ -55,21 +55,9 @@ CHAT_PROMPT = "Explain in detail how a bicycle works, step by step."
 LORA_R, LORA_ALPHA, LEARNING_RATE, BATCH = 8, 16, 1e-3, 8
 HEAVY_TRAINING_MODULES = ("trl", "peft", "datasets")
 
-# ChatML with {% generation %} markers: the one template used to compute every variant's eval loss on
-# assistant tokens (+ their <|im_end|>). Both benchmarked models use ChatML; the worker checks that this
-# renders every eval row exactly like the model's own chat template.
-EVAL_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\n' -}}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
-    "{{- '\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
+# The eval loss of every variant is computed on assistant tokens (+ their <|im_end|>) with the project's ChatML
+# training template (huggingface_model.CHATML_TEMPLATE); the worker checks it renders every eval row exactly like
+# the model's own chat template.
 
 # Settings. "full" = `make bench`; "quick" = `make bench-quick`.
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
@@ -451,15 +439,17 @@ def assistant_eval_loss(model: Any, tokenizer: Any, rows: list[list[dict[str, st
     import torch
     import torch.nn.functional as F
 
+    from huggingface_model import CHATML_TEMPLATE
+
     was_training = model.training
     model.eval()
     nll, count, template_mismatch = 0.0, 0, 0
     with torch.no_grad():
         for row in rows:
             if tokenizer.apply_chat_template(row, tokenize=False) != \
-                    tokenizer.apply_chat_template(row, chat_template=EVAL_TEMPLATE, tokenize=False):
+                    tokenizer.apply_chat_template(row, chat_template=CHATML_TEMPLATE, tokenize=False):
                 template_mismatch += 1
-            enc = tokenizer.apply_chat_template(row, chat_template=EVAL_TEMPLATE, tokenize=True, return_dict=True,
+            enc = tokenizer.apply_chat_template(row, chat_template=CHATML_TEMPLATE, tokenize=True, return_dict=True,
                                                 return_assistant_tokens_mask=True)
             ids = torch.tensor([enc["input_ids"]])
             labels = ids.clone()
