@@ -498,14 +498,7 @@ def chat_session(wrapper, lines: list[Any]):
     from chat_commands import ChatSession
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 
-    feed = iter(lines)
-
-    def read(prompt: str) -> str:
-        item = next(feed, EOFError)
-        if isinstance(item, type) and issubclass(item, BaseException):
-            raise item
-        return item
-
+    read = scripted_input(lines)
     console, out = io.StringIO(), io.StringIO()
     agent = Finetune_DialogAgent(name="Assistant", sys_prompt="You are Ember.", model=wrapper)
     session = ChatSession(agent, UserAgent(input_fn=read), console=Console(file=console, width=400), out=out,
@@ -600,20 +593,25 @@ def test_api(case: Case, env: Env):
         assert snapshot(env.tmp) == before
 
 
+def scripted_input(lines: list[Any]) -> Any:
+    """An input() stand-in: returns the lines in turn, raises exception classes found among them, then EOFError."""
+    feed = iter(lines)
+
+    def read(prompt: str) -> str:
+        item = next(feed, EOFError)
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item
+        return item
+
+    return read
+
+
 def chat_api(case: Case, env: Env) -> None:
     """The chat-input rows in the Python API: UserAgent.read, and the wrapper's window handling."""
     from finetune_dialogagent import UserAgent
 
     def reader(lines: list[Any]) -> UserAgent:
-        feed = iter(lines)
-
-        def read(prompt: str) -> str:
-            item = next(feed, EOFError)
-            if isinstance(item, type) and issubclass(item, BaseException):
-                raise item
-            return item
-
-        return UserAgent(input_fn=read)
+        return UserAgent(input_fn=scripted_input(lines))
 
     if case.id == "chat-input-beyond-the-context-window":
         wrapper = make_wrapper(env.tiny, do_sample=False, max_length=4)

@@ -201,7 +201,8 @@ def test_new_run_dir_from_many_threads_at_once(tmp_path):
     assert len(made) == 60 and len(set(made)) == 60
 
 
-def test_existing_run_dir_of_the_same_second_is_not_touched(tmp_path, monkeypatch):
+def freeze_clock(monkeypatch) -> None:
+    """Every datetime.now() in huggingface_model returns the same second (2030-01-02 03:04:05)."""
     frozen = datetime(2030, 1, 2, 3, 4, 5)
 
     class FrozenClock(datetime):
@@ -210,6 +211,10 @@ def test_existing_run_dir_of_the_same_second_is_not_touched(tmp_path, monkeypatc
             return frozen
 
     monkeypatch.setattr(huggingface_model, "datetime", FrozenClock)
+
+
+def test_existing_run_dir_of_the_same_second_is_not_touched(tmp_path, monkeypatch):
+    freeze_clock(monkeypatch)
     base = tmp_path / "runs"
     existing = base / "20300102-030405-tiny"
     existing.mkdir(parents=True)
@@ -222,14 +227,7 @@ def test_existing_run_dir_of_the_same_second_is_not_touched(tmp_path, monkeypatc
 
 
 def test_two_forced_retrains_in_the_same_second_get_their_own_run_dirs(wrapper, data, tmp_path, monkeypatch):
-    frozen = datetime(2030, 1, 2, 3, 4, 5)
-
-    class FrozenClock(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return frozen
-
-    monkeypatch.setattr(huggingface_model, "datetime", FrozenClock)
+    freeze_clock(monkeypatch)
     cfg = {**config(tmp_path, save_strategy="no", max_steps=4), "force_retrain": True}
     first = wrapper.fine_tune(str(data), cfg)
     first_files = tree_digest(first.run_dir / "adapter")
