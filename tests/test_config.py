@@ -14,6 +14,7 @@ from huggingface_model import (
     FineTuneConfigError,
     HuggingFaceWrapper,
     ModelLoadError,
+    cpu_has_bf16,
     device_training_args,
 )
 
@@ -134,10 +135,10 @@ def test_non_dict_sections_are_rejected():
 
 
 def test_cpu_device_settings_override_what_cpu_cannot_do():
-    cfg = FineTuneConfig.from_dict({"training_args": {"bf16": True, "optim": "paged_adamw_8bit"}},
+    cfg = FineTuneConfig.from_dict({"training_args": {"fp16": True, "optim": "paged_adamw_8bit"}},
                                    device=torch.device("cpu"))
     assert cfg.training_args["use_cpu"] is True
-    assert cfg.training_args["bf16"] is False and cfg.training_args["fp16"] is False
+    assert cfg.training_args["fp16"] is False and cfg.training_args["bf16"] is cpu_has_bf16()
     assert cfg.training_args["optim"] == "adamw_torch"
     # A CPU-capable optimiser the user chose is kept.
     kept = device_training_args(torch.device("cpu"), {"optim": "sgd"}, {"optim"})
@@ -170,3 +171,19 @@ def test_unknown_training_key_is_caught_when_fine_tuning(tiny_model_dir, tmp_pat
     with pytest.raises(FineTuneConfigError, match="did you mean 'learning_rate'"):
         wrapper.fine_tune(str(write_jsonl(tmp_path / "a.jsonl", identity_rows())))
     assert not (tmp_path / "runs").exists() and wrapper.active_adapter is None
+
+
+def test_cpu_mixed_precision_follows_the_cpu_and_the_user(monkeypatch, caplog):
+    import huggingface_model
+
+    cpu, mps = torch.device("cpu"), torch.device("mps")
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(huggingface_model, "cpu_has_bf16", lambda: has_bf16)
+        assert device_training_args(cpu, {}, set())["bf16"] is has_bf16  # default: bf16 autocast iff native
+        assert device_training_args(cpu, {"bf16": False}, {"bf16"})["bf16"] is False  # the user's fp32 wins
+    caplog.clear()
+    assert device_training_args(cpu, {"bf16": True}, {"bf16"})["bf16"] is True  # honoured, but slow: warned
+    assert "slower than fp32" in caplog.text
+    caplog.clear()
+    out = device_training_args(mps, {"bf16": True, "fp16": True}, {"bf16", "fp16"})
+    assert out["bf16"] is False and out["fp16"] is False and "not supported for training on mps" in caplog.text

@@ -41,3 +41,42 @@ def test_trl_disables_cache_in_compute_loss():
     from trl import SFTTrainer
 
     assert 'inputs["use_cache"] = False' in inspect.getsource(SFTTrainer.compute_loss)
+
+
+def test_loss_positions_only_scores_answers_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """On CPU the fused LM head must project only the positions with a label (not all), with unchanged results."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from huggingface_model import loss_positions_only
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    add_fused_lm_head(model)
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 24))
+    labels = ids.clone()
+    labels[:, :18] = -100  # a prompt of 18 tokens, an answer of 6: 2 x 6 labelled positions after the shift
+    rows_scored = []
+    original_apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        rows_scored.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
+        return original_apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+
+    def loss_and_grad():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+        loss.backward()
+        return loss.detach(), model.get_output_embeddings().weight.grad.clone()
+
+    before = trl_utils._use_triton
+    loss_all, grad_all = loss_and_grad()
+    with loss_positions_only(torch.device("cpu")):
+        loss_compact, grad_compact = loss_and_grad()
+    assert trl_utils._use_triton is before  # restored
+    assert rows_scored == [2 * 23, 2 * 6]  # every shifted position, then only the labelled ones
+    assert torch.allclose(loss_all, loss_compact, atol=1e-6)
+    assert torch.allclose(grad_all, grad_compact, atol=1e-6)
