@@ -556,6 +556,13 @@ def _in_loop_overhead(events: list[tuple[str, float, float]], runtime: float) ->
             "in_loop_checkpoints": len(ck), "steps_only_s": max(1e-9, runtime - sum(ev) - sum(ck))}
 
 
+def cpu_bf16() -> bool:
+    """Same test as huggingface_model.cpu_has_bf16, without importing it (and AgentScope) into (a)/(b)."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def _finetune_plain_trl(folder: str, steps: int, out_dir: Path, train_rows: list, eval_rows: list, batch: int,
                         need_base: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A plain trl script: SFTTrainer + peft_config, trl defaults except what CPU needs and the listed settings."""
@@ -573,11 +580,14 @@ def _finetune_plain_trl(folder: str, steps: int, out_dir: Path, train_rows: list
     settings = {
         "per_device_train_batch_size": batch, "max_steps": steps, "learning_rate": LEARNING_RATE,
         "assistant_only_loss": False, "packing": False, "padding_free": False,
-        # CPU: trl's default bf16=True refuses to run; logging every step makes `num_tokens` exact at the end;
-        # no mid-run checkpoints (trl's save_steps=500 would not trigger in so few steps anyway).
-        "use_cpu": True, "bf16": False, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        # CPU: trl's default mixed precision (bf16 autocast) where the CPU has bf16 instructions, as (c) does,
+        # else fp32; logging every step makes `num_tokens` exact at the end; no mid-run checkpoints
+        # (trl's save_steps=500 would not trigger in so few steps anyway).
+        "use_cpu": True, "bf16": cpu_bf16(), "logging_steps": 1, "save_strategy": "no", "report_to": "none",
         "disable_tqdm": True, "output_dir": str(out_dir),
     }
+    if batch == 1:  # (a): the original example set gradient_checkpointing=False; trl would turn it on
+        settings["activation_checkpointing"] = False
     lora = {"r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "target_modules": "all-linear",
             "bias": "none", "task_type": "CAUSAL_LM"}
     t_setup = time.perf_counter()
@@ -783,13 +793,18 @@ def bench_finetune(model: str, folder: str, cfg: dict[str, Any], threads: int | 
         shutil.rmtree(vt, ignore_errors=True)
     out["descriptions"] = {
         "a": "original example's recipe: plain trl SFTTrainer, batch 1, full-sequence loss, padded, no "
-             "packing/padding-free, trl defaults otherwise (activation checkpointing ON, adamw_torch_fused)",
+             "packing/padding-free, no activation checkpointing (the original's gradient_checkpointing=False), mixed "
+             "precision (the original's fp16 on GPU; bf16 autocast on a CPU with bf16 instructions, else fp32), "
+             "trl defaults otherwise (adamw_torch_fused)",
         "b": f"plain trl SFTTrainer with our hyperparameters (lr {LEARNING_RATE}, LoRA r {LORA_R}/alpha "
              f"{LORA_ALPHA}, all-linear, batch {BATCH}); trl defaults otherwise: padded batches, full-sequence "
-             "loss, activation checkpointing ON (trl's default, kept), adamw_torch_fused",
+             "loss, activation checkpointing ON (trl's default, kept), adamw_torch_fused, bf16 autocast where the "
+             "CPU has bf16 instructions (trl's default)",
         "c": "HuggingFaceWrapper.fine_tune with the chat script's fine_tune_config (r 8/alpha 16, lr 1e-3, "
-             "batch 8) over DEFAULT_TRAINING_ARGS: assistant-only loss, padding-free, no activation "
-             "checkpointing, eval every steps//4 and a checkpoint every steps//2 (both inside train_runtime)",
+             "batch 8) over DEFAULT_TRAINING_ARGS: assistant-only loss (only those positions go through the LM "
+             "head), padding-free, no activation checkpointing, bf16 autocast where the CPU has bf16 "
+             "instructions, eval at the start, halfway and the end, checkpoints halfway and at the end (all inside "
+             "train_runtime)",
         "common": "same 102 training rows with the chat's system prompt, same optimiser steps, same seed (42); "
                   "tokens/s = trl's final `num_tokens` (non-padding tokens) / trainer train_runtime; eval loss = "
                   "bench's own token-weighted assistant-only cross-entropy (ChatML + <|im_end|>) on the 14 "
