@@ -35,7 +35,8 @@ Batch sizes are PER PROCESS: the global batch is per_device_train_batch_size x g
 x number of processes. Under `accelerate launch` / `torchrun` every process loads the model and trains
 its share of each batch; only the main process (rank 0) creates the run directory, writes run.json,
 log_history.json and the adapter, and prints the summary. Every process prints one `[rank i/N]` line at
-the end (optimizer steps it ran and a checksum of its LoRA weights: equal checksums = synchronised DDP).
+the end (optimizer steps it ran and a checksum of its LoRA weights: equal checksums = synchronised DDP;
+under FSDP / ZeRO-3 how many LoRA values its shard holds: all processes join in gathering the adapter).
 
 Exit status: 0 done, 2 bad input (missing file, bad YAML, unknown key, unusable data; one line on stderr),
 130 interrupted.
@@ -259,6 +260,18 @@ def check_ranks_agree(checksum: str) -> list[str]:
     return [str(c) for c in gathered]
 
 
+def local_lora_size(model: Any, adapter_name: str) -> int:
+    """How many of the adapter's LoRA values this process holds (its shard under FSDP / ZeRO-3)."""
+    held = 0
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." in name:
+            local = getattr(param, "ds_tensor", None)  # DeepSpeed ZeRO-3 partition
+            if local is None:
+                local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2 DTensor / FSDP1 view
+            held += local.numel()
+    return held
+
+
 def lora_checksum(model: Any, adapter_name: str) -> tuple[str, float]:
     """sha256 (first 12 hex digits) and sum of |w| over the adapter's LoRA tensors on this process."""
     import hashlib
@@ -310,7 +323,15 @@ def run(config: dict[str, Any]) -> int:
     quiet_libraries(main)
     model_cfg = config["model"]
     state = init_distributed(model_cfg.get("device"))
-    from huggingface_model import FineTuneConfig, HuggingFaceWrapper
+    from huggingface_model import FineTuneConfig, HuggingFaceWrapper, fsdp_requested
+
+    if state is not None and fsdp_requested() and state.device.type == "cpu" \
+            and os.environ.get("FSDP_SYNC_MODULE_STATES", "").lower() == "true":  # accelerate would raise a traceback
+        if main:
+            print("error: this accelerate config uses FSDP with fsdp_sync_module_states, which needs GPUs; accelerate "
+                  "does not run FSDP on CPU: use configs/accelerate/cpu_2proc.yaml here", file=sys.stderr, flush=True)
+        state.wait_for_everyone()  # the launcher stops every rank when one exits: rank 0 says why first
+        return 2
 
     ftc = config["fine_tune_config"]
     FineTuneConfig.from_dict(ftc)  # unknown keys / bad values: fail before loading the model
@@ -321,6 +342,8 @@ def run(config: dict[str, Any]) -> int:
     if main:
         global_batch = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * n_proc
         kind = str(state.distributed_type).split(".")[-1] if state is not None else "single process"
+        if state is not None and fsdp_requested():
+            kind += " with an FSDP config"  # accelerate switches to FSDP when the Trainer starts
         print(f"Model: {wrapper.model} on {wrapper.device} ({str(wrapper.dtype).replace('torch.', '')}); "
               f"{n_proc} process(es), {kind}; global batch {global_batch} = "
               f"{args['per_device_train_batch_size']} per device x {args['gradient_accumulation_steps']} "
@@ -349,12 +372,22 @@ def run(config: dict[str, Any]) -> int:
     seconds = time.perf_counter() - started
 
     if n_proc > 1:
-        checksum, magnitude = lora_checksum(wrapper.hf_model, result.adapter_name)
-        kind = str(state.distributed_type).split(".")[-1]
-        print(f"[rank {state.process_index}/{n_proc}] {kind} ({state.backend}) on {state.device}: "
-              f"{steps_here} optimizer steps on this rank; LoRA sha256 {checksum}, sum|w| {magnitude:.6f}",
-              flush=True)
-        everyone = check_ranks_agree(checksum) if kind.startswith("MULTI_") else [checksum]
+        kind = result.distributed_type or str(state.distributed_type).split(".")[-1]
+        where = (f"[rank {state.process_index}/{n_proc}] {kind} ({state.backend}) on {state.device}: "
+                 f"{steps_here} optimizer steps on this rank")
+        if main and fsdp_requested() and result.distributed_type and result.distributed_type != "FSDP":
+            print(f"warning: the accelerate config asks for FSDP but accelerate ran {kind}, which does not shard: "
+                  "this was plain data-parallel training (accelerate uses FSDP only on GPUs/accelerators).",
+                  file=sys.stderr, flush=True)
+        if result.sharded:  # each rank holds a different shard by design; the adapter was gathered to save it
+            held = local_lora_size(wrapper.hf_model, result.adapter_name)
+            print(f"{where}; LoRA sharded ({result.sharded}): this rank holds {held:,} of "
+                  f"{result.trainable_params:,} values; the saved adapter was gathered from all ranks", flush=True)
+            everyone = []
+        else:
+            checksum, magnitude = lora_checksum(wrapper.hf_model, result.adapter_name)
+            print(f"{where}; LoRA sha256 {checksum}, sum|w| {magnitude:.6f}", flush=True)
+            everyone = check_ranks_agree(checksum) if kind.startswith("MULTI_") else [checksum]
         if len(set(everyone)) > 1:  # replicated (DDP) training must end with identical weights everywhere
             if main:
                 print(f"error: the {n_proc} processes ended with different LoRA weights ({', '.join(everyone)}): "

@@ -139,6 +139,11 @@ def distributed_state() -> Any:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def fsdp_requested() -> bool:
+    """True in processes started by `accelerate launch` with an FSDP config (it sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """An explicit device wins; otherwise cuda > mps > cpu."""
     if device:
@@ -184,14 +189,22 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return torch.float32
 
 
-def build_bnb_config(quantization: str, compute_dtype: torch.dtype) -> Any:
-    """QLoRA settings: NF4 with double quantisation (4bit), or LLM.int8 (8bit)."""
+def build_bnb_config(quantization: str, compute_dtype: torch.dtype, fsdp: bool = False) -> Any:
+    """QLoRA settings: NF4 with double quantisation (4bit), or LLM.int8 (8bit).
+
+    With `fsdp` the 4-bit codes are stored in `compute_dtype` (bnb_4bit_quant_storage) instead of uint8:
+    FSDP shards only floating-point tensors, and all tensors of one FSDP unit must share a dtype.
+    """
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
+        storage = {"bnb_4bit_quant_storage": compute_dtype} if fsdp else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **storage)
     if quantization == "8bit":
+        if fsdp:
+            raise ModelLoadError("quantization=\"8bit\" cannot be sharded by FSDP (its weights are int8); use "
+                                 "\"4bit\" with FSDP, or 8bit with multi_gpu_ddp.yaml.")
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ModelLoadError(f"quantization must be \"4bit\", \"8bit\" or None, got {quantization!r}.")
 
@@ -212,7 +225,7 @@ def quantization_config(quantization: str | None, device: torch.device) -> Any:
     except ImportError as e:
         raise ModelLoadError("quantization needs bitsandbytes: pip install bitsandbytes") from e
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return build_bnb_config(quantization, compute)
+    return build_bnb_config(quantization, compute, fsdp=fsdp_requested())
 
 
 # =============================================================================================
@@ -764,6 +777,8 @@ class FineTuneResult:
     data: ChatDataset | None = None
     eval_rows: list[Conversation] = field(default_factory=list)
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    distributed_type: str | None = None  # accelerate's, as the Trainer ran: "MULTI_GPU", "FSDP", ...; None = 1 process
+    sharded: str | None = None  # "FSDP" / "DeepSpeed ZeRO-3": each process holds only a shard of the weights
 
     @property
     def tokens_per_second(self) -> float:
@@ -944,6 +959,7 @@ class HuggingFaceWrapper(ChatModelBase):
         self.active_adapter: str | None = None
         self.adapter_stack: list[str | None] = []  # previously active adapters, for /undo
         self.last_result: FineTuneResult | None = None
+        self.sharded_by: str | None = None  # set after FSDP / ZeRO-3 training: the weights in memory are shards
         self._generate_lock = threading.Lock()
 
         self.load_model(model_id, local_model_path)
@@ -1035,11 +1051,19 @@ class HuggingFaceWrapper(ChatModelBase):
         model = self.hf_model
         return model.get_base_model() if is_peft_model(model) else model  # type: ignore[union-attr,return-value]
 
+    def _require_whole_weights(self, action: str) -> None:
+        """Refuse to run the model on one process after sharded training: its layers hold only this rank's shard."""
+        if self.sharded_by:
+            where = self.last_result.adapter_dir if self.last_result else "the run's adapter folder"
+            raise FineTuneError(f"Cannot {action}: after {self.sharded_by} training this process holds only a shard "
+                                f"of the weights. Load the saved adapter in a new process: --local-model-path {where}")
+
     # ---------------------------------------------------------------------------------------- generation
 
     def encode(self, messages: list[dict[str, str]], max_new_tokens: int) -> dict[str, torch.Tensor]:
         """Render with the chat template; leave out the oldest turns if the prompt would not fit the window."""
         assert self.tokenizer is not None
+        self._require_whole_weights("generate")
         # Keep at least half the window for the prompt, whatever max_new_tokens asks for.
         budget = self.context_size - min(max_new_tokens, self.context_size // 2)
         system = messages[:1] if messages and messages[0]["role"] == "system" else []
@@ -1204,6 +1228,7 @@ class HuggingFaceWrapper(ChatModelBase):
         one stays available for `use_adapter`/`undo`); nothing stacks. An identical earlier run (same
         base, data, config, system prompt) is reused unless `force_retrain` is set.
         """
+        self._require_whole_weights("fine-tune again")
         data_path = data_path or self.data_path
         if not data_path:
             raise FineTuneError("No data to fine-tune on: give data_path (a .jsonl/.json/.csv/.parquet file or hub id).")
@@ -1336,6 +1361,7 @@ class HuggingFaceWrapper(ChatModelBase):
 
                 trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not print()
                 model.train()
+                self.sharded_by = sharded_training(trainer)  # from here on the layers may hold shards only
                 checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume_dir else None
                 output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
                 eval_before = next((e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e), None)
@@ -1348,10 +1374,13 @@ class HuggingFaceWrapper(ChatModelBase):
                     eval_after = evals[-1]["eval_loss"] if done else trainer.evaluate()["eval_loss"]
             seconds = time.perf_counter() - started
             model.eval()
-            adapter_dir = self._save_adapter(adapter_name, run_dir / "adapter")  # with the chat template
+            # Under FSDP / ZeRO-3 every process joins in gathering the whole adapter; the main process writes it.
+            weights = gather_trained_weights(trainer, self.sharded_by)
+            adapter_dir = self._save_adapter(adapter_name, run_dir / "adapter", weights)  # with the chat template
         except (KeyboardInterrupt, Exception) as e:  # clean up, record, re-raise
             model.eval()
-            self._discard_adapter(adapter_name, previous)
+            if not self.sharded_by:  # sharded layers stay unusable in this process anyway (see _require_whole_weights)
+                self._discard_adapter(adapter_name, previous)
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             write_json_atomic(run_dir / "run.json", {**_read_json(run_dir / "run.json"),
                                                      "status": status, "error": redact(repr(e))[:500],
@@ -1371,6 +1400,8 @@ class HuggingFaceWrapper(ChatModelBase):
             train_loss=output.training_loss, eval_loss_before=eval_before, eval_loss_after=eval_after,
             seconds=seconds, steps=output.global_step, train_tokens=train_tokens, trainable_params=trainable,
             data=data, eval_rows=eval_rows, log_history=log_history,
+            distributed_type=str(trainer.accelerator.distributed_type).split(".")[-1] if world_size() > 1 else None,
+            sharded=self.sharded_by,
         )
         write_json_atomic(run_dir / "run.json", {
             **_read_json(run_dir / "run.json"), "status": "completed",
@@ -1441,11 +1472,15 @@ class HuggingFaceWrapper(ChatModelBase):
         except (TypeError, ValueError) as e:
             raise FineTuneConfigError(f"Invalid lora_config: {e}") from e
         if not isinstance(self.hf_model, PeftModel):
-            if self.bnb_config is not None:
+            # QLoRA under FSDP: one dtype per FSDP unit, so keep norms and LoRA weights in the storage dtype
+            # (no fp32 upcasts), as trl does for sharded QLoRA.
+            sharded_qlora = self.bnb_config is not None and fsdp_requested()
+            if self.bnb_config is not None and not sharded_qlora:
                 from peft import prepare_model_for_kbit_training
 
                 self.hf_model = prepare_model_for_kbit_training(self.hf_model, use_gradient_checkpointing=False)
-            self.hf_model = get_peft_model(self.hf_model, lora, adapter_name=name)
+            self.hf_model = get_peft_model(self.hf_model, lora, adapter_name=name,
+                                           autocast_adapter_dtype=not sharded_qlora)
         else:
             self.hf_model.add_adapter(name, lora)
             if self.active_adapter is not None:
@@ -1475,15 +1510,22 @@ class HuggingFaceWrapper(ChatModelBase):
             self.hf_model.eval()
         self._activate(previous, remember=False)
 
-    def _save_adapter(self, name: str, dest: Path) -> Path:
-        """Write adapter + tokenizer to a temporary folder, then rename: no half-written adapter ever loads."""
+    def _save_adapter(self, name: str, dest: Path, weights: dict[str, Any] | None = None) -> Path:
+        """Write adapter + tokenizer to a temporary folder, then rename: no half-written adapter ever loads.
+
+        `weights`: the gathered state dict after sharded training (`gather_trained_weights`); by default the
+        adapter is read from this process's module, which holds it whole (one process, DDP, ZeRO-2).
+        """
         model = self._peft()
         if not is_main_process():
             return dest
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            model.save_pretrained(tmp, selected_adapters=[name])
+            if weights is None:
+                model.save_pretrained(tmp, selected_adapters=[name])
+            else:  # gathered names are clean; FSDP1's module names are not, so peft saves from a clean copy
+                self._unwrapped_skeleton(name).save_pretrained(str(tmp), selected_adapters=[name], state_dict=weights)
             nested = tmp / name
             if nested.is_dir():  # peft nests non-"default" adapters in a subfolder
                 for item in nested.iterdir():
@@ -1498,6 +1540,21 @@ class HuggingFaceWrapper(ChatModelBase):
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
+    def _unwrapped_skeleton(self, name: str) -> PeftModel:
+        """The model with adapter `name` as a single process builds it, on the meta device (no memory, no weights).
+
+        peft picks an adapter's tensors by the names of the model's modules. FSDP1 inserts
+        `_fsdp_wrapped_module.` into the names of the layers it wraps and peft 0.21 removes only a leading
+        one, so saving gathered (clean-named) weights from the wrapped model writes an empty adapter.
+        """
+        from peft import get_peft_model
+
+        base = self._base_model()
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(base.config, trust_remote_code=self.trust_remote_code)
+        skeleton.name_or_path = base.name_or_path  # recorded as the adapter's base model
+        return get_peft_model(skeleton, copy.deepcopy(self._peft().peft_config[name]), adapter_name=name)
+
     def load_adapter(self, path: str | Path, note: str = "loaded") -> AdapterRecord:
         """Load a LoRA adapter folder on top of the current base model and make it active."""
         from peft import PeftModel
@@ -1505,6 +1562,7 @@ class HuggingFaceWrapper(ChatModelBase):
         path = Path(path).expanduser()
         if not (path / "adapter_config.json").exists():
             raise ModelLoadError(f"{path} is not an adapter folder (no adapter_config.json).")
+        self._require_whole_weights("load an adapter")
         name = self._next_adapter_name()
         try:
             if isinstance(self.hf_model, PeftModel):
@@ -1564,6 +1622,7 @@ class HuggingFaceWrapper(ChatModelBase):
 
     def export_merged(self, dest: str | Path) -> Path:
         """Write base + active adapter merged into one model folder loadable by `from_pretrained`."""
+        self._require_whole_weights("merge")
         if self.active_adapter is None:
             raise FineTuneError("No adapter is active: there is nothing to merge. Use /save for the base model.")
         if self.bnb_config is not None:
@@ -1603,6 +1662,38 @@ def planned_steps(n_rows: int, args: dict[str, Any]) -> int:
         return int(args["max_steps"])
     per_step = args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * world_size()
     return max(1, int(-(-n_rows // per_step) * float(args["num_train_epochs"])))
+
+
+def sharded_training(trainer: Any) -> str | None:
+    """How the trainer splits the weights across processes ("FSDP", "DeepSpeed ZeRO-3"); None when it does not."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and plugin is not None and plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def gather_trained_weights(trainer: Any, sharded: str | None) -> dict[str, Any] | None:
+    """After sharded training: the trained weights, whole, on the main process (from GPUs: empty dict elsewhere).
+
+    Collective: every process must call it. FSDP (versions 1 and 2) keeps only the tensors that require
+    grad (the LoRA matrices being trained): FSDP2 gathers just those; FSDP1 first collects the full
+    state dict (from GPUs: into rank 0's CPU RAM, as Trainer.save_model does) and then drops the rest.
+    ZeRO-3 goes through accelerate, which consolidates the 16-bit model on rank 0
+    (`zero3_save_16bit_model: true`). None when nothing is sharded: every process holds the whole adapter.
+    """
+    if sharded is None:
+        return None
+    if sharded == "FSDP":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # cpu_offload (copy to CPU RAM, rank 0 only) only from GPUs: with the weights already on the CPU,
+        # FSDP1's offload path clones freed memory and segfaults (torch 2.13).
+        on_gpu = trainer.accelerator.device.type != "cpu"
+        options = StateDictOptions(full_state_dict=True, cpu_offload=on_gpu, ignore_frozen_params=True)
+        return get_model_state_dict(trainer.model_wrapped, options=options)
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
 def count_trained_tokens(trainer: Any) -> int:

@@ -35,8 +35,14 @@ import pytest
 from helpers import identity_rows, make_wrapper, write_jsonl
 
 from chat_data import DatasetFormatError, load_chat_dataset
-from huggingface_model import (CHATML_TEMPLATE, FineTuneConfig, FineTuneConfigError, FineTuneError, ModelLoadError,
-                               cpu_has_bf16)
+from huggingface_model import (
+    CHATML_TEMPLATE,
+    FineTuneConfig,
+    FineTuneConfigError,
+    FineTuneError,
+    ModelLoadError,
+    cpu_has_bf16,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "load_finetune_huggingface_model.py"

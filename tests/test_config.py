@@ -178,7 +178,7 @@ def test_cpu_mixed_precision_follows_the_cpu_and_the_user(monkeypatch, caplog):
 
     cpu, mps = torch.device("cpu"), torch.device("mps")
     for has_bf16 in (True, False):
-        monkeypatch.setattr(huggingface_model, "cpu_has_bf16", lambda: has_bf16)
+        monkeypatch.setattr(huggingface_model, "cpu_has_bf16", lambda value=has_bf16: value)
         assert device_training_args(cpu, {}, set())["bf16"] is has_bf16  # default: bf16 autocast iff native
         assert device_training_args(cpu, {"bf16": False}, {"bf16"})["bf16"] is False  # the user's fp32 wins
     caplog.clear()

@@ -1,9 +1,11 @@
 """Multi-process fine-tuning on CPU: `accelerate launch` (configs/accelerate/cpu_2proc.yaml) and `torchrun`.
 
 Both 2-process runs (per-device batch 4) must end with the same LoRA weights as a single-process run
-with batch 8: same seed, same data order, same global batches, DDP averaging the gradients. Also: the
-shipped accelerate configs parse, and finetune.py rejects bad input with one line and exit status 2.
-Runs the real launchers in subprocesses (~1-2 minutes on 2 CPU cores).
+with batch 8: same seed, same data order, same global batches, DDP averaging the gradients. FSDP full
+sharding (versions 1 and 2, the shipped fsdp_lora.yaml made CPU-ready) must shard the LoRA weights and
+still save the whole adapter, equal to the same single-process run. Also: the shipped accelerate configs
+parse, and finetune.py rejects bad input with one line and exit status 2.
+Runs the real launchers in subprocesses (~2-3 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FINETUNE = ROOT / "finetune.py"
+FSDP_ON_CPU = Path(__file__).resolve().parent / "fsdp_on_cpu.py"  # accelerate never picks FSDP on CPU by itself
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
 EXPECTED_CONFIGS = {"single_gpu", "multi_gpu_ddp", "fsdp_lora", "deepspeed_zero2", "deepspeed_zero3", "multi_node",
                     "cpu_2proc"}
@@ -201,6 +204,155 @@ def test_adapter_matches_single_process(runs, launcher, folder):
     losses_two = [e["loss"] for e in _log(_only_run_dir(runs["tmp"] / folder)) if "loss" in e]
     losses_one = [e["loss"] for e in _log(_only_run_dir(runs["tmp"] / "runs_single")) if "loss" in e]
     assert losses_two == pytest.approx(losses_one, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP
+
+
+def _cpu_fsdp_config(version: int, sync_module_states: bool = False) -> str:
+    """configs/accelerate/fsdp_lora.yaml with only what CPU processes need changed."""
+    import yaml
+
+    config = yaml.safe_load((ACCELERATE_CONFIGS / "fsdp_lora.yaml").read_text())
+    config.update(use_cpu=True, mixed_precision="no")
+    fsdp = config["fsdp_config"]
+    fsdp["fsdp_version"] = version
+    # accelerate builds the sync's param_init_fn for GPU-like devices only; every rank loads the same
+    # weights from disk and seeds the LoRA init the same, so nothing needs broadcasting here.
+    fsdp["fsdp_sync_module_states"] = sync_module_states
+    if version == 2:
+        fsdp["fsdp_reshard_after_forward"] = True  # FSDP2's spelling of FULL_SHARD
+    return yaml.safe_dump(config)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["fsdp1", "fsdp2"])
+def fsdp(request, runs) -> dict:
+    """The 2-process run of `runs`, under FSDP full sharding (torch FSDP1 / FSDP2 over gloo)."""
+    tmp, version = runs["tmp"], request.param
+    (tmp / f"fsdp{version}.yaml").write_text(_cpu_fsdp_config(version))
+    folder = f"runs_fsdp{version}"
+    result = _run([*_accelerate(), "launch", "--config_file", f"fsdp{version}.yaml", str(FSDP_ON_CPU),
+                   str(FINETUNE), "--config", "multi.yaml", "--set", f"training_args.output_dir={folder}"], tmp)
+    return {"result": result, "base": tmp / folder, "folder": folder, "version": version}
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_lora_weights(fsdp):
+    result = fsdp["result"]
+    _ok(result)
+    ranks = re.findall(r"^\[rank (\d)/2\] FSDP \(gloo\) on cpu: (\d+) optimizer steps on this rank; "
+                       r"LoRA sharded \(FSDP\): this rank holds ([\d,]+) of ([\d,]+) values", result.stdout, re.M)
+    assert sorted(r[0] for r in ranks) == ["0", "1"], result.stdout
+    assert all(int(r[1]) == STEPS for r in ranks), ranks
+    held = [int(r[2].replace(",", "")) for r in ranks]
+    total = int(ranks[0][3].replace(",", ""))
+    # Each rank holds a part of every LoRA matrix after training, together all of it: really sharded.
+    assert sum(held) == total and max(held) < total, ranks
+    assert "accelerate ran" not in result.stderr  # no "FSDP requested but not used" warning
+
+
+@pytest.mark.slow
+def test_fsdp_one_run_directory_one_adapter_loss_decreases(fsdp):
+    _ok(fsdp["result"])
+    run_dir = _only_run_dir(fsdp["base"])
+    weights = sorted(glob.glob(str(fsdp["base"] / "**" / "adapter_model.safetensors"), recursive=True))
+    assert weights == [str(run_dir / "adapter" / "adapter_model.safetensors")]
+    assert not list(fsdp["base"].glob("**/*.tmp"))
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["steps"] == STEPS
+    assert fsdp["result"].stdout.count("Run directory:") == 1
+    log = _log(run_dir)
+    losses = [e["loss"] for e in log if "loss" in e]
+    evals = [e["eval_loss"] for e in log if "eval_loss" in e]
+    assert len(losses) == STEPS and losses[-1] < 0.5 * losses[0], losses
+    assert evals[-1] < evals[0], evals
+
+
+@pytest.mark.slow
+def test_fsdp_adapter_matches_single_process(fsdp, runs):
+    """The gathered adapter is the whole adapter: every tensor, equal to one process with the same global batch.
+
+    Same math as the DDP runs (FSDP reduce-scatters the same averaged gradients), so the same TOLERANCE:
+    measured 3.4e-6 for FSDP1 and FSDP2. An adapter saved from rank 0's shard would miss half of
+    every matrix (or, with peft's names under FSDP1, every tensor).
+    """
+    _ok(fsdp["result"])
+    _ok(runs["single"])
+    run_dir, single_dir = _only_run_dir(fsdp["base"]), _only_run_dir(runs["tmp"] / "runs_single")
+    sharded, one = _adapter(run_dir), _adapter(single_dir)
+    assert sorted(sharded) == sorted(one)
+    assert all(sharded[k].shape == one[k].shape for k in one)
+    diff = _max_abs_diff(sharded, one)
+    print(f"\nFSDP{fsdp['version']}: max |LoRA(2 procs, sharded) - LoRA(1 proc)| = {diff:.3e} over {len(one)} "
+          f"tensors; tolerance {TOLERANCE:g}")
+    assert diff < TOLERANCE
+    losses_two = [e["loss"] for e in _log(run_dir) if "loss" in e]
+    losses_one = [e["loss"] for e in _log(single_dir) if "loss" in e]
+    assert losses_two == pytest.approx(losses_one, abs=1e-4)
+
+    def config(folder: Path) -> dict:
+        data = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+        return {**data, "target_modules": sorted(data["target_modules"])}
+
+    assert config(run_dir) == config(single_dir)  # same base model path, rank, targets: loads the same way
+
+
+@pytest.mark.slow
+def test_fsdp_adapter_loads_in_the_chat(fsdp, runs, monkeypatch):
+    from helpers import chat, make_wrapper
+    from peft import get_peft_model_state_dict
+
+    _ok(fsdp["result"])
+    monkeypatch.chdir(runs["tmp"])  # the adapter names its base as the run did: the relative folder `tiny`
+    adapter = _only_run_dir(fsdp["base"]) / "adapter"
+    wrapper = make_wrapper(adapter, do_sample=False)
+    assert wrapper.source.adapter == str(adapter) and wrapper.active_adapter
+    loaded = get_peft_model_state_dict(wrapper.hf_model, adapter_name=wrapper.active_adapter)
+    assert _max_abs_diff(loaded, _adapter(adapter.parent)) == 0.0
+    tuned = wrapper.generate(chat("What is 3 plus 3?"))
+    with wrapper.adapter_disabled():
+        base = wrapper.generate(chat("What is 3 plus 3?"))
+    assert tuned != base and tuned.startswith("It is"), (tuned, base)
+
+
+@pytest.mark.slow
+def test_fsdp_config_on_cpu_without_gpu_says_what_ran(runs):
+    """Plain `accelerate launch` of an FSDP config on CPU trains data-parallel; finetune.py says so on stderr."""
+    tmp = runs["tmp"]
+    (tmp / "fsdp_plain.yaml").write_text(_cpu_fsdp_config(1))
+    result = _run([*_accelerate(), "launch", "--config_file", "fsdp_plain.yaml", str(FINETUNE), "--config",
+                   "multi.yaml", "--set", "training_args.output_dir=runs_fsdp_plain", "--set",
+                   "training_args.max_steps=2"], tmp)
+    _ok(result)
+    assert re.search(r"^\[rank 0/2\] MULTI_CPU \(gloo\).*LoRA sha256", result.stdout, re.M), result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "asks for FSDP but accelerate ran MULTI_CPU" in warnings[0], result.stderr
+
+
+@pytest.mark.slow
+def test_shipped_fsdp_config_on_cpu_fails_in_one_line(runs):
+    """fsdp_lora.yaml (sync_module_states) cannot run without GPUs: one clear line before loading anything."""
+    result = _run([*_accelerate(), "launch", "--config_file", str(ACCELERATE_CONFIGS / "fsdp_lora.yaml"),
+                   str(FINETUNE), "--config", "multi.yaml", "--set", "training_args.output_dir=runs_fsdp_gpu"],
+                  runs["tmp"])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "needs GPUs" in errors[0] and "cpu_2proc.yaml" in errors[0], result.stderr
+    assert "[rank0]" not in result.stderr  # no traceback from inside the processes (the launcher adds its own)
+    assert not (runs["tmp"] / "runs_fsdp_gpu").exists()
+
+
+def test_after_sharded_training_the_wrapper_refuses_to_run_the_shards(tiny_wrapper, tmp_path):
+    """After FSDP / ZeRO-3 training (`_train` sets `sharded_by`) only the saved adapter is usable: say so."""
+    from helpers import chat
+
+    from huggingface_model import FineTuneError
+
+    tiny_wrapper.sharded_by = "FSDP"
+    for action in (lambda: tiny_wrapper.generate(chat()), lambda: tiny_wrapper.fine_tune("x.jsonl", {}),
+                   lambda: tiny_wrapper.export_merged(tmp_path / "merged")):
+        with pytest.raises(FineTuneError, match="holds only a shard of the weights.*--local-model-path"):
+            action()
 
 
 # ------------------------------------------------------------------------------------------- configs

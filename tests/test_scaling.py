@@ -31,6 +31,34 @@ def test_4bit_is_nf4_with_double_quant_and_compute_dtype():
     assert build_bnb_config("4bit", torch.float16).bnb_4bit_compute_dtype == torch.float16
 
 
+def test_4bit_under_fsdp_stores_codes_in_the_compute_dtype():
+    """FSDP shards only float tensors of one dtype per unit: NF4 codes go in bf16/fp16 storage, not uint8."""
+    assert build_bnb_config("4bit", torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+    assert build_bnb_config("4bit", torch.bfloat16, fsdp=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert build_bnb_config("4bit", torch.float16, fsdp=True).bnb_4bit_quant_storage == torch.float16
+    with pytest.raises(ModelLoadError, match="cannot be sharded by FSDP"):
+        build_bnb_config("8bit", torch.bfloat16, fsdp=True)
+
+
+def test_quantization_config_follows_an_fsdp_launch(monkeypatch):
+    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP in every process; the model's config follows.
+
+    Only the CUDA checks are stubbed (this machine has no GPU and no bitsandbytes); nothing is loaded.
+    """
+    import types
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert quantization_config("4bit", cuda).bnb_4bit_quant_storage == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    config = quantization_config("4bit", cuda)
+    assert config.bnb_4bit_quant_storage == torch.bfloat16 == config.bnb_4bit_compute_dtype
+    with pytest.raises(ModelLoadError, match="FSDP"):
+        quantization_config("8bit", cuda)
+
+
 def test_8bit_is_llm_int8():
     config = build_bnb_config("8bit", torch.bfloat16)
     assert config.load_in_8bit is True and config.load_in_4bit is False
