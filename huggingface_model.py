@@ -689,8 +689,8 @@ def loss_positions_only(device: torch.device) -> Iterator[None]:
     trl projects every position through the LM head except on Triton devices (fixed tile shapes keep
     compilers such as Neuron from recompiling). Eager CPU has nothing to recompile, and with
     assistant-only loss most positions are prompt tokens: scoring only the answers gives the same loss and
-    gradients with ~1.6x the training tokens/s (bench/README.md). trl's kernel keeps its own reference to
-    the check, so only this decision changes; restored on exit.
+    gradients (SmolLM2-135M, 2 cores: 224 instead of 135 tokens/s, identical losses). trl's kernel keeps its
+    own reference to the check, so only this decision changes; restored on exit.
     """
     import trl.trainer.utils as trl_utils
 

@@ -45,7 +45,7 @@ model_configs: list[dict[str, Any]] = [
             "eval_data_path": str(HERE / "data" / "ember_eval.jsonl"),  # held-out rows for eval loss
             "lora_config": {"r": 8, "lora_alpha": 16},  # LoRA rank and scale, all linear layers
             "training_args": {
-                "max_steps": 18,  # a short demo run (~60 s on 2 CPU cores); -1 = use num_train_epochs
+                "max_steps": 18,  # a short demo run (~35 s on 2 CPU cores); -1 = use num_train_epochs
                 "learning_rate": 1e-3,  # high, because the run is short
                 "per_device_train_batch_size": 8,
                 "output_dir": "runs",  # each run: runs/<timestamp>-<model>/ under the current folder
