@@ -337,6 +337,8 @@ def run(config: dict[str, Any]) -> int:
     FineTuneConfig.from_dict(ftc)  # unknown keys / bad values: fail before loading the model
     wrapper = HuggingFaceWrapper.from_config({**model_cfg, "data_path": None, "fine_tune_config": ftc})
     args = {**FineTuneConfig.from_dict(ftc).training_args}
+    precision = FineTuneConfig.from_dict(ftc, device=wrapper.device).training_args
+    autocast = "bf16" if precision.get("bf16") else "fp16" if precision.get("fp16") else None
 
     n_proc = state.num_processes if state is not None else 1
     if main:
@@ -344,7 +346,8 @@ def run(config: dict[str, Any]) -> int:
         kind = str(state.distributed_type).split(".")[-1] if state is not None else "single process"
         if state is not None and fsdp_requested():
             kind += " with an FSDP config"  # accelerate switches to FSDP when the Trainer starts
-        print(f"Model: {wrapper.model} on {wrapper.device} ({str(wrapper.dtype).replace('torch.', '')}); "
+        dtype = str(wrapper.dtype).replace("torch.", "") + (f" weights, {autocast} autocast" if autocast else "")
+        print(f"Model: {wrapper.model} on {wrapper.device} ({dtype}); "
               f"{n_proc} process(es), {kind}; global batch {global_batch} = "
               f"{args['per_device_train_batch_size']} per device x {args['gradient_accumulation_steps']} "
               f"accumulation x {n_proc}", flush=True)
