@@ -80,3 +80,48 @@ def test_loss_positions_only_scores_answers_with_the_same_loss_and_gradients(tin
     assert rows_scored == [2 * 23, 2 * 6]  # every shifted position, then only the labelled ones
     assert torch.allclose(loss_all, loss_compact, atol=1e-6)
     assert torch.allclose(grad_all, grad_compact, atol=1e-6)
+
+
+def test_per_sequence_attention_matches_separate_forwards_with_gradients(tiny_model_dir, monkeypatch):
+    """`packed_attention` (per-sequence SDPA for padding-free training on CPU): same logits and gradients."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from huggingface_model import PACKED_ATTENTION, packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config._attn_implementation == "sdpa"
+    torch.manual_seed(0)
+    examples = [{"input_ids": torch.randint(3, model.config.vocab_size, (n,)).tolist()} for n in (9, 14, 5)]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert "cu_seq_lens_q" in batch  # what sdpa_per_sequence splits on
+
+    def packed_logits_and_grad():
+        model.zero_grad()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits[0]
+        logits.square().mean().backward()
+        return logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[2]) or sdpa(q, *a, **k))
+    with packed_attention(model, padding_free=True):
+        assert model.config._attn_implementation == PACKED_ATTENTION
+        packed, grad_packed = packed_logits_and_grad()
+    assert calls == [9, 14, 5] * model.config.num_hidden_layers  # one call per sequence, not one 28-token square
+    calls.clear()
+    assert model.config._attn_implementation == "sdpa"  # restored
+    _, grad_masked = packed_logits_and_grad()  # transformers' block-diagonal mask, one square
+    assert calls == [28] * model.config.num_hidden_layers
+    assert torch.allclose(grad_packed, grad_masked, atol=1e-6)
+
+    start = 0
+    for example in examples:
+        ids = torch.tensor([example["input_ids"]])
+        with torch.no_grad():
+            alone = model(input_ids=ids).logits[0]
+        # A sequence that saw its neighbours would differ by O(1).
+        assert torch.allclose(packed[start : start + ids.shape[1]], alone, atol=1e-5)
+        start += ids.shape[1]
