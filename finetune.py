@@ -323,7 +323,7 @@ def run(config: dict[str, Any]) -> int:
     quiet_libraries(main)
     model_cfg = config["model"]
     state = init_distributed(model_cfg.get("device"))
-    from huggingface_model import FineTuneConfig, HuggingFaceWrapper, fsdp_requested
+    from huggingface_model import FineTuneConfig, HuggingFaceWrapper, fsdp_requested, training_precision
 
     if state is not None and fsdp_requested() and state.device.type == "cpu" \
             and os.environ.get("FSDP_SYNC_MODULE_STATES", "").lower() == "true":  # accelerate would raise a traceback
@@ -337,8 +337,8 @@ def run(config: dict[str, Any]) -> int:
     FineTuneConfig.from_dict(ftc)  # unknown keys / bad values: fail before loading the model
     wrapper = HuggingFaceWrapper.from_config({**model_cfg, "data_path": None, "fine_tune_config": ftc})
     args = {**FineTuneConfig.from_dict(ftc).training_args}
-    precision = FineTuneConfig.from_dict(ftc, device=wrapper.device).training_args
-    autocast = "bf16" if precision.get("bf16") else "fp16" if precision.get("fp16") else None
+    bf16, fp16 = training_precision(wrapper.device, args, set(ftc.get("training_args") or {}))
+    autocast = "bf16" if bf16 else "fp16" if fp16 else None
 
     n_proc = state.num_processes if state is not None else 1
     if main:

@@ -594,34 +594,39 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def device_training_args(device: torch.device, args: dict[str, Any], user_keys: set[str]) -> dict[str, Any]:
-    """Settings the device can honour; user settings it cannot are downgraded with one warning each.
+def training_precision(device: torch.device, args: dict[str, Any], user_keys: set[str]) -> tuple[bool, bool]:
+    """(bf16, fp16): the mixed precision a run on `device` trains with (the decision only, no warnings).
 
-    Mixed precision: bf16 (else fp16) on CUDA; on CPU bf16 autocast where the CPU has bf16 instructions
-    (LoRA weights and optimiser state stay fp32), else fp32; fp32 on MPS. `bf16: false` forces fp32.
+    bf16 (else fp16) on CUDA; on CPU bf16 autocast where the CPU has bf16 instructions (LoRA weights and
+    optimiser state stay fp32), else fp32; fp32 on MPS. The user's `bf16` / `fp16` win where the device can
+    honour them; `bf16: false` forces fp32.
     """
-    out: dict[str, Any] = {}
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
-        out.setdefault("bf16", args.get("bf16") if "bf16" in user_keys else bf16)
-        out.setdefault("fp16", args.get("fp16") if "fp16" in user_keys else not bf16)
+        return (args.get("bf16") if "bf16" in user_keys else bf16,  # type: ignore[return-value]
+                args.get("fp16") if "fp16" in user_keys else not bf16)
+    if device.type == "cpu":
+        return (bool(args.get("bf16")) if "bf16" in user_keys else cpu_has_bf16()), False
+    return False, False
+
+
+def device_training_args(device: torch.device, args: dict[str, Any], user_keys: set[str]) -> dict[str, Any]:
+    """Settings the device can honour; user settings it cannot are downgraded with one warning each."""
+    out: dict[str, Any] = {}
+    out["bf16"], out["fp16"] = training_precision(device, args, user_keys)
+    if device.type == "cuda":
         if "optim" not in user_keys:
             out["optim"] = "adamw_torch_fused"
         return out
     out["use_cpu"] = device.type == "cpu"
-    if device.type == "cpu":
-        out["bf16"] = bool(args.get("bf16")) if "bf16" in user_keys else cpu_has_bf16()
-        if out["bf16"] and not cpu_has_bf16():
-            logger.warning("bf16=True on a CPU without bf16 instructions (AVX512-BF16/AMX) is slower than fp32; "
-                           "training in bf16 as asked.")
-    else:
-        if args.get("bf16"):
-            logger.warning("bf16=True is not supported for training on %s; training in float32.", device.type)
-        out["bf16"] = False
+    if device.type == "cpu" and out["bf16"] and not cpu_has_bf16():
+        logger.warning("bf16=True on a CPU without bf16 instructions (AVX512-BF16/AMX) is slower than fp32; "
+                       "training in bf16 as asked.")
+    if device.type != "cpu" and args.get("bf16"):
+        logger.warning("bf16=True is not supported for training on %s; training in float32.", device.type)
     if args.get("fp16"):
         logger.warning("fp16=True is not supported for training on %s; training in %s.", device.type,
                        "bf16" if out["bf16"] else "float32")
-    out["fp16"] = False
     optim = str(args.get("optim", "adamw_torch") if "optim" in user_keys else "adamw_torch")
     if "8bit" in optim or "paged" in optim or "bnb" in optim:
         logger.warning("optim=%s needs bitsandbytes on a CUDA GPU; using adamw_torch on %s.", optim, device.type)
