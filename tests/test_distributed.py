@@ -30,9 +30,9 @@ EXPECTED_CONFIGS = {"single_gpu", "multi_gpu_ddp", "fsdp_lora", "deepspeed_zero2
 STEPS = 10
 # Max |w_2proc - w_1proc| over all LoRA tensors. Both runs compute the same fp32 math; only the summation
 # order differs (two half-batch losses all-reduced vs one batch, 1 vs 2 threads), ~1e-7 relative per
-# step. Measured: 3.4e-6 after 10 steps (weights up to ~0.16). A run whose ranks do NOT share
-# gradients, or that sees different batches, is off by ~1e-2 after one step at lr 1e-2 (measured 0.09
-# for unsynchronised ranks), so 1e-4 separates "same training" from "different training" by ~100x.
+# step. Measured: 1.0e-6 after 10 steps, weights up to ~0.16 (3.4e-6 when attention ran as one masked
+# square per packed row). A run whose ranks do NOT share gradients, or that sees different batches, is off
+# by ~1e-2 after one step at lr 1e-2 (measured 0.09 for unsynchronised ranks), so 1e-4 separates "same training" from "different training" by ~100x.
 TOLERANCE = 1e-4
 TIMEOUT = 600
 
@@ -194,15 +194,21 @@ def test_same_global_batches_as_single_process(runs):
 def test_adapter_matches_single_process(runs, launcher, folder):
     _ok(runs[launcher])
     _ok(runs["single"])
-    two = _adapter(_only_run_dir(runs["tmp"] / folder))
-    one = _adapter(_only_run_dir(runs["tmp"] / "runs_single"))
+    _assert_same_training(_only_run_dir(runs["tmp"] / folder), _only_run_dir(runs["tmp"] / "runs_single"), launcher)
+
+
+def _assert_same_training(run_dir: Path, single_dir: Path, label: str) -> None:
+    """The 2-process run's adapter and losses equal the single-process run's (same tensors, within TOLERANCE)."""
+    two, one = _adapter(run_dir), _adapter(single_dir)
+    assert sorted(two) == sorted(one)
+    assert all(two[k].shape == one[k].shape for k in one)
     diff = _max_abs_diff(two, one)
     scale = max(float(t.abs().max()) for t in one.values())
-    print(f"\n{launcher}: max |LoRA(2 procs) - LoRA(1 proc)| = {diff:.3e} over {len(one)} tensors "
+    print(f"\n{label}: max |LoRA(2 procs) - LoRA(1 proc)| = {diff:.3e} over {len(one)} tensors "
           f"(largest weight {scale:.3f}); tolerance {TOLERANCE:g}")
     assert diff < TOLERANCE
-    losses_two = [e["loss"] for e in _log(_only_run_dir(runs["tmp"] / folder)) if "loss" in e]
-    losses_one = [e["loss"] for e in _log(_only_run_dir(runs["tmp"] / "runs_single")) if "loss" in e]
+    losses_two = [e["loss"] for e in _log(run_dir) if "loss" in e]
+    losses_one = [e["loss"] for e in _log(single_dir) if "loss" in e]
     assert losses_two == pytest.approx(losses_one, abs=1e-4)
 
 
@@ -273,22 +279,13 @@ def test_fsdp_adapter_matches_single_process(fsdp, runs):
     """The gathered adapter is the whole adapter: every tensor, equal to one process with the same global batch.
 
     Same math as the DDP runs (FSDP reduce-scatters the same averaged gradients), so the same TOLERANCE:
-    measured 3.4e-6 for FSDP1 and FSDP2. An adapter saved from rank 0's shard would miss half of
+    measured 1.0e-6 for FSDP1 and FSDP2. An adapter saved from rank 0's shard would miss half of
     every matrix (or, with peft's names under FSDP1, every tensor).
     """
     _ok(fsdp["result"])
     _ok(runs["single"])
     run_dir, single_dir = _only_run_dir(fsdp["base"]), _only_run_dir(runs["tmp"] / "runs_single")
-    sharded, one = _adapter(run_dir), _adapter(single_dir)
-    assert sorted(sharded) == sorted(one)
-    assert all(sharded[k].shape == one[k].shape for k in one)
-    diff = _max_abs_diff(sharded, one)
-    print(f"\nFSDP{fsdp['version']}: max |LoRA(2 procs, sharded) - LoRA(1 proc)| = {diff:.3e} over {len(one)} "
-          f"tensors; tolerance {TOLERANCE:g}")
-    assert diff < TOLERANCE
-    losses_two = [e["loss"] for e in _log(run_dir) if "loss" in e]
-    losses_one = [e["loss"] for e in _log(single_dir) if "loss" in e]
-    assert losses_two == pytest.approx(losses_one, abs=1e-4)
+    _assert_same_training(run_dir, single_dir, f"FSDP{fsdp['version']} (sharded)")
 
     def config(folder: Path) -> dict:
         data = json.loads((folder / "adapter" / "adapter_config.json").read_text())
