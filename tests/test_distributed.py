@@ -32,7 +32,8 @@ STEPS = 10
 # order differs (two half-batch losses all-reduced vs one batch, 1 vs 2 threads), ~1e-7 relative per
 # step. Measured: 1.0e-6 after 10 steps, weights up to ~0.16 (3.4e-6 when attention ran as one masked
 # square per packed row). A run whose ranks do NOT share gradients, or that sees different batches, is off
-# by ~1e-2 after one step at lr 1e-2 (measured 0.09 for unsynchronised ranks), so 1e-4 separates "same training" from "different training" by ~100x.
+# by ~1e-2 after one step at lr 1e-2 (measured 0.09 for unsynchronised ranks), so 1e-4 separates "same
+# training" from "different training" by ~100x.
 TOLERANCE = 1e-4
 TIMEOUT = 600
 
