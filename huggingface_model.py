@@ -686,11 +686,11 @@ def sdpa_per_sequence(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = kwargs.pop("cu_seq_lens_q", None)
-    for key_name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "is_causal"):
-        kwargs.pop(key_name, None)
+    bounds = kwargs.get("cu_seq_lens_q")
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    for packing_key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "is_causal"):
+        kwargs.pop(packing_key, None)
     edges = bounds.tolist()
     with torch.autocast(query.device.type, enabled=False):
         q, k, v = query.float(), key.float(), value.float()
