@@ -334,9 +334,8 @@ def run(config: dict[str, Any]) -> int:
         return 2
 
     ftc = config["fine_tune_config"]
-    FineTuneConfig.from_dict(ftc)  # unknown keys / bad values: fail before loading the model
+    args = {**FineTuneConfig.from_dict(ftc).training_args}  # unknown keys / bad values: fail before loading
     wrapper = HuggingFaceWrapper.from_config({**model_cfg, "data_path": None, "fine_tune_config": ftc})
-    args = {**FineTuneConfig.from_dict(ftc).training_args}
     bf16, fp16 = training_precision(wrapper.device, args, set(ftc.get("training_args") or {}))
     autocast = "bf16" if bf16 else "fp16" if fp16 else None
 
