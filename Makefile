@@ -30,9 +30,13 @@ bench: install
 bench-quick: install
 	HF_HUB_OFFLINE=1 $(PY) bench/bench.py --quick $(ARGS)
 
+# Every project module (tests excluded): ruff, then mypy.
+LINTED := huggingface_model.py hfmodel chat_data.py chat_commands.py finetune.py finetune_dialogagent.py \
+	finetune_report.py load_finetune_huggingface_model.py bench/bench.py bench/probe_identity.py
+
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy --ignore-missing-imports huggingface_model.py chat_data.py finetune_dialogagent.py
+	$(VENV)/bin/mypy --ignore-missing-imports $(LINTED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

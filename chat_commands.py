@@ -11,6 +11,7 @@ import shlex
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,22 +28,17 @@ from rich.text import Text
 from chat_data import DatasetFormatError
 from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 from finetune_report import pick_probes, run_probes, summary_rows, write_report
-from huggingface_model import (
-    TOP_LEVEL_KEYS,
-    FineTuneConfigError,
-    FineTuneError,
-    FineTuneInterrupted,
-    FineTuneResult,
-    HuggingFaceWrapper,
-    ModelLoadError,
-    _closest,
-    _sft_fields,
-    describe_validation,
-    redact,
-)
+from hfmodel.common import UserError, describe_validation, redact, write_text_atomic
+from hfmodel.settings import merge_config, parse_overrides, parse_value
+from hfmodel.training import taught_mix
+from huggingface_model import FineTuneInterrupted, FineTuneResult, HuggingFaceWrapper
 
-# Mistakes a user can make; they get one line and the chat goes on.
-UserError = (ModelLoadError, FineTuneConfigError, FineTuneError, DatasetFormatError, ValueError, OSError)
+__all__ = ["HELP", "ChatSession", "DatasetFormatError", "UserError", "merge_config", "parse_overrides"]
+
+
+class CommandError(UserError):
+    """A command used the wrong way; the message shows the right way."""
+
 
 HELP = [
     ("/finetune [data] [key=value ...]", "fine-tune now (default: the configured data); e.g. max_steps=40 lora.r=16"),
@@ -65,50 +61,6 @@ HELP = [
 ]
 
 TRAIN_REPEATS = 8  # minimum repeats of each taught example (more when replayed data would outweigh them)
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`max_steps=40 lora.r=16 force_retrain=true` -> a fine_tune_config dict (values parsed as JSON, never eval'd)."""
-    config: dict[str, Any] = {}
-    sft = set(_sft_fields())
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"'{pair}' is not key=value (e.g. max_steps=40, lora.r=16, learning_rate=1e-3).")
-        key, raw = pair.split("=", 1)
-        value = _parse_value(raw)
-        if key.startswith("lora."):
-            config.setdefault("lora_config", {})[key[5:]] = value
-        elif key.startswith("training_args."):
-            config.setdefault("training_args", {})[key[14:]] = value
-        elif key in TOP_LEVEL_KEYS and key not in ("lora_config", "training_args"):
-            config[key] = value
-        elif key in sft:
-            config.setdefault("training_args", {})[key] = value
-        else:
-            valid = sorted(sft | {f"lora.{k}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
-                           | {k for k in TOP_LEVEL_KEYS if k not in ("lora_config", "training_args")})
-            raise ValueError(f"Unknown setting '{key}'{_closest(key, valid)}. Use a trl SFTConfig field (max_steps, learning_rate, ...), "
-                             f"lora.<field> (lora.r, lora.lora_alpha, ...) or one of: "
-                             f"{', '.join(k for k in TOP_LEVEL_KEYS if k not in ('lora_config', 'training_args'))}.")
-    return config
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        lowered = raw.lower()
-        return {"true": True, "false": False, "none": None, "null": None}.get(lowered, raw)
-
-
-def merge_config(base: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
-    merged = json.loads(json.dumps(base or {}))
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
 
 
 @dataclass
@@ -169,6 +121,8 @@ class ChatSession:
             return False
         except KeyboardInterrupt:
             self.error("Fine-tuning interrupted; chatting with the weights loaded before it.")
+        except Exception as e:  # noqa: BLE001 - our bug: visible, logged, and the chat still starts
+            self.internal_error("the start-up fine-tune", e)
         return True
 
     def handle(self, text: str) -> None:
@@ -192,12 +146,32 @@ class ChatSession:
                 self.error(str(e))
             except KeyboardInterrupt:
                 self.error("Interrupted.")
+            except Exception as e:  # noqa: BLE001 - the one boundary: our bug stays visible but never ends the chat
+                self.internal_error(name.lower(), e)
             return
         try:
             self.say(text)
         except UserError as e:  # e.g. a generation setting the model rejects
             self.out.write("\n")
             self.error(str(e))
+        except Exception as e:  # noqa: BLE001 - as above
+            self.out.write("\n")
+            self.internal_error("the reply", e)
+
+    def internal_error(self, what: str, error: Exception) -> None:
+        """Not the user's mistake: one line naming what failed, the full traceback in a log file."""
+        log = self._output_dir() / "errors.log"
+        trace = "".join(traceback.format_exception(error))
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a", encoding="utf-8") as f:
+                f.write(f"--- {datetime.now().isoformat(timespec='seconds')} {what}\n{redact(trace)}\n")
+            where = f"traceback in {log}"
+        except OSError:
+            where = "the traceback could not be written"
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        self.error(f"{what} failed: {type(error).__name__}: {first} ({where}); the previous weights and the "
+                   "conversation are kept.")
 
     def error(self, message: str) -> None:
         self.console.print(f"[red]error:[/] {escape(redact(message))}")
@@ -247,9 +221,8 @@ class ChatSession:
             task = bar.add_task("train", total=None, loss="")
 
             def report(info: dict[str, Any]) -> None:
-                loss = f"loss {info['loss']:.3f}" if "loss" in info else None
-                bar.update(task, completed=info.get("step", 0), total=info.get("max_steps") or None,
-                           **({"loss": loss} if loss else {}))
+                fields: dict[str, Any] = {"loss": f"loss {info['loss']:.3f}"} if "loss" in info else {}
+                bar.update(task, completed=info.get("step", 0), total=info.get("max_steps") or None, **fields)
 
             result = self.model.fine_tune(data_path, config, progress=report, stop=stop)
         if result.reused:
@@ -262,19 +235,13 @@ class ChatSession:
 
     def _answer(self, prompt: str, adapter: str | None) -> str:
         """One fresh single-turn answer with the given adapter (None = base), same settings and seed."""
-        current = self.model.active_adapter
-        self.model.use_adapter(adapter)
-        try:
-            messages = [{"role": "system", "content": self.assistant.sys_prompt}, {"role": "user", "content": prompt}]
+        messages = [{"role": "system", "content": self.assistant.sys_prompt}, {"role": "user", "content": prompt}]
+        with self.model.serving(adapter):
             return self.model.generate(messages, max_new_tokens=min(self.model.parameters.max_length, 64))
-        finally:
-            self.model._activate(current, remember=False)
-            if self.model.adapter_stack and self.model.adapter_stack[-1] == current and adapter != current:
-                self.model.adapter_stack.pop()
 
-    def report(self, result: FineTuneResult, before: str | None, probes: list[str] | None = None,
+    def report(self, result: FineTuneResult, before: str | None, configured: list[str] | None = None,
                probe_count: int = 4) -> None:
-        prompts = pick_probes(result, probes, probe_count)
+        prompts = pick_probes(result, configured, probe_count)
         probes = run_probes(prompts, lambda p: self._answer(p, before), lambda p: self._answer(p, result.adapter_name))
         before_label, after_label = before or "base", result.adapter_name
         table = Table(title=Text(f"Fine-tune report ({result.run_dir})"), show_lines=False)
@@ -302,10 +269,14 @@ class ChatSession:
             if context[i].role == "user":
                 reply = next((j for j in range(i + 1, len(context)) if context[j].role == "assistant"), None)
                 return i, context[i].get_text_content() or "", reply
-        raise ValueError("Nothing to teach yet: ask the assistant something first.")
+        raise CommandError("Nothing to teach yet: ask the assistant something first.")
+
+    def _output_dir(self) -> Path:
+        ftc = self.base_config.get("fine_tune_config") or {}
+        return Path((ftc.get("training_args") or {}).get("output_dir", "runs")).expanduser()
 
     def _taught_file(self) -> Path:
-        base = Path(self.base_config.get("fine_tune_config", {}).get("training_args", {}).get("output_dir", "runs"))
+        base = self._output_dir()
         base.mkdir(parents=True, exist_ok=True)
         return base / f"taught-{self.session_stamp}.jsonl"
 
@@ -313,10 +284,7 @@ class ChatSession:
         path = self._taught_file()
         rows = [{"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": t.answer}]}
                 for t in self.taught]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     # ------------------------------------------------------------------------------------------- commands
 
@@ -345,7 +313,7 @@ class ChatSession:
                 context[reply_index] = corrected
         else:
             if reply_index is None:
-                raise ValueError("There is no reply to keep yet; give the better answer: /teach <answer>.")
+                raise CommandError("There is no reply to keep yet; give the better answer: /teach <answer>.")
             answer = context[reply_index].get_text_content() or ""
         self.taught.append(Taught(prompt, answer))
         path = self._save_taught()
@@ -354,22 +322,11 @@ class ChatSession:
 
     def cmd_train(self, args: list[str], rest: str) -> None:
         if not self.taught:
-            raise ValueError("Nothing taught yet: ask something, then /teach <better answer>.")
+            raise CommandError("Nothing taught yet: ask something, then /teach <better answer>.")
         pairs = [p for p in args if not p.startswith("replay=")]
-        replay = all(_parse_value(p.split("=", 1)[1]) is not False for p in args if p.startswith("replay="))
+        replay = all(parse_value(p.split("=", 1)[1]) is not False for p in args if p.startswith("replay="))
         taught_path = self._save_taught()
-        taught = [json.loads(line) for line in taught_path.read_text().splitlines()]
-        replayed: list[dict[str, Any]] = []
-        configured = self.base_config.get("data_path")
-        if replay and configured:
-            from chat_data import load_chat_dataset
-
-            replayed = [{"messages": r} for r in load_chat_dataset(configured).rows]
-        # Taught rows make up at least half of the mix, so a few corrections are learned within one short run.
-        repeats = max(TRAIN_REPEATS, -(-len(replayed) // len(taught)))
-        rows = taught * repeats + replayed
-        mix = taught_path.with_name(taught_path.stem + "-train.jsonl")
-        mix.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        mix = taught_mix(taught_path, self.base_config.get("data_path") if replay else None, TRAIN_REPEATS)
         config = self._config_with(pairs)
         config.setdefault("eval_fraction", 0.0)
         config.setdefault("probes", [t.prompt for t in self.taught][:5])
@@ -381,7 +338,7 @@ class ChatSession:
         prompt = rest or self._last_turn()[1]
         current = self.model.active_adapter
         if current is None:
-            raise ValueError("No adapter is active, so base and current are the same model. Fine-tune first.")
+            raise CommandError("No adapter is active, so base and current are the same model. Fine-tune first.")
         base_answer = self._answer(prompt, None)
         tuned_answer = self._answer(prompt, current)
         table = Table(title=Text(f"/compare: {prompt}"), show_lines=True)
@@ -420,7 +377,7 @@ class ChatSession:
 
     def cmd_use(self, args: list[str], rest: str) -> None:
         if len(args) != 1:
-            raise ValueError("Usage: /use <name|base> (see /adapters).")
+            raise CommandError("Usage: /use <name|base> (see /adapters).")
         self.model.use_adapter(args[0])
         self.console.print(f"Now serving {escape(args[0])}.")
 
@@ -430,7 +387,7 @@ class ChatSession:
 
     def cmd_load(self, args: list[str], rest: str) -> None:
         if not rest:
-            raise ValueError("Usage: /load <model id | model folder | adapter folder>.")
+            raise CommandError("Usage: /load <model id | model folder | adapter folder>.")
         target = Path(rest).expanduser()
         if (target / "adapter_config.json").exists():
             record = self.model.load_adapter(target, note=f"/load {target}")
@@ -447,25 +404,25 @@ class ChatSession:
 
     def cmd_save(self, args: list[str], rest: str) -> None:
         if self.model.active_adapter is None:
-            raise ValueError("No adapter is active; nothing to save (the base model is unchanged).")
+            raise CommandError("No adapter is active; nothing to save (the base model is unchanged).")
         dest = Path(rest).expanduser() if rest else self._default_dest("adapter")
         if dest.exists() and any(dest.iterdir()):
-            raise ValueError(f"{dest} already exists and is not empty; choose a new folder.")
-        path = self.model._save_adapter(self.model.active_adapter, dest)
+            raise CommandError(f"{dest} already exists and is not empty; choose a new folder.")
+        path = self.model.save_adapter(dest)
         self.console.print(f"Saved adapter {self.model.active_adapter} + tokenizer to {escape(str(path))}.")
 
     def cmd_export(self, args: list[str], rest: str) -> None:
         dest = Path(rest).expanduser() if rest else self._default_dest("merged")
         if dest.exists():
-            raise ValueError(f"{dest} already exists; choose a new folder.")
+            raise CommandError(f"{dest} already exists; choose a new folder.")
         started = time.perf_counter()
         path = self.model.export_merged(dest)
-        diff = verify_export(self.model, path)
+        diff = self.model.verify_export(path)
         self.console.print(f"Exported merged model to {escape(str(path))} in {time.perf_counter() - started:.1f} s; loaded back: "
                            f"max logit difference {diff:.2e} vs base+adapter.")
 
     def _default_dest(self, kind: str) -> Path:
-        base = Path(self.base_config.get("fine_tune_config", {}).get("training_args", {}).get("output_dir", "runs"))
+        base = self._output_dir()
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         return base / f"{stamp}-{self.model.active_adapter or 'base'}-{kind}"
 
@@ -483,18 +440,18 @@ class ChatSession:
         updates = {}
         for pair in args:
             if "=" not in pair:
-                raise ValueError(f"'{pair}' is not key=value; e.g. /set temperature=0.2 max_length=128.")
+                raise CommandError(f"'{pair}' is not key=value; e.g. /set temperature=0.2 max_length=128.")
             key, raw = pair.split("=", 1)
-            updates[key] = _parse_value(raw)
+            updates[key] = parse_value(raw)
         fields = type(self.model.parameters).model_fields
         unknown = [k for k in updates if k not in fields]
         if unknown:
-            raise ValueError(f"Unknown setting(s) {', '.join(unknown)}; valid: {', '.join(fields)}.")
+            raise CommandError(f"Unknown setting(s) {', '.join(unknown)}; valid: {', '.join(fields)}.")
         try:
             self.model.parameters = type(self.model.parameters).model_validate(
                 {**self.model.parameters.model_dump(), **updates})
         except ValidationError as e:
-            raise ValueError(f"Invalid value ({describe_validation(e)}).") from None
+            raise CommandError(f"Invalid value ({describe_validation(e)}).") from None
         self.console.print(f"Settings: {escape(str(self.model.parameters.model_dump()))}")
 
     def cmd_reset(self, args: list[str], rest: str) -> None:
@@ -507,20 +464,3 @@ class ChatSession:
             self.console.print("(no messages yet)")
         for m in history:
             self.console.print(f"[bold]{m['role']}:[/] {escape(m['content'])}")
-
-
-def verify_export(model: HuggingFaceWrapper, folder: Path) -> float:
-    """Load the merged folder back and compare its logits with base + adapter on a short prompt."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    assert model.tokenizer is not None and model.hf_model is not None
-    enc = model.tokenizer.apply_chat_template([{"role": "user", "content": "Hello! Who are you?"}],
-                                              add_generation_prompt=True, return_dict=True, return_tensors="pt")
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, local_files_only=True).to(model.device)
-    with torch.inference_mode():
-        expected = model.hf_model(**enc).logits.float()
-        got = reloaded(**enc).logits.float()
-    del reloaded
-    return float((expected - got).abs().max())

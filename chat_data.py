@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hfmodel.common import UserError
+
 logger = logging.getLogger("huggingface_model")
 
 Message = dict[str, str]
@@ -54,7 +56,7 @@ ROLE_ALIASES = {
 }
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError, ValueError):
     """A data file or dataset cannot be turned into chat rows; the message says why and how to fix it."""
 
 

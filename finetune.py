@@ -47,55 +47,37 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from any folder: the project's modules import
+
+from hfmodel.common import UserError, is_main_process, quiet_libraries  # noqa: E402 - light: no torch
+from hfmodel.distributed import (  # noqa: E402
+    check_ranks_agree,
+    finish_distributed,
+    init_distributed,
+    local_lora_size,
+    lora_checksum,
+)
+from hfmodel.memory import MODEL_SHAPES, TABLE_SIZES, estimate_memory, memory_table  # noqa: E402
+from hfmodel.settings import assign, fine_tune_key, load_yaml, split_assignment  # noqa: E402
+
+__all__ = ["MODEL_SHAPES", "TABLE_SIZES", "estimate_memory", "load_config", "main", "memory_table"]
+
 CONFIG_KEYS = ("model", "data_path", "fine_tune_config")
 MODEL_PATH_KEYS = ("local_model_path", "local_tokenizer_path")
-FINE_TUNE_KEYS = ("lora_config", "training_args", "eval_data_path", "eval_fraction", "force_retrain", "resume",
-                  "probes")  # huggingface_model.TOP_LEVEL_KEYS, repeated to parse --set without heavy imports
 
 
-class InputError(Exception):
+class InputError(UserError):
     """Bad command-line or config input: reported as one line on stderr, exit status 2."""
 
 
 # =============================================================================================
 # Config loading
-
-
-def _yaml_loader() -> type:
-    """yaml.SafeLoader that also reads `1e-3` as a float (YAML 1.1 / PyYAML wants `1.0e-3`)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-        list("-+0123456789."),
-    )
-    return Loader
-
-
-def parse_value(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError:
-        return text
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -109,7 +91,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         if file.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+            data = load_yaml(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except yaml.YAMLError as e:
@@ -162,25 +144,15 @@ def normalise_config(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 def apply_set(config: dict[str, Any], assignment: str) -> None:
     """`--set training_args.max_steps=40` (see the module docstring for the key rules)."""
-    key, sep, raw = assignment.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise InputError(f"--set expects KEY=VALUE, got {assignment!r}")
-    parts = key.split(".")
-    if parts[0] in FINE_TUNE_KEYS:
-        parts = ["fine_tune_config", *parts]
-    if parts[0] not in CONFIG_KEYS:
-        raise InputError(f"--set {key}: unknown key '{parts[0]}'; start with one of "
-                         f"{', '.join(CONFIG_KEYS + FINE_TUNE_KEYS)}")
-    target = config
-    for part in parts[:-1]:
-        child = target.get(part)
-        if child is None:
-            child = target[part] = {}
-        if not isinstance(child, dict):
-            raise InputError(f"--set {key}: '{part}' is not a mapping")
-        target = child
-    target[parts[-1]] = parse_value(raw)
+    try:
+        key, value = split_assignment(assignment)
+    except UserError:
+        raise InputError(f"--set expects KEY=VALUE, got {assignment!r}") from None
+    try:
+        path = key.split(".") if key.split(".")[0] in CONFIG_KEYS else ["fine_tune_config", *fine_tune_key(key)]
+        assign(config, path, value, where=f"--set {key}")
+    except UserError as e:
+        raise InputError(f"--set {key}: {e}") from None
 
 
 def _expand(path: Any) -> Any:
@@ -222,95 +194,7 @@ def load_config(path: str, sets: list[str]) -> dict[str, Any]:
 
 
 # =============================================================================================
-# Distributed helpers
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def init_distributed(device: str | None) -> Any:
-    """accelerate's process state (gloo on a machine without CUDA), or None for a single process."""
-    if world_size() <= 1:
-        return None
-    from huggingface_model import distributed_state
-
-    return distributed_state()
-
-
-def finish_distributed() -> None:
-    if world_size() <= 1:
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def check_ranks_agree(checksum: str) -> list[str]:
-    """All ranks' LoRA checksums (collective: every rank must call it)."""
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, checksum)
-    return [str(c) for c in gathered]
-
-
-def local_lora_size(model: Any, adapter_name: str) -> int:
-    """How many of the adapter's LoRA values this process holds (its shard under FSDP / ZeRO-3)."""
-    held = 0
-    for name, param in model.named_parameters():
-        if f".{adapter_name}." in name:
-            local = getattr(param, "ds_tensor", None)  # DeepSpeed ZeRO-3 partition
-            if local is None:
-                local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2 DTensor / FSDP1 view
-            held += local.numel()
-    return held
-
-
-def lora_checksum(model: Any, adapter_name: str) -> tuple[str, float]:
-    """sha256 (first 12 hex digits) and sum of |w| over the adapter's LoRA tensors on this process."""
-    import hashlib
-
-    import torch
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    digest = hashlib.sha256()
-    total = 0.0
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(tensor.numpy().tobytes())
-        total += float(tensor.abs().sum())
-    return digest.hexdigest()[:12], total
-
-
-# =============================================================================================
 # The run
-
-
-def quiet_libraries(main: bool) -> None:
-    import warnings
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("huggingface_model").setLevel(logging.INFO if main else logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        from agentscope import setup_logger
-
-        setup_logger("WARNING")
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -319,10 +203,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def run(config: dict[str, Any]) -> int:
     """Build the wrapper without data, fine-tune once, print the summary. Returns the exit status."""
-    main = rank() == 0
-    quiet_libraries(main)
+    main = is_main_process()
+    quiet_libraries(logging.INFO if main else logging.WARNING)
     model_cfg = config["model"]
-    state = init_distributed(model_cfg.get("device"))
+    state = init_distributed()
     from huggingface_model import FineTuneConfig, HuggingFaceWrapper, fsdp_requested, training_precision
 
     if state is not None and fsdp_requested() and state.device.type == "cpu" \
@@ -415,167 +299,6 @@ def run(config: dict[str, Any]) -> int:
 
 
 # =============================================================================================
-# Memory estimate
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimate needs from a decoder-only transformer's config.json."""
-
-    name: str
-    hidden: int
-    layers: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool = True
-
-    @property
-    def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
-
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of the linear layers of one decoder layer: q, k, v, o, gate, up, down."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
-
-    @property
-    def linear_params(self) -> int:
-        per_layer = sum(a * b for a, b in self.linear_shapes())
-        if self.qkv_bias:
-            per_layer += self.hidden + 2 * self.kv_dim
-        return per_layer * self.layers
-
-    @property
-    def other_params(self) -> int:
-        """Embeddings, lm_head (if untied) and RMSNorms: not quantized by bitsandbytes."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden * (2 * self.layers + 1)
-
-    @property
-    def params(self) -> int:
-        return self.linear_params + self.other_params
-
-    def lora_params(self, rank: int) -> int:
-        return rank * sum(a + b for a, b in self.linear_shapes()) * self.layers
-
-
-# Shapes from the models' config.json. The 70B row uses Llama-3.1-70B (Qwen2.5's largest is 72B).
-MODEL_SHAPES: dict[float, ModelShape] = {
-    0.5: ModelShape("Qwen2.5-0.5B", 896, 24, 4864, 14, 2, 151936, tied=True),
-    1.5: ModelShape("Qwen2.5-1.5B", 1536, 28, 8960, 12, 2, 151936, tied=True),
-    7: ModelShape("Qwen2.5-7B", 3584, 28, 18944, 28, 4, 152064, tied=False),
-    14: ModelShape("Qwen2.5-14B", 5120, 48, 13824, 40, 8, 152064, tied=False),
-    70: ModelShape("Llama-3.1-70B", 8192, 80, 28672, 64, 8, 128256, tied=False, qkv_bias=False),
-}
-
-GIB = 1024**3
-NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8  # 4-bit codes + double-quantised absmax (8-bit per 64, fp32 per 256 blocks)
-
-
-def shape_for(params_billion: float) -> ModelShape:
-    """The listed shape for a listed size; otherwise the nearest one with hidden/intermediate scaled."""
-    if params_billion in MODEL_SHAPES:
-        return MODEL_SHAPES[params_billion]
-    if params_billion <= 0:
-        raise ValueError(f"params_billion must be > 0, got {params_billion}")
-    ref = min(MODEL_SHAPES.values(), key=lambda s: abs(math.log(s.params / (params_billion * 1e9))))
-    # Scale width so the non-embedding params match: linear params grow with hidden^2 at fixed depth.
-    target_linear = max(params_billion * 1e9 - ref.other_params, 0.05 * params_billion * 1e9)
-    scale = math.sqrt(target_linear / ref.linear_params)
-    step = ref.hidden // ref.heads
-    hidden = max(step, int(round(ref.hidden * scale / step)) * step)
-    return ModelShape(f"~{params_billion:g}B ({ref.name}-like)", hidden, ref.layers,
-                      max(8, int(ref.intermediate * hidden / ref.hidden)), hidden // step,
-                      min(ref.kv_heads, hidden // step), ref.vocab, ref.tied, ref.qkv_bias)
-
-
-def estimate_memory(params_billion: float, method: str = "lora", seq_len: int = 2048, batch: int = 1,
-                    lora_rank: int = 16, activation_checkpointing: bool = False, act_factor: float = 34.0,
-                    shards: int = 1) -> dict[str, Any]:
-    """Rough peak GPU memory (GiB) of LoRA / QLoRA fine-tuning on one GPU (or per GPU when sharded).
-
-    Assumptions (each term is a returned key; total = their sum):
-    - weights: LoRA keeps the frozen base in bf16 (2 bytes/param). QLoRA stores the linear layers of
-      the decoder as NF4 with double quantisation (0.5 byte/param + ~0.016 for the quantisation
-      constants); embeddings, lm_head and norms are not quantized, and `prepare_model_for_kbit_training`
-      (called by HuggingFaceWrapper for quantized bases) upcasts them to fp32 (4 bytes/param).
-    - lora_params: LoRA A and B on every linear layer of every decoder layer ("all-linear": q, k, v, o,
-      gate, up, down; not lm_head), rank r: r x (in + out) per layer; fp32 (peft upcasts adapters).
-    - optimizer: AdamW, two fp32 moments per trainable param (8 bytes); no master copy (already fp32).
-    - gradients: fp32, trainable params only (4 bytes/param); frozen weights get none.
-    - activations: per decoder layer ~ seq x batch x hidden x `act_factor` bytes, act_factor 34 for bf16
-      with SDPA/flash attention (Korthikanti et al. 2022, "Reducing Activation Recomputation": 34*s*b*h,
-      the 5*a*s^2*b attention-score term dropped because flash/SDPA kernels do not store it). With
-      activation checkpointing only each layer's input (2*s*b*h bytes) is kept, plus one layer's full
-      activations during recomputation. Plus the logits: seq x batch x vocab x 8 bytes (fp32 logits
-      for the loss and their gradient). Rough: expect +-30 %.
-    - shards > 1 (FSDP full shard / DeepSpeed ZeRO-3 over `shards` GPUs) divides weights, LoRA params,
-      gradients and optimizer state by `shards`; activations are per GPU and unchanged. DDP and ZeRO-2
-      keep a full copy of the weights on every GPU (shards=1; ZeRO-2 only splits the tiny LoRA state).
-    Not included: the CUDA context and allocator slack (add ~1-2 GiB), KV caches for evaluation with
-    generation, and dataloader/tokenizer memory on the host.
-
-    Model shapes: Qwen2.5 0.5B/1.5B/7B/14B and Llama-3.1-70B for 70 (see MODEL_SHAPES); other sizes
-    use the nearest shape with its width scaled to match the parameter count.
-    """
-    if method not in ("lora", "qlora"):
-        raise ValueError(f"method must be 'lora' or 'qlora', got {method!r}")
-    if min(seq_len, batch, lora_rank, shards) < 1:
-        raise ValueError("seq_len, batch, lora_rank and shards must be >= 1")
-    shape = shape_for(params_billion)
-    if method == "lora":
-        weight_bytes = shape.params * 2.0
-    else:
-        weight_bytes = shape.linear_params * NF4_BYTES_PER_PARAM + shape.other_params * 4.0
-    lora = shape.lora_params(lora_rank)
-    tokens = seq_len * batch
-    if activation_checkpointing:
-        layer_bytes = tokens * shape.hidden * (2.0 * shape.layers + act_factor)
-    else:
-        layer_bytes = tokens * shape.hidden * act_factor * shape.layers
-    activation_bytes = layer_bytes + tokens * shape.vocab * 8.0
-    out: dict[str, Any] = {
-        "model": shape.name,
-        "params_billion": round(shape.params / 1e9, 2),
-        "method": method,
-        "trainable_params": lora,
-        "weights": weight_bytes / shards / GIB,
-        "lora_params": lora * 4.0 / shards / GIB,
-        "optimizer": lora * 8.0 / shards / GIB,
-        "gradients": lora * 4.0 / shards / GIB,
-        "activations": activation_bytes / GIB,
-    }
-    out["total"] = sum(out[k] for k in ("weights", "lora_params", "optimizer", "gradients", "activations"))
-    return out
-
-
-TABLE_SIZES = (0.5, 1.5, 7, 14, 70)
-
-
-def memory_table(seq_len: int = 2048, batch: int = 1, lora_rank: int = 16,
-                 activation_checkpointing: bool = False) -> str:
-    """Markdown table of `estimate_memory` for the 5 sizes under LoRA (bf16 base) and QLoRA (NF4 base)."""
-    lines = [
-        f"Estimated peak GPU memory, GiB (seq {seq_len}, batch {batch}, LoRA r={lora_rank} on all linear layers, "
-        f"AdamW; activation checkpointing {'on' if activation_checkpointing else 'off'}; add ~1-2 GiB CUDA context)",
-        "",
-        "| Model | Params | Method | Weights | LoRA | Optimizer | Gradients | Activations | Total |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for size in TABLE_SIZES:
-        for method, label in (("lora", "LoRA (bf16)"), ("qlora", "QLoRA (NF4)")):
-            m = estimate_memory(size, method, seq_len, batch, lora_rank, activation_checkpointing)
-            lines.append(
-                f"| {m['model']} | {m['params_billion']:.2f}B | {label} | {m['weights']:.1f} | "
-                f"{m['lora_params']:.2f} | {m['optimizer']:.2f} | {m['gradients']:.2f} | "
-                f"{m['activations']:.1f} | {m['total']:.1f} |"
-            )
-    return "\n".join(lines)
-
-
-# =============================================================================================
 # Command line
 
 
@@ -602,12 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.estimate_memory:
         print(memory_table(args.seq_len, args.batch, args.lora_rank, args.activation_checkpointing))
         return 0
-    is_main = rank() == 0
+    is_main = is_main_process()
     if not args.config:
         print("error: give --config CONFIG.yaml (or --estimate-memory); see `python finetune.py --help`",
               file=sys.stderr)
         return 2
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     def fail(e: Exception) -> int:
         if is_main:  # every rank reads the same input and fails the same way: say it once
@@ -621,17 +343,16 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.set)  # light imports only: bad input fails in a second
     except InputError as e:
         return fail(e)
-    from chat_data import DatasetFormatError
-    from huggingface_model import FineTuneConfigError, FineTuneError, FineTuneInterrupted, ModelLoadError
+    from huggingface_model import FineTuneInterrupted
 
     try:
         return run(config)
-    except (ModelLoadError, FineTuneConfigError, FineTuneError, DatasetFormatError) as e:
-        return fail(e)
     except (KeyboardInterrupt, FineTuneInterrupted) as e:
         if is_main:
             print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr, flush=True)
         return 130
+    except UserError as e:
+        return fail(e)
     finally:
         finish_distributed()
 

@@ -10,7 +10,7 @@ from agentscope.agent import Agent, ContextConfig, InjectionConfig, ModelConfig
 from agentscope.event import TextBlockDeltaEvent
 from agentscope.message import Msg, UserMsg
 
-from huggingface_model import FineTuneError, FineTuneResult, HuggingFaceWrapper
+from huggingface_model import FineTuneError, FineTuneResult, HuggingFaceWrapper, ModelLoadError
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
 
@@ -19,7 +19,7 @@ def register_model_configs(model_configs: list[dict[str, Any]] | dict[str, Any])
     """Make `model_configs` entries available by `config_name` (what `agentscope.init` did in 0.x)."""
     for entry in [model_configs] if isinstance(model_configs, dict) else model_configs:
         if "config_name" not in entry:
-            raise ValueError(f"Every model_configs entry needs a 'config_name'; this one has: {sorted(entry)}.")
+            raise ModelLoadError(f"Every model_configs entry needs a 'config_name'; this one has: {sorted(entry)}.")
         _REGISTRY[entry["config_name"]] = entry
 
 
@@ -30,7 +30,7 @@ def build_model(config_name: str, model_configs: list[dict[str, Any]] | None = N
         register_model_configs(model_configs)
     if config_name not in _REGISTRY:
         known = ", ".join(_REGISTRY) or "none registered"
-        raise ValueError(f"No model_configs entry has config_name '{config_name}' (known: {known}).")
+        raise ModelLoadError(f"No model_configs entry has config_name '{config_name}' (known: {known}).")
     return HuggingFaceWrapper.from_config(_REGISTRY[config_name], **overrides)
 
 

@@ -13,9 +13,8 @@ type `/help` for the in-chat commands (fine-tune, teach, compare, undo, export, 
 from __future__ import annotations
 
 import argparse
-import logging
+import copy
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,47 +72,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    config = {**config, "fine_tune_config": dict(config.get("fine_tune_config") or {})}
-    ft = config["fine_tune_config"]
+    """The flags as settings of this `model_configs` entry (set through the same parser as `/finetune`)."""
+    from hfmodel.settings import assign
+
+    config = copy.deepcopy({**config, "fine_tune_config": config.get("fine_tune_config") or {}})
+    settings: list[tuple[str, Any]] = []
     if args.model:
-        config["model_id"], config["local_model_path"] = args.model, None
+        settings += [("model_id", args.model), ("local_model_path", None)]
     if args.local_model_path:
-        config["local_model_path"], config["model_id"] = args.local_model_path, None
+        settings += [("local_model_path", args.local_model_path), ("model_id", None)]
     if args.data:
-        config["data_path"] = args.data
-        ft.pop("eval_data_path", None)  # the demo's eval file does not belong to other data
+        settings.append(("data_path", args.data))
+        config["fine_tune_config"].pop("eval_data_path", None)  # the demo's eval file does not belong to other data
     if args.no_finetune:
-        config["data_path"] = None
+        settings.append(("data_path", None))
     if args.device:
-        config["device"] = args.device
+        settings.append(("device", args.device))
     if args.max_steps is not None:
-        ft["training_args"] = {**ft.get("training_args", {}), "max_steps": args.max_steps}
+        settings.append(("fine_tune_config.training_args.max_steps", args.max_steps))
     if args.retrain:
-        ft["force_retrain"] = True
+        settings.append(("fine_tune_config.force_retrain", True))
+    for key, value in settings:
+        assign(config, key.split("."), value)
     return config
-
-
-def quiet_libraries() -> None:
-    """Our log lines on stderr via rich; library chatter (progress bars, deprecations) off."""
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)])
-    logging.getLogger("huggingface_model").setLevel(logging.INFO)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    import transformers
-    from agentscope import setup_logger
-
-    setup_logger("WARNING")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_libraries()
+    from hfmodel.common import quiet_libraries
+
+    quiet_libraries(rich=True)
     from chat_commands import ChatSession, UserError
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent, build_model
     from huggingface_model import redact

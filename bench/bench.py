@@ -289,14 +289,14 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
 
     # Spy on the agent path (instance attribute, no project code changes): the prompt it sends, the tokens made.
     captured: list[tuple[Any, int]] = []
-    original_stream_text = wrapper.stream_text
+    original_stream_text = wrapper.engine.stream_text
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         streamer, thread, n_in = original_stream_text(*args, **kwargs)
         captured.append((streamer, n_in))
         return streamer, thread, n_in
 
-    wrapper.stream_text = spy  # type: ignore[method-assign]
+    wrapper.engine.stream_text = spy  # type: ignore[method-assign]
 
     def raw(n: int) -> tuple[float, str, int]:
         started = time.perf_counter()
@@ -366,7 +366,7 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
         rec["agent_ttft_ratio"].append(times["agent"]["first"] / times["raw"]["t1"])
         rec["agent_t1_ratio"].append(times["agent"]["t1"] / times["raw"]["t1"])
     model.generation_config.min_new_tokens = None
-    wrapper.stream_text = original_stream_text  # type: ignore[method-assign]
+    wrapper.engine.stream_text = original_stream_text  # type: ignore[method-assign]
 
     # Informational: wrapper.generate with the chat script's sampling settings (top-p, repetition penalty).
     sampling_decode = []
@@ -419,7 +419,9 @@ def worker_imports(params: dict[str, Any]) -> dict[str, Any]:
 
     argv = ["--no-finetune"] + (["--local-model-path", params["folder"]] if params.get("local") else [])
     args = script.parse_args(argv)
-    script.quiet_libraries()
+    from hfmodel.common import quiet_libraries
+
+    quiet_libraries(rich=True)
     imported_s = time.perf_counter() - started
     before = {m: m in sys.modules for m in HEAVY_TRAINING_MODULES}
     from finetune_dialogagent import Finetune_DialogAgent, build_model
@@ -577,7 +579,7 @@ def _finetune_plain_trl(folder: str, steps: int, out_dir: Path, train_rows: list
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     base = assistant_eval_loss(model, tokenizer, eval_rows) if need_base else None
-    settings = {
+    settings: dict[str, Any] = {
         "per_device_train_batch_size": batch, "max_steps": steps, "learning_rate": LEARNING_RATE,
         "assistant_only_loss": False, "packing": False, "padding_free": False,
         # CPU: trl's default mixed precision (bf16 autocast) where the CPU has bf16 instructions, as (c) does,
@@ -588,7 +590,7 @@ def _finetune_plain_trl(folder: str, steps: int, out_dir: Path, train_rows: list
     }
     if batch == 1:  # (a): the original example set gradient_checkpointing=False; trl would turn it on
         settings["activation_checkpointing"] = False
-    lora = {"r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "target_modules": "all-linear",
+    lora: dict[str, Any] = {"r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "target_modules": "all-linear",
             "bias": "none", "task_type": "CAUSAL_LM"}
     t_setup = time.perf_counter()
     trainer = SFTTrainer(model=model, args=SFTConfig(**settings), processing_class=tokenizer,

@@ -622,14 +622,14 @@ def chat_api(case: Case, env: Env) -> None:
         for text in case.inputs[:3]:
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": "Fine, thanks."}]
         lengths = []
-        encode = wrapper.encode
+        encode = wrapper.engine.encode
 
         def recording(messages, max_new_tokens):
             enc = encode(messages, max_new_tokens)
             lengths.append(enc["input_ids"].shape[1])
             return enc
 
-        wrapper.encode = recording
+        wrapper.engine.encode = recording
         reply = wrapper.generate([*history, {"role": "user", "content": case.inputs[3]}])
         assert isinstance(reply, str) and lengths and lengths[0] <= wrapper.context_size - 4
         case.check(env, "api", reply)

@@ -33,7 +33,7 @@ from helpers import (
 )
 from rich.console import Console
 
-from chat_commands import HELP, ChatSession, verify_export
+from chat_commands import HELP, ChatSession
 from chat_data import load_chat_dataset
 from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 
@@ -399,7 +399,7 @@ def test_export_writes_a_loadable_merged_model(adapted, tmp_path, monkeypatch):
     assert match, step.console
     reported = float(match.group(1))
     assert reported <= 1e-4
-    assert reported == pytest.approx(float(f"{verify_export(adapted, dest):.2e}"))
+    assert reported == pytest.approx(float(f"{adapted.verify_export(dest):.2e}"))
     # A second export to the same folder is refused (nothing overwritten).
     c.run([f"/export {dest}"])
     assert len(c.steps[-1].errors) == 1 and "already exists" in c.steps[-1].console

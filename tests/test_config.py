@@ -174,11 +174,11 @@ def test_unknown_training_key_is_caught_when_fine_tuning(tiny_model_dir, tmp_pat
 
 
 def test_cpu_mixed_precision_follows_the_cpu_and_the_user(monkeypatch, caplog):
-    import huggingface_model
+    import hfmodel.settings
 
     cpu, mps = torch.device("cpu"), torch.device("mps")
     for has_bf16 in (True, False):
-        monkeypatch.setattr(huggingface_model, "cpu_has_bf16", lambda value=has_bf16: value)
+        monkeypatch.setattr(hfmodel.settings, "cpu_has_bf16", lambda value=has_bf16: value)
         assert device_training_args(cpu, {}, set())["bf16"] is has_bf16  # default: bf16 autocast iff native
         assert device_training_args(cpu, {"bf16": False}, {"bf16"})["bf16"] is False  # the user's fp32 wins
     caplog.clear()

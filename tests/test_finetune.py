@@ -41,7 +41,7 @@ def logits(wrapper) -> torch.Tensor:
 
 def base_state(wrapper) -> dict[str, torch.Tensor]:
     """The base model's weights under their original names (peft's `.base_layer` and LoRA tensors left out)."""
-    state = wrapper._base_model().state_dict()
+    state = wrapper.handle.base_model().state_dict()
     return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in state.items() if "lora_" not in k}
 
 
@@ -54,14 +54,14 @@ def lora_state(wrapper, name: str) -> dict[str, torch.Tensor]:
 def spy_new_adapters(wrapper, monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
     """Record each training adapter's LoRA weights as they are just before training starts."""
     initial: dict[str, dict[str, torch.Tensor]] = {}
-    original = wrapper._adapter_for_training
+    original = wrapper.adapter_set.for_training
 
-    def spy(cfg):
-        name, model = original(cfg)
+    def spy(lora_config):
+        name, model = original(lora_config)
         initial[name] = lora_state(wrapper, name)
         return name, model
 
-    monkeypatch.setattr(wrapper, "_adapter_for_training", spy)
+    monkeypatch.setattr(wrapper.adapter_set, "for_training", spy)
     return initial
 
 

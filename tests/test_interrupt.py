@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import chat, identity_rows, make_wrapper, write_jsonl
 
-import huggingface_model
+import hfmodel.training
 from huggingface_model import FineTuneInterrupted, find_completed_run, new_run_dir
 
 OTHER_ANSWER = "I am Paris, the quick brown fox."
@@ -202,7 +202,7 @@ def test_new_run_dir_from_many_threads_at_once(tmp_path):
 
 
 def freeze_clock(monkeypatch) -> None:
-    """Every datetime.now() in huggingface_model returns the same second (2030-01-02 03:04:05)."""
+    """Every datetime.now() in hfmodel.training returns the same second (2030-01-02 03:04:05)."""
     frozen = datetime(2030, 1, 2, 3, 4, 5)
 
     class FrozenClock(datetime):
@@ -210,7 +210,7 @@ def freeze_clock(monkeypatch) -> None:
         def now(cls, tz=None):
             return frozen
 
-    monkeypatch.setattr(huggingface_model, "datetime", FrozenClock)
+    monkeypatch.setattr(hfmodel.training, "datetime", FrozenClock)
 
 
 def test_existing_run_dir_of_the_same_second_is_not_touched(tmp_path, monkeypatch):
@@ -259,11 +259,12 @@ def test_adapter_appears_only_by_renaming_a_complete_temporary_folder(wrapper, d
 
     monkeypatch.setattr(wrapper.tokenizer, "save_pretrained", spy)
     result = wrapper.fine_tune(str(data), config(tmp_path, save_strategy="no", max_steps=4))
-    assert seen == [("adapter.tmp", False)]
+    assert len(seen) == 1 and seen[0][1] is False  # written under a unique temporary name beside the final one
+    assert seen[0][0].startswith(".adapter.") and seen[0][0].endswith(".tmp")
     assert result.adapter_dir == result.run_dir / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= {
         p.name for p in result.adapter_dir.iterdir()}
-    assert not (result.run_dir / "adapter.tmp").exists()
+    assert not list(result.run_dir.glob(".adapter.*"))
 
 
 def test_a_save_failing_half_way_leaves_no_adapter_folder_that_a_later_run_would_reuse(wrapper, data, tmp_path,
@@ -308,7 +309,7 @@ def test_saving_over_an_existing_adapter_that_fails_half_way_keeps_the_old_one(w
                                                                                monkeypatch):
     result = wrapper.fine_tune(str(data), config(tmp_path, save_strategy="no", max_steps=4))
     dest = tmp_path / "saved"
-    wrapper._save_adapter(result.adapter_name, dest)
+    wrapper.adapter_set.save(result.adapter_name, dest)
     saved = tree_digest(dest)
 
     def disk_full(*args, **kwargs):
@@ -316,5 +317,5 @@ def test_saving_over_an_existing_adapter_that_fails_half_way_keeps_the_old_one(w
 
     monkeypatch.setattr(wrapper.tokenizer, "save_pretrained", disk_full)
     with pytest.raises(OSError):
-        wrapper._save_adapter(result.adapter_name, dest)
+        wrapper.adapter_set.save(result.adapter_name, dest)
     assert tree_digest(dest) == saved

@@ -6,6 +6,7 @@ import copy
 import importlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,23 @@ def test_import_starts_nothing():
     assert "Ember" in lines[0]
     assert lines[1] == "1"
     assert lines[2] == "[]"  # no model, no torch: nothing was loaded
+
+
+def test_the_chat_reaches_its_prompt_without_trl_peft_or_datasets(tiny_model_dir):
+    """Starting the chat must not import the training libraries (seconds of start-up): only a fine-tune does."""
+    code = (
+        "import sys, builtins\n"
+        "def prompt(*args):\n"
+        "    print('LOADED', sorted(n for n in ('trl', 'peft', 'datasets') if n in sys.modules))\n"
+        "    raise EOFError\n"
+        "builtins.input = prompt\n"
+        "import load_finetune_huggingface_model as m\n"
+        f"sys.exit(m.main(['--no-finetune', '--local-model-path', {str(tiny_model_dir)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout, done.stdout  # the prompt was reached, with none of the three imported
 
 
 @pytest.fixture

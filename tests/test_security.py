@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import identity_rows, make_wrapper, write_jsonl
 
-import huggingface_model
+import hfmodel.loading
 from huggingface_model import HuggingFaceWrapper, ModelLoadError, hf_token, redact
 
 TOKEN = "hf_FAKEtoken1234567890SECRET"
@@ -139,7 +139,7 @@ def test_token_never_appears_in_output_logs_or_files(planted_token, all_logs, ti
     session = make_session(wrapper, lines, tmp_path)
     assert session.run() == 0
     # A load that goes to the hub (so the token is handed to from_pretrained) and fails offline.
-    monkeypatch.setattr(huggingface_model, "hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(hfmodel.loading, "hub_reachable", lambda timeout=2.0: True)
     with pytest.raises(ModelLoadError) as info:
         wrapper.load_model("someone/private-model")
     monkeypatch.undo()
@@ -201,7 +201,7 @@ def test_trust_remote_code_is_off_by_default(tiny_model_dir, monkeypatch):
     assert "trust_remote_code" in script.model_configs[0]  # stated explicitly in the file users edit
 
     calls = []
-    for cls in (huggingface_model.AutoModelForCausalLM, huggingface_model.AutoTokenizer):
+    for cls in (hfmodel.loading.AutoModelForCausalLM, hfmodel.loading.AutoTokenizer):
         original = cls.from_pretrained
 
         def spy(*args, _original=original, **kwargs):

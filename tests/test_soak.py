@@ -53,14 +53,14 @@ def test_200_turn_chat_keeps_memory_flat_and_every_prompt_inside_the_window(tiny
 
     wrapper = make_wrapper(tiny_model_dir, max_length=NEW_TOKENS)  # sampling with a seed, as in the chat
     prompt_lengths: list[int] = []
-    encode = wrapper.encode
+    encode = wrapper.engine.encode
 
     def recording_encode(messages, max_new_tokens):
         enc = encode(messages, max_new_tokens)
         prompt_lengths.append(int(enc["input_ids"].shape[1]))
         return enc
 
-    monkeypatch.setattr(wrapper, "encode", recording_encode)
+    monkeypatch.setattr(wrapper.engine, "encode", recording_encode)
     agent = Finetune_DialogAgent(name="Assistant", sys_prompt="You are Ember. Answer briefly.", model=wrapper)
     samples: dict[int, dict[str, int]] = {}
     asked = 0

