@@ -1,6 +1,9 @@
 """The chat loop and its in-chat commands: fine-tune, teach, compare, switch and undo adapters, export.
 
 Anything typed that does not start with "/" is a message to the assistant. `/help` lists the commands.
+Command arguments follow one rule: shell-style words (quote a folder or text with spaces or apostrophes:
+`/save "my adapter"`, `/teach "I'm Ember."`), settings as key=value read by the one parser `--set` uses.
+Everything shown that came from data or the model passes through `safe_text` (no terminal escapes).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import shlex
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,12 +30,39 @@ from rich.text import Text
 from chat_data import DatasetFormatError
 from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 from finetune_report import pick_probes, run_probes, summary_rows, write_report
-from hfmodel.common import UserError, describe_validation, redact, write_text_atomic
-from hfmodel.settings import merge_config, parse_overrides, parse_value
+from hfmodel.common import (
+    Sanitized,
+    StreamFilter,
+    UserError,
+    check_writable_folder,
+    create_exclusive,
+    describe_validation,
+    failure_line,
+    log_traceback,
+    redact,
+    safe_text,
+    write_text_atomic,
+)
+from hfmodel.settings import merge_config, number_problems, parse_overrides, split_assignment
 from hfmodel.training import taught_mix
 from huggingface_model import FineTuneInterrupted, FineTuneResult, HuggingFaceWrapper
+from preference_data import Marked, Pair, PreferenceDataset, load_preference_dataset, preference_mix
 
 __all__ = ["HELP", "ChatSession", "DatasetFormatError", "UserError", "merge_config", "parse_overrides"]
+
+
+def plain(text: str) -> str:
+    """Data or model text inside a markup string: control characters stripped, then markup escaped."""
+    return escape(safe_text(text))
+
+
+def cell(text: str) -> Text:
+    """Data or model text for a table cell or title: as typed (no markup), control characters stripped."""
+    return Text(safe_text(text))
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 class CommandError(UserError):
@@ -44,6 +73,9 @@ HELP = [
     ("/finetune [data] [key=value ...]", "fine-tune now (default: the configured data); e.g. max_steps=40 lora.r=16"),
     ("/teach [better answer]", "record the last question with this answer (no text: keep the last reply)"),
     ("/train [key=value ...]", "fine-tune on what was taught (+ the configured data unless replay=false)"),
+    ("/train method=dpo|orpo|kto", "learn the preferences: the taught answers over the replies they replaced"),
+    ("/good", "mark the last reply good (/train method=kto learns from the marks)"),
+    ("/bad", "mark the last reply bad (/train method=kto learns from the marks)"),
     ("/compare [prompt]", "answer with the base model and the current adapter, side by side"),
     ("/dryrun [data]", "show format, rows, token lengths and the loss mask of the first example"),
     ("/adapters", "list the adapters of this session"),
@@ -60,13 +92,18 @@ HELP = [
     ("exit", "leave (also Ctrl-D)"),
 ]
 
+NO_ARGUMENTS = ("/adapters", "/undo", "/reset", "/history", "/help", "/good", "/bad")
+ACTIVITY = {"/finetune": "Fine-tuning", "/train": "Fine-tuning", "/load": "Loading", "/dryrun": "The dry run",
+            "/compare": "Comparing", "/save": "Saving", "/export": "Exporting"}  # named in an unexpected error
 TRAIN_REPEATS = 8  # minimum repeats of each taught example (more when replayed data would outweigh them)
+DRYRUN_CHARS, DRYRUN_LINES = 2000, 25  # /dryrun shows about a screenful of the first example
 
 
 @dataclass
 class Taught:
     prompt: str
     answer: str
+    rejected: str | None = None  # the reply /teach replaced (None: the reply was kept); DPO's rejected answer
 
 
 class ChatSession:
@@ -82,12 +119,14 @@ class ChatSession:
         self.loop = asyncio.new_event_loop()
         self.taught: list[Taught] = []
         self.session_stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.commands: dict[str, Callable[[list[str], str], None]] = {
+        self.taught_path: Path | None = None  # created (exclusively) at the first /teach
+        self.marks: list[Marked] = []  # /good and /bad: replies marked for KTO
+        self.commands: dict[str, Callable[[list[str]], None]] = {
             "/help": self.cmd_help, "/finetune": self.cmd_finetune, "/teach": self.cmd_teach,
             "/train": self.cmd_train, "/compare": self.cmd_compare, "/dryrun": self.cmd_dryrun,
             "/adapters": self.cmd_adapters, "/use": self.cmd_use, "/undo": self.cmd_undo, "/load": self.cmd_load,
             "/save": self.cmd_save, "/export": self.cmd_export, "/system": self.cmd_system, "/set": self.cmd_set,
-            "/reset": self.cmd_reset, "/history": self.cmd_history,
+            "/reset": self.cmd_reset, "/history": self.cmd_history, "/good": self.cmd_good, "/bad": self.cmd_bad,
         }
 
     @property
@@ -97,8 +136,8 @@ class ChatSession:
     # ------------------------------------------------------------------------------------------- loop
 
     def run(self) -> int:
-        self.console.print(f"[bold]{self.assistant.name}[/] is ready ({escape(self.model.model)}). "
-                           "Type a message, /help for commands, exit to leave.")
+        self.print(f"[bold]{self.assistant.name}[/] is ready ({plain(self.model.model)}). "
+                   "Type a message, /help for commands, exit to leave.")
         try:
             while True:
                 text = self.user.read()
@@ -107,7 +146,7 @@ class ChatSession:
                 self.handle(text)
         finally:
             self.loop.close()
-        self.console.print("Bye.")
+        self.print("Bye.")
         return 0
 
     def startup_fine_tune(self) -> bool:
@@ -122,14 +161,15 @@ class ChatSession:
         except KeyboardInterrupt:
             self.error("Fine-tuning interrupted; chatting with the weights loaded before it.")
         except Exception as e:  # noqa: BLE001 - our bug: visible, logged, and the chat still starts
-            self.internal_error("the start-up fine-tune", e)
+            self.internal_error("The start-up fine-tune", e)
         return True
 
     def handle(self, text: str) -> None:
         """One user line: a command or a message. User mistakes print one line; the chat goes on."""
         if text.startswith("/"):
             name, _, rest = text.partition(" ")
-            command = self.commands.get(name.lower())
+            name = name.lower()
+            command = self.commands.get(name)
             if command is None:
                 self.error(f"Unknown command {name}. Commands: {', '.join(self.commands)} (see /help).")
                 return
@@ -138,8 +178,11 @@ class ChatSession:
             except ValueError as e:
                 self.error(f"Could not parse the arguments ({e}); close your quotes.")
                 return
+            if args and name in NO_ARGUMENTS:
+                self.error(f"{name} takes no arguments (got {' '.join(args)!r}); see /help.")
+                return
             try:
-                command(args, rest.strip())
+                command(args)
             except FineTuneInterrupted as e:
                 self.error(str(e))
             except UserError as e:
@@ -147,7 +190,7 @@ class ChatSession:
             except KeyboardInterrupt:
                 self.error("Interrupted.")
             except Exception as e:  # noqa: BLE001 - the one boundary: our bug stays visible but never ends the chat
-                self.internal_error(name.lower(), e)
+                self.internal_error(ACTIVITY.get(name, name), e)
             return
         try:
             self.say(text)
@@ -156,25 +199,19 @@ class ChatSession:
             self.error(str(e))
         except Exception as e:  # noqa: BLE001 - as above
             self.out.write("\n")
-            self.internal_error("the reply", e)
+            self.internal_error("The reply", e)
 
     def internal_error(self, what: str, error: Exception) -> None:
         """Not the user's mistake: one line naming what failed, the full traceback in a log file."""
-        log = self._output_dir() / "errors.log"
-        trace = "".join(traceback.format_exception(error))
-        try:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with log.open("a", encoding="utf-8") as f:
-                f.write(f"--- {datetime.now().isoformat(timespec='seconds')} {what}\n{redact(trace)}\n")
-            where = f"traceback in {log}"
-        except OSError:
-            where = "the traceback could not be written"
-        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        self.error(f"{what} failed: {type(error).__name__}: {first} ({where}); the previous weights and the "
-                   "conversation are kept.")
+        log = log_traceback(what, error, self._output_dir())
+        self.error(f"{failure_line(what, error, log)}; the previous weights and the conversation are kept.")
+
+    def print(self, *renderables: Any) -> None:
+        """Everything the chat shows goes through here: data and model text lose their control characters."""
+        self.console.print(*(Sanitized(r) for r in renderables))
 
     def error(self, message: str) -> None:
-        self.console.print(f"[red]error:[/] {escape(redact(message))}")
+        self.print(f"[red]error:[/] {plain(redact(message))}")
 
     def say(self, text: str) -> str:
         """Send a message to the assistant and stream its reply; Ctrl-C stops the reply, not the chat."""
@@ -185,35 +222,52 @@ class ChatSession:
             task.cancel()
             self.loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
             self.out.write("\n")
-            self.console.print("[yellow](reply interrupted)[/]")
+            self.print("[yellow](reply interrupted)[/]")
             return ""
 
     async def _stream(self, text: str) -> str:
         self.out.write(f"{self.assistant.name}: ")
         self.out.flush()
-        pieces = []
+        pieces, shown = [], StreamFilter()  # model output is untrusted text too
         async for piece in self.assistant.stream_reply(UserMsg(name=self.user.name, content=text)):
             pieces.append(piece)
-            self.out.write(piece)
+            self.out.write(shown.feed(piece))
             self.out.flush()
-        self.out.write("\n")
+        self.out.write(shown.flush() + "\n")
         self.out.flush()
         return "".join(pieces)
 
     # ------------------------------------------------------------------------------------------- helpers
 
-    def _config_with(self, pairs: list[str]) -> dict[str, Any]:
-        return merge_config(self.base_config.get("fine_tune_config"), parse_overrides(pairs))
+    def _config_with(self, pairs: list[str], own_data: bool = False) -> dict[str, Any]:
+        """The configured fine_tune_config with `pairs` over it. `own_data`: the user named a data file, so the
+        configured eval file (it belongs to the configured data) is dropped; one given in `pairs` stays."""
+        base = dict(self.base_config.get("fine_tune_config") or {})
+        if own_data:
+            base.pop("eval_data_path", None)
+        return merge_config(base, parse_overrides(pairs))
 
-    def _split_data_and_pairs(self, args: list[str]) -> tuple[str | None, list[str]]:
+    @staticmethod
+    def _split_data_and_pairs(args: list[str]) -> tuple[str | None, list[str]]:
         if args and "=" not in args[0]:
             return args[0], args[1:]
         return None, args
+
+    @staticmethod
+    def _folder(args: list[str], usage: str) -> Path | None:
+        """The one optional folder argument of /save, /export, /load (quote a name with spaces)."""
+        if len(args) > 1:
+            raise CommandError(f"Usage: {usage}: one folder; quote a name with spaces, e.g. \"my adapter\" "
+                               f"(got {len(args)} words).")
+        return Path(args[0]).expanduser() if args else None
 
     def _fine_tune(self, data_path: str | None, config: dict[str, Any], probe_count: int = 4) -> FineTuneResult:
         """Fine-tune with a progress bar; Ctrl-C stops cleanly; then print the before/after report."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        runs = (config.get("training_args") or {}).get("output_dir") or "runs"
+        if isinstance(runs, str):  # /proc/x, a file, a read-only folder: one line now, not a failure mid-run
+            check_writable_folder(runs, "training_args.output_dir")
         before = self.model.active_adapter
         stop = threading.Event()
         with Progress(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
@@ -226,11 +280,11 @@ class ChatSession:
 
             result = self.model.fine_tune(data_path, config, progress=report, stop=stop)
         if result.reused:
-            self.console.print(f"Reused the adapter of an identical earlier run: {escape(str(result.run_dir))} "
-                               "(add force_retrain=true to train again).")
+            self.print(f"Reused the adapter of an identical earlier run: {plain(str(result.run_dir))} "
+                       "(add force_retrain=true to train again).")
         else:
             self.report(result, before, config.get("probes"), probe_count)
-        self.console.print(f"Now serving adapter [bold]{result.adapter_name}[/]. The conversation is kept.")
+        self.print(f"Now serving adapter [bold]{result.adapter_name}[/]. The conversation is kept.")
         return result
 
     def _answer(self, prompt: str, adapter: str | None) -> str:
@@ -244,23 +298,23 @@ class ChatSession:
         prompts = pick_probes(result, configured, probe_count)
         probes = run_probes(prompts, lambda p: self._answer(p, before), lambda p: self._answer(p, result.adapter_name))
         before_label, after_label = before or "base", result.adapter_name
-        table = Table(title=Text(f"Fine-tune report ({result.run_dir})"), show_lines=False)
+        table = Table(title=cell(f"Fine-tune report ({result.run_dir})"), show_lines=False)
         table.add_column("metric")
-        table.add_column(Text(f"before ({before_label})"), justify="right")
-        table.add_column(Text(f"after ({after_label})"), justify="right")
+        table.add_column(cell(f"before ({before_label})"), justify="right")
+        table.add_column(cell(f"after ({after_label})"), justify="right")
         for row in summary_rows(result):
             table.add_row(*row)
-        self.console.print(table)
+        self.print(table)
         if probes:
             side = Table(title="Probes (same settings and seed)", show_lines=True)
             side.add_column("prompt", max_width=30)
-            side.add_column(Text(before_label))
-            side.add_column(Text(after_label))
+            side.add_column(cell(before_label))
+            side.add_column(cell(after_label))
             for p in probes:
-                side.add_row(Text(p.prompt), Text(p.before), Text(p.after))
-            self.console.print(side)
+                side.add_row(cell(p.prompt), cell(p.before), cell(p.after))
+            self.print(side)
         path = write_report(result, probes, before_label, after_label)
-        self.console.print(f"Report: {escape(str(path))} (+ loss.png)")
+        self.print(f"Report: {plain(str(path))} (+ loss.png)")
 
     def _last_turn(self) -> tuple[int, str, int | None]:
         """Index and text of the last user message, and the index of the reply after it (if any)."""
@@ -276,9 +330,10 @@ class ChatSession:
         return Path((ftc.get("training_args") or {}).get("output_dir", "runs")).expanduser()
 
     def _taught_file(self) -> Path:
-        base = self._output_dir()
-        base.mkdir(parents=True, exist_ok=True)
-        return base / f"taught-{self.session_stamp}.jsonl"
+        """This session's own file (a unique id after the stamp: sessions of the same second never share one)."""
+        if self.taught_path is None:
+            self.taught_path = create_exclusive(self._output_dir(), f"taught-{self.session_stamp}-", ".jsonl")
+        return self.taught_path
 
     def _save_taught(self) -> Path:
         path = self._taught_file()
@@ -288,43 +343,53 @@ class ChatSession:
 
     # ------------------------------------------------------------------------------------------- commands
 
-    def cmd_help(self, args: list[str], rest: str) -> None:
+    def cmd_help(self, args: list[str]) -> None:
         table = Table(show_header=False, box=None)
         for usage, what in HELP:
-            table.add_row(f"[bold]{escape(usage)}[/]", escape(what))
-        self.console.print(table)
+            table.add_row(f"[bold]{plain(usage)}[/]", plain(what))
+        self.print(table)
+        self.print('Arguments are shell-style words: quote a folder or text with spaces or apostrophes '
+                   '(/save "my adapter").')
 
-    def cmd_finetune(self, args: list[str], rest: str) -> None:
+    def cmd_finetune(self, args: list[str]) -> None:
         data_path, pairs = self._split_data_and_pairs(args)
-        config = self._config_with(pairs)
-        if data_path:
-            config.pop("eval_data_path", None)  # the configured eval file belongs to the configured data
-        self._fine_tune(data_path, config)
+        self._fine_tune(data_path, self._config_with(pairs, own_data=bool(data_path)))
 
-    def cmd_teach(self, args: list[str], rest: str) -> None:
+    def cmd_teach(self, args: list[str]) -> None:
         user_index, prompt, reply_index = self._last_turn()
         context = self.assistant.state.context
-        if rest:
-            answer = rest
+        answer = " ".join(args)
+        rejected = None
+        if answer:
             corrected = AssistantMsg(name=self.assistant.name, content=answer)
             if reply_index is None:
                 context.append(corrected)
             else:
+                rejected = context[reply_index].get_text_content() or None
                 context[reply_index] = corrected
         else:
             if reply_index is None:
                 raise CommandError("There is no reply to keep yet; give the better answer: /teach <answer>.")
             answer = context[reply_index].get_text_content() or ""
-        self.taught.append(Taught(prompt, answer))
+        self.taught.append(Taught(prompt, answer, rejected))
         path = self._save_taught()
-        self.console.print(f"Taught example {len(self.taught)}: [italic]{escape(prompt)}[/] -> "
-                           f"[italic]{escape(answer)}[/] (saved to {escape(str(path))}; /train to learn it).")
+        self.print(f"Taught example {len(self.taught)}: [italic]{plain(prompt)}[/] -> "
+                   f"[italic]{plain(answer)}[/] (saved to {plain(str(path))}; /train to learn it"
+                   + ("; the replaced reply is kept as the rejected answer for /train method=dpo)." if rejected
+                      else ")."))
 
-    def cmd_train(self, args: list[str], rest: str) -> None:
-        if not self.taught:
+    def cmd_train(self, args: list[str]) -> None:
+        if not self.taught and not self.marks:
             raise CommandError("Nothing taught yet: ask something, then /teach <better answer>.")
         pairs = [p for p in args if not p.startswith("replay=")]
-        replay = all(parse_value(p.split("=", 1)[1]) is not False for p in args if p.startswith("replay="))
+        replay = all(split_assignment(p)[1] is not False for p in args if p.startswith("replay="))
+        method = self._config_with(pairs).get("method", "sft")
+        if method != "sft":
+            self._train_preferences(method, self._config_with(pairs), replay)
+            return
+        if not self.taught:
+            raise CommandError("Nothing taught yet for SFT (only /good and /bad marks: /train method=kto learns "
+                               "those); ask something, then /teach <better answer>.")
         taught_path = self._save_taught()
         mix = taught_mix(taught_path, self.base_config.get("data_path") if replay else None, TRAIN_REPEATS)
         config = self._config_with(pairs)
@@ -332,135 +397,205 @@ class ChatSession:
         config.setdefault("probes", [t.prompt for t in self.taught][:5])
         result = self._fine_tune(str(mix), config)
         if not result.reused:
-            (result.run_dir / "taught.jsonl").write_text(taught_path.read_text())
+            write_text_atomic(result.run_dir / "taught.jsonl", taught_path.read_text(encoding="utf-8"))
 
-    def cmd_compare(self, args: list[str], rest: str) -> None:
-        prompt = rest or self._last_turn()[1]
+    def _train_preferences(self, method: str, config: dict[str, Any], replay: bool) -> None:
+        """/train method=dpo|orpo|kto: the taught answers over the replies they replaced (KTO: and the marks)."""
+        rows = self._preference_rows(method)
+        if not rows:
+            raise CommandError(
+                "No taught pair has a rejected reply yet: /teach <better answer> replaces a reply, and the replaced "
+                "reply becomes the rejected answer (/teach with no text keeps the reply: an SFT example). /good and "
+                "/bad marks train with method=kto.")
+        replayed = self._replay_preferences() if replay else None
+        mix = preference_mix(rows, replayed, TRAIN_REPEATS, paired=method != "kto")
+        taught = self._taught_file()
+        unique_rows = write_text_atomic(taught.with_name(f"{taught.stem}-{method}.jsonl"), _jsonl(rows))
+        mix_file = write_text_atomic(taught.with_name(f"{taught.stem}-{method}-train.jsonl"), _jsonl(mix))
+        config.setdefault("eval_fraction", 0.0)
+        config.setdefault("probes", list(dict.fromkeys(r["prompt"][-1]["content"] for r in rows))[:5])
+        result = self._fine_tune(str(mix_file), config)
+        if not result.reused:
+            write_text_atomic(result.run_dir / f"taught-{method}.jsonl", unique_rows.read_text(encoding="utf-8"))
+
+    def _preference_rows(self, method: str) -> list[dict[str, Any]]:
+        """Pairs (taught answer over the replaced reply) for dpo/orpo; for kto every taught answer is good, every
+        replaced reply bad, plus the /good and /bad marks."""
+        def prompt(text: str) -> list[dict[str, str]]:
+            return [{"role": "user", "content": text}]
+
+        if method in ("dpo", "orpo"):
+            return [Pair(prompt(t.prompt), t.answer, t.rejected).to_row() for t in self.taught
+                    if t.rejected and t.rejected.strip() != t.answer.strip()]
+        marked = [Marked(prompt(t.prompt), t.answer, True) for t in self.taught]
+        marked += [Marked(prompt(t.prompt), t.rejected, False) for t in self.taught if t.rejected]
+        return [m.to_row() for m in marked + self.marks]
+
+    def _replay_preferences(self) -> PreferenceDataset | None:
+        """The configured data, if it is preference data (SFT data cannot be mixed into preference rows)."""
+        data_path = self.base_config.get("data_path")
+        if not data_path:
+            return None
+        try:
+            return load_preference_dataset(str(data_path))
+        except DatasetFormatError:
+            self.print(f"Not replaying {plain(str(data_path))}: it is not preference data, so the taught rows train "
+                       "alone (DPO and KTO keep the model close to its current weights through their reference).")
+            return None
+
+    def cmd_good(self, args: list[str]) -> None:
+        self._mark(True)
+
+    def cmd_bad(self, args: list[str]) -> None:
+        self._mark(False)
+
+    def _mark(self, good: bool) -> None:
+        _, prompt, reply_index = self._last_turn()
+        reply = self.assistant.state.context[reply_index].get_text_content() if reply_index is not None else None
+        if not reply or not reply.strip():
+            raise CommandError("There is no reply to mark yet: ask something first.")
+        self.marks.append(Marked([{"role": "user", "content": prompt}], reply, good))
+        self.print(f"Marked the last reply {'good' if good else 'bad'} ({len(self.marks)} marked; "
+                   "/train method=kto learns from the marks).")
+
+    def cmd_compare(self, args: list[str]) -> None:
+        prompt = " ".join(args) or self._last_turn()[1]
         current = self.model.active_adapter
         if current is None:
             raise CommandError("No adapter is active, so base and current are the same model. Fine-tune first.")
         base_answer = self._answer(prompt, None)
         tuned_answer = self._answer(prompt, current)
-        table = Table(title=Text(f"/compare: {prompt}"), show_lines=True)
+        table = Table(title=cell(f"/compare: {prompt}"), show_lines=True)
         table.add_column("base")
-        table.add_column(Text(current))
-        table.add_row(Text(base_answer), Text(tuned_answer))
-        self.console.print(table)
+        table.add_column(cell(current))
+        table.add_row(cell(base_answer), cell(tuned_answer))
+        self.print(table)
 
-    def cmd_dryrun(self, args: list[str], rest: str) -> None:
+    def cmd_dryrun(self, args: list[str]) -> None:
         data_path, pairs = self._split_data_and_pairs(args)
-        dry = self.model.dry_run(data_path, self._config_with(pairs))
+        dry = self.model.dry_run(data_path, self._config_with(pairs, own_data=bool(data_path)))
         lengths = dry.lengths
-        self.console.print(f"{escape(dry.data.describe())}")
-        self.console.print(f"tokens per row: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
-                           f"{dry.truncated} of {len(lengths)} rows longer than max_length={dry.max_length}; "
-                           f"template: {dry.template_name}")
-        text = Text()
+        self.print(plain(dry.data.describe()))
+        self.print(f"tokens per row: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
+                   f"{dry.truncated} of {len(lengths)} rows longer than max_length={dry.max_length}; "
+                   f"{dry.mask_description}")
+        text, shown, chars, lines = Text(), 0, 0, 0
         for piece, loss in dry.segments:
+            chars, lines = chars + len(piece), lines + piece.count("\n")
+            if chars > DRYRUN_CHARS or lines > DRYRUN_LINES:
+                break
             text.append(piece, style="bold black on green" if loss else "dim")
-        self.console.print("First example (highlighted tokens carry loss):")
-        self.console.print(text)
+            shown += 1
+        self.print(getattr(dry, "heading", "First example (highlighted tokens carry loss):"))
+        self.print(text)
+        if shown < len(dry.segments):
+            total = sum(len(piece) for piece, _ in dry.segments)
+            self.print(f"(cut to a screenful: {len(text):,} of {total:,} characters, {shown:,} of "
+                       f"{len(dry.segments):,} tokens shown)")
         if dry.loss_tokens == 0:
             self.error("No token of this example carries loss: training would learn nothing.")
 
-    def cmd_adapters(self, args: list[str], rest: str) -> None:
+    def cmd_adapters(self, args: list[str]) -> None:
         table = Table(title="Adapters (/use <name>, /use base, /undo)")
         for column in ("", "name", "from", "path", "note"):
             table.add_column(column)
         active = self.model.active_adapter
         table.add_row("*" if active is None else "", "base", "",
-                      Text(self.model.source.path if self.model.source else ""), "the loaded model without adapter")
+                      cell(self.model.source.path if self.model.source else ""), "the loaded model without adapter")
         for record in self.model.adapters.values():
-            table.add_row("*" if record.name == active else "", Text(record.name), Text(record.parent or "base"),
-                          Text(str(record.path)), Text(record.note))
-        self.console.print(table)
+            table.add_row("*" if record.name == active else "", cell(record.name), cell(record.parent or "base"),
+                          cell(str(record.path)), cell(record.note))
+        self.print(table)
 
-    def cmd_use(self, args: list[str], rest: str) -> None:
+    def cmd_use(self, args: list[str]) -> None:
         if len(args) != 1:
             raise CommandError("Usage: /use <name|base> (see /adapters).")
         self.model.use_adapter(args[0])
-        self.console.print(f"Now serving {escape(args[0])}.")
+        self.print(f"Now serving {plain(args[0])}.")
 
-    def cmd_undo(self, args: list[str], rest: str) -> None:
+    def cmd_undo(self, args: list[str]) -> None:
         previous = self.model.undo()
-        self.console.print(f"Now serving {escape(previous or 'base')}.")
+        self.print(f"Now serving {plain(previous or 'base')}.")
 
-    def cmd_load(self, args: list[str], rest: str) -> None:
-        if not rest:
+    def cmd_load(self, args: list[str]) -> None:
+        target = self._folder(args, "/load <model id | model folder | adapter folder>")
+        if target is None:
             raise CommandError("Usage: /load <model id | model folder | adapter folder>.")
-        target = Path(rest).expanduser()
         if (target / "adapter_config.json").exists():
             record = self.model.load_adapter(target, note=f"/load {target}")
-            self.console.print(f"Adapter {escape(record.name)} loaded and active.")
+            self.print(f"Adapter {plain(record.name)} loaded and active.")
             return
+        # Model and tokenizer load and are checked together; on failure the current ones keep serving.
         if target.exists():
             self.model.load_model(None, str(target))
-            self.model.load_tokenizer(None, str(target) if (target / "tokenizer_config.json").exists() else None)
         else:
-            self.model.load_model(rest)
-            self.model.load_tokenizer(rest)
-        self.console.print(f"Loaded {escape(self.model.source.describe() if self.model.source else rest)}; "
-                           "the conversation is kept.")
+            self.model.load_model(args[0])
+        self.print(f"Loaded {plain(self.model.source.describe() if self.model.source else args[0])}; "
+                   "the conversation is kept.")
 
-    def cmd_save(self, args: list[str], rest: str) -> None:
+    def cmd_save(self, args: list[str]) -> None:
+        dest = self._folder(args, "/save [folder]")
         if self.model.active_adapter is None:
             raise CommandError("No adapter is active; nothing to save (the base model is unchanged).")
-        dest = Path(rest).expanduser() if rest else self._default_dest("adapter")
+        dest = dest or self._default_dest("adapter")
         if dest.exists() and any(dest.iterdir()):
             raise CommandError(f"{dest} already exists and is not empty; choose a new folder.")
         path = self.model.save_adapter(dest)
-        self.console.print(f"Saved adapter {self.model.active_adapter} + tokenizer to {escape(str(path))}.")
+        self.print(f"Saved adapter {self.model.active_adapter} + tokenizer to {plain(str(path))}.")
 
-    def cmd_export(self, args: list[str], rest: str) -> None:
-        dest = Path(rest).expanduser() if rest else self._default_dest("merged")
+    def cmd_export(self, args: list[str]) -> None:
+        dest = self._folder(args, "/export [folder]") or self._default_dest("merged")
         if dest.exists():
             raise CommandError(f"{dest} already exists; choose a new folder.")
         started = time.perf_counter()
         path = self.model.export_merged(dest)
         diff = self.model.verify_export(path)
-        self.console.print(f"Exported merged model to {escape(str(path))} in {time.perf_counter() - started:.1f} s; loaded back: "
-                           f"max logit difference {diff:.2e} vs base+adapter.")
+        self.print(f"Exported merged model to {plain(str(path))} in {time.perf_counter() - started:.1f} s; "
+                   f"loaded back: max logit difference {diff:.2e} vs base+adapter.")
 
     def _default_dest(self, kind: str) -> Path:
         base = self._output_dir()
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         return base / f"{stamp}-{self.model.active_adapter or 'base'}-{kind}"
 
-    def cmd_system(self, args: list[str], rest: str) -> None:
-        if not rest:
-            self.console.print(f"System prompt: {escape(self.assistant.sys_prompt)}")
-            return
-        self.assistant.sys_prompt = rest
-        self.console.print("System prompt updated.")
-
-    def cmd_set(self, args: list[str], rest: str) -> None:
+    def cmd_system(self, args: list[str]) -> None:
         if not args:
-            self.console.print(self.model.parameters.model_dump())
+            self.print(f"System prompt: {plain(self.assistant.sys_prompt)}")
+            return
+        self.assistant.sys_prompt = " ".join(args)
+        self.print("System prompt updated.")
+
+    def cmd_set(self, args: list[str]) -> None:
+        if not args:
+            self.print(plain(str(self.model.parameters.model_dump())))
             return
         updates = {}
         for pair in args:
             if "=" not in pair:
                 raise CommandError(f"'{pair}' is not key=value; e.g. /set temperature=0.2 max_length=128.")
-            key, raw = pair.split("=", 1)
-            updates[key] = parse_value(raw)
+            key, value = split_assignment(pair)
+            updates[key] = value
         fields = type(self.model.parameters).model_fields
         unknown = [k for k in updates if k not in fields]
         if unknown:
             raise CommandError(f"Unknown setting(s) {', '.join(unknown)}; valid: {', '.join(fields)}.")
+        wrong = number_problems([], set=updates)  # NaN, inf, or beyond 64 bits: refused before any range check
+        if wrong:
+            raise CommandError(f"Invalid value ({'; '.join(p.removeprefix('set.') for p in wrong)}).")
         try:
             self.model.parameters = type(self.model.parameters).model_validate(
                 {**self.model.parameters.model_dump(), **updates})
         except ValidationError as e:
             raise CommandError(f"Invalid value ({describe_validation(e)}).") from None
-        self.console.print(f"Settings: {escape(str(self.model.parameters.model_dump()))}")
+        self.print(f"Settings: {plain(str(self.model.parameters.model_dump()))}")
 
-    def cmd_reset(self, args: list[str], rest: str) -> None:
+    def cmd_reset(self, args: list[str]) -> None:
         self.assistant.state.context.clear()
-        self.console.print("Conversation cleared.")
+        self.print("Conversation cleared.")
 
-    def cmd_history(self, args: list[str], rest: str) -> None:
+    def cmd_history(self, args: list[str]) -> None:
         history = self.assistant.history()
         if not history:
-            self.console.print("(no messages yet)")
+            self.print("(no messages yet)")
         for m in history:
-            self.console.print(f"[bold]{m['role']}:[/] {escape(m['content'])}")
+            self.print(f"[bold]{m['role']}:[/] {plain(m['content'])}")

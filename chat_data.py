@@ -10,8 +10,16 @@ Accepted shapes (detected from the columns, logged once):
 | alpaca            | `instruction`, optional `input`, `output` (optional `system`)    |
 | prompt-completion | `prompt`, `completion` (strings, or lists of messages)           |
 
+Tool use: `messages` rows may hold assistant `tool_calls` ([{"type": "function",
+"function": {"name", "arguments"}}], arguments as an object or its JSON text) and
+`tool` messages with the results; ShareGPT rows use `function_call` (value: the
+call's JSON) and `observation` turns. A `tools` column (JSON schemas, as a list or
+JSON text) lists the tools offered; a call to a tool missing from it, or arguments
+that are not a JSON object, skip the row.
+
 Every format becomes a list of chat messages that starts with an optional
-system message, alternates user/assistant and ends on an assistant turn.
+system message, alternates user/assistant (a tool-calling turn followed by its
+results and the assistant again) and ends on an assistant turn.
 Rows that cannot be used (empty or non-string content, unknown roles, no
 assistant turn) are skipped and counted; if none is usable the load fails
 with `DatasetFormatError`. Nothing from a data file is ever evaluated.
@@ -27,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hfmodel.chat_format import TOOLS_KEY
 from hfmodel.common import UserError
 
 logger = logging.getLogger("huggingface_model")
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role, content; assistant turns may carry tool_calls, tool results a name
 Conversation = list[Message]
 
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -53,6 +62,10 @@ ROLE_ALIASES = {
     "bot": "assistant",
     "model": "assistant",
     "chatgpt": "assistant",
+    "tool": "tool",  # a tool's result (OpenAI); ShareGPT calls it "observation"
+    "observation": "tool",
+    "function": "tool",
+    "ipython": "tool",
 }
 
 
@@ -110,6 +123,10 @@ def looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
 
 
+MAX_NESTING = 32  # a chat row is ~5 levels deep (row -> messages -> message -> content parts -> part)
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _load_local(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise DatasetFormatError(
@@ -123,16 +140,27 @@ def _load_local(path: Path) -> list[dict[str, Any]]:
             f"Unsupported data file extension '{path.suffix}' ({path}). "
             f"Use one of: {', '.join(sorted(FILE_LOADERS))}."
         )
-    if path.stat().st_size == 0 or (builder != "parquet" and not path.read_bytes().strip()):
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DatasetFormatError(f"Cannot read data file {path}: {e.strerror or e}. Check that it is a "
+                                 "readable file (permissions, a broken link).") from None
+    if not raw.strip():
         raise DatasetFormatError(f"Data file {path} is empty; it needs at least one conversation.")
-    if builder == "json":
-        _check_json_syntax(path)
+    options: dict[str, Any] = {}
+    if builder != "parquet":
+        text = _decode_text(path, raw)
+        if raw.startswith(UTF8_BOM):
+            options["encoding"] = "utf-8-sig"  # a BOM (Windows editors write one) is skipped, not read as data
+        if builder == "json":
+            _check_json_syntax(path, text)
 
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True,
+                                        **options)
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as e:
         cause = e.__cause__ or e
         raise DatasetFormatError(
@@ -142,14 +170,55 @@ def _load_local(path: Path) -> list[dict[str, Any]]:
     return _materialize(dataset)
 
 
-def _check_json_syntax(path: Path) -> None:
+def _decode_text(path: Path, raw: bytes) -> str:
+    """The file as text: UTF-8 (a leading BOM skipped), or an error that names the file, the place and the fix."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DatasetFormatError(
+            f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}; probably Latin-1 or "
+            f"Windows-1252). Save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`, "
+            "or choose UTF-8 when saving from your editor or spreadsheet."
+        ) from None
+
+
+def _parse_json(text: str, path: Path, where: str) -> Any:
+    """json.loads, with nesting deeper than any chat row refused in one line (Python's parser would recurse)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value, depth = None, MAX_NESTING + 1
+    else:
+        depth = nesting_depth(value)
+    if depth > MAX_NESTING:
+        raise DatasetFormatError(
+            f"{path}, {where}: JSON nested more than {MAX_NESTING} levels deep; a chat row needs about 5 "
+            "(row -> messages -> message -> content), so this is not a conversation."
+        )
+    return value
+
+
+def nesting_depth(value: Any) -> int:
+    """How many lists/objects deep `value` goes (iterative: any depth is safe to measure)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _check_json_syntax(path: Path, text: str) -> None:
     """Report malformed JSON with the file and line number (datasets' own error names neither)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
         stripped = text.lstrip()
         if path.suffix.lower() == ".json" and stripped.startswith("{"):
             try:
-                json.loads(text)
+                _parse_json(text, path, "the whole file")
                 return
             except json.JSONDecodeError:
                 pass  # maybe JSON Lines in a .json file: check line by line below
@@ -157,7 +226,7 @@ def _check_json_syntax(path: Path) -> None:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = _parse_json(line, path, f"line {number}")
             except json.JSONDecodeError as e:
                 raise DatasetFormatError(
                     f"Malformed JSON in {path}, line {number}, column {e.colno}: {e.msg}. "
@@ -169,7 +238,7 @@ def _check_json_syntax(path: Path) -> None:
                 )
         return
     try:
-        rows = json.loads(text)
+        rows = _parse_json(text, path, "the whole file")
     except json.JSONDecodeError as e:
         raise DatasetFormatError(
             f"Malformed JSON in {path}, line {e.lineno}, column {e.colno}: {e.msg}."
@@ -250,7 +319,7 @@ def normalize_rows(raw_rows: list[dict[str, Any]], source: str = "dataset") -> C
     skipped: Counter[str] = Counter()
     for raw in raw_rows:
         try:
-            rows.append(_validate_conversation(converter(raw)))
+            rows.append(_with_tools(_validate_conversation(converter(raw)), raw))
         except _SkipRow as why:
             skipped[str(why)] += 1
     if not rows:
@@ -267,13 +336,27 @@ class _SkipRow(Exception):
 
 
 def _parse_json_string(value: Any) -> Any:
-    """CSV and some parquet files hold nested columns as JSON text; parse it (never eval)."""
-    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
+    """CSV and some parquet files hold nested columns as JSON text; parse it (never eval). Text that is not
+    JSON comes back as it is."""
+    try:
+        return _json_column(value, "column")
+    except _SkipRow:
+        return value
+
+
+def _json_column(value: Any, column: str) -> Any:
+    """A column that may hold JSON text (CSV, some parquet files): parsed, or the row is skipped saying why."""
+    if not (isinstance(value, str) and value.strip()[:1] in ("[", "{")):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise _SkipRow(f"with broken JSON in '{column}'") from None
+    except RecursionError:
+        raise _SkipRow(f"with '{column}' nested too deep") from None
+    if nesting_depth(parsed) > MAX_NESTING:
+        raise _SkipRow(f"with '{column}' nested too deep")
+    return parsed
 
 
 def _text(value: Any, what: str) -> str:
@@ -285,7 +368,7 @@ def _text(value: Any, what: str) -> str:
 
 
 def _from_messages(raw: dict[str, Any]) -> Conversation:
-    messages = _parse_json_string(raw.get("messages"))
+    messages = _json_column(raw.get("messages"), "messages")
     if not isinstance(messages, list):
         raise _SkipRow("'messages' not a list")
     out: Conversation = []
@@ -295,12 +378,51 @@ def _from_messages(raw: dict[str, Any]) -> Conversation:
         role = m.get("role")
         if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
             raise _SkipRow("unknown role")
-        out.append({"role": ROLE_ALIASES[role.lower()], "content": _text(m.get("content"), "content")})
+        message: Message = {"role": ROLE_ALIASES[role.lower()], "content": _text(m.get("content"), "content")}
+        if m.get("tool_calls"):
+            message["tool_calls"] = [_tool_call(c) for c in _json_column(m["tool_calls"], "tool_calls")]
+        if message["role"] == "tool" and isinstance(m.get("name"), str):
+            message["name"] = m["name"]
+        out.append(message)
     return out
 
 
+def _tool_call(call: Any) -> dict[str, Any]:
+    """One call as chat templates take it: {"type": "function", "function": {"name", "arguments": dict}}."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise _SkipRow("tool call without a name")
+    arguments = fn.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError:
+            raise _SkipRow("tool call arguments not a JSON object") from None
+    if not isinstance(arguments, dict):
+        raise _SkipRow("tool call arguments not a JSON object")
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _with_tools(messages: Conversation, raw: dict[str, Any]) -> Conversation:
+    """The row's `tools` column (a list of JSON schemas, or its JSON text) rides on the first message; every call
+    must name one of them."""
+    tools = _json_column(raw.get("tools"), "tools")
+    calls = [c["function"]["name"] for m in messages for c in m.get("tool_calls") or []]
+    if not tools:
+        if calls:
+            raise _SkipRow("tool calls without a 'tools' column")
+        return messages
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _SkipRow("'tools' not a list of JSON schemas")
+    names = {str(t.get("function", t).get("name")) for t in tools}
+    if any(name not in names for name in calls):
+        raise _SkipRow("a call to a tool missing from 'tools'")
+    return [{**messages[0], TOOLS_KEY: tools}, *messages[1:]]
+
+
 def _from_sharegpt(raw: dict[str, Any]) -> Conversation:
-    turns = _parse_json_string(raw.get("conversations"))
+    turns = _json_column(raw.get("conversations"), "conversations")
     if not isinstance(turns, list):
         raise _SkipRow("'conversations' not a list")
     out: Conversation = []
@@ -310,14 +432,22 @@ def _from_sharegpt(raw: dict[str, Any]) -> Conversation:
         if not isinstance(t, dict):
             raise _SkipRow("turn not an object")
         role = t.get("from", t.get("role"))
+        value = t.get("value", t.get("content"))
+        if role == "function_call":  # ShareGPT tool use: the call's JSON {"name", "arguments"} as the value
+            call = _tool_call(_json_column(value, "function_call") if isinstance(value, str) else value)
+            if out and out[-1]["role"] == "assistant" and not out[-1].get("tool_calls"):
+                out[-1]["tool_calls"] = [call]  # text then a call: one assistant turn
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            continue
         if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
             raise _SkipRow("unknown role")
-        out.append({"role": ROLE_ALIASES[role.lower()], "content": _text(t.get("value", t.get("content")), "content")})
+        out.append({"role": ROLE_ALIASES[role.lower()], "content": _text(value, "content")})
     return out
 
 
 def _from_lima(raw: dict[str, Any]) -> Conversation:
-    turns = _parse_json_string(raw.get("conversations"))
+    turns = _json_column(raw.get("conversations"), "conversations")
     if not isinstance(turns, list):
         raise _SkipRow("'conversations' not a list")
     return [
@@ -362,17 +492,26 @@ _CONVERTERS = {
 
 
 def _validate_conversation(messages: Conversation) -> Conversation:
-    """Enforce: optional leading system, then user/assistant alternating, ending on assistant."""
-    if any(not m["content"].strip() for m in messages):
+    """Enforce: optional leading system, then user/assistant alternating, ending on assistant; an assistant turn
+    that calls tools is followed by their results (`tool` messages) and then the assistant again."""
+    if any(not m["content"].strip() and not m.get("tool_calls") for m in messages):
         raise _SkipRow("empty content")
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(system) :]
     if not body:
         raise _SkipRow("no turns")
-    for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != expected:
+    expected = {"user"}
+    for m in body:
+        if m["role"] not in expected:
             raise _SkipRow("roles out of order" if m["role"] != "system" else "system message not first")
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            expected = {"tool"}
+        elif m["role"] == "tool":
+            expected = {"tool", "assistant"}
+        else:
+            expected = {"assistant"} if m["role"] == "user" else {"user"}
+    while body[-1]["role"] == "tool":  # results with no answer after them: the call itself is still learned
+        body = body[:-1]
     if body[-1]["role"] != "assistant":
         if len(body) == 1:
             raise _SkipRow("no assistant turn")

@@ -21,6 +21,7 @@ CONFIG is a YAML (or JSON) file with three top-level keys:
       system_prompt: "..."       # put into training rows that have none (use the chat's prompt)
     data_path: data/ember_train.jsonl
     fine_tune_config:            # exactly what `HuggingFaceWrapper.fine_tune` takes
+      method: sft                # or dpo / orpo / kto on preference data (e.g. data/style_pairs_train.jsonl)
       eval_data_path: data/ember_eval.jsonl
       lora_config: {r: 8, lora_alpha: 16}
       training_args: {max_steps: 24, learning_rate: 1.0e-3, per_device_train_batch_size: 8, output_dir: runs}
@@ -38,7 +39,8 @@ log_history.json and the adapter, and prints the summary. Every process prints o
 the end (optimizer steps it ran and a checksum of its LoRA weights: equal checksums = synchronised DDP;
 under FSDP / ZeRO-3 how many LoRA values its shard holds: all processes join in gathering the adapter).
 
-Exit status: 0 done, 2 bad input (missing file, bad YAML, unknown key, unusable data; one line on stderr),
+Exit status: 0 done, 2 bad input (missing file, bad YAML, unknown key, unusable data; one line on stderr) or
+an unexpected failure (one `error:` line naming what failed and the log file holding the traceback),
 130 interrupted.
 """
 
@@ -49,13 +51,25 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from any folder: the project's modules import
 
-from hfmodel.common import UserError, is_main_process, quiet_libraries  # noqa: E402 - light: no torch
+from hfmodel.common import (  # noqa: E402 - light: no torch
+    FineTuneInterrupted,
+    UnexpectedError,
+    UserError,
+    check_writable_folder,
+    failure_line,
+    is_main_process,
+    log_traceback,
+    quiet_libraries,
+    safe_text,
+    stage,
+)
 from hfmodel.distributed import (  # noqa: E402
     check_ranks_agree,
     finish_distributed,
@@ -86,12 +100,17 @@ def read_config_file(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise InputError(f"config file not found: {path}" + (" (it is a folder)" if file.is_dir() else ""))
-    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise InputError(f"cannot read config file {path}: {e.strerror or e} (check its permissions)") from None
     try:
         if file.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             data = load_yaml(text)
+    except RecursionError:
+        raise InputError(f"{path}: nested hundreds of levels deep; a config is a few levels of mappings") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except yaml.YAMLError as e:
@@ -182,6 +201,23 @@ def preflight(config: dict[str, Any], source: str) -> None:
     args = ftc.get("training_args")
     if args is not None and not isinstance(args, dict):
         raise InputError(f"{source}: fine_tune_config.training_args must be a mapping, got {type(args).__name__}")
+    check_output_dir((args or {}).get("output_dir") or "runs")
+
+
+def check_output_dir(value: Any) -> None:
+    """The runs folder must be one we can create and write in (not /proc/x, not a file, not read-only)."""
+    if not isinstance(value, str):
+        raise InputError(f"training_args.output_dir must be a folder path, got {type(value).__name__}")
+    try:
+        check_writable_folder(_expand(value), "training_args.output_dir")
+    except UserError as e:
+        raise InputError(str(e)) from None
+
+
+def output_dir(config: dict[str, Any]) -> Path:
+    """Where run directories (and errors.log) go."""
+    args = config["fine_tune_config"].get("training_args") or {}
+    return Path(_expand(args.get("output_dir") or "runs"))
 
 
 def load_config(path: str, sets: list[str]) -> dict[str, Any]:
@@ -206,8 +242,9 @@ def run(config: dict[str, Any]) -> int:
     main = is_main_process()
     quiet_libraries(logging.INFO if main else logging.WARNING)
     model_cfg = config["model"]
-    state = init_distributed()
-    from huggingface_model import FineTuneConfig, HuggingFaceWrapper, fsdp_requested, training_precision
+    with stage("Starting"):
+        state = init_distributed()
+        from huggingface_model import FineTuneConfig, HuggingFaceWrapper, fsdp_requested, training_precision
 
     if state is not None and fsdp_requested() and state.device.type == "cpu" \
             and os.environ.get("FSDP_SYNC_MODULE_STATES", "").lower() == "true":  # accelerate would raise a traceback
@@ -219,7 +256,8 @@ def run(config: dict[str, Any]) -> int:
 
     ftc = config["fine_tune_config"]
     args = {**FineTuneConfig.from_dict(ftc).training_args}  # unknown keys / bad values: fail before loading
-    wrapper = HuggingFaceWrapper.from_config({**model_cfg, "data_path": None, "fine_tune_config": ftc})
+    with stage("Loading the model"):
+        wrapper = HuggingFaceWrapper.from_config({**model_cfg, "data_path": None, "fine_tune_config": ftc})
     bf16, fp16 = training_precision(wrapper.device, args, set(ftc.get("training_args") or {}))
     autocast = "bf16" if bf16 else "fp16" if fp16 else None
 
@@ -254,7 +292,8 @@ def run(config: dict[str, Any]) -> int:
             print(f"{where}  eval_loss {_fmt(event['eval_loss'])}", flush=True)
 
     started = time.perf_counter()
-    result = wrapper.fine_tune(config["data_path"], ftc, progress=progress)
+    with stage("Fine-tuning"):
+        result = wrapper.fine_tune(config["data_path"], ftc, progress=progress)
     seconds = time.perf_counter() - started
 
     if n_proc > 1:
@@ -292,6 +331,10 @@ def run(config: dict[str, Any]) -> int:
             print(f"Train loss: {_fmt(result.train_loss)}")
         if result.eval_loss_before is not None:
             print(f"Eval loss: {_fmt(result.eval_loss_before)} -> {_fmt(result.eval_loss_after)}")
+        if getattr(result, "method", "sft") != "sft":  # DPO / ORPO / KTO: how strongly the chosen answers win
+            from hfmodel.preference import describe_scores
+
+            print(f"Preference ({result.method}): {describe_scores(result.before, result.after, result.scored_on)}")
         sys.stdout.flush()
     if state is not None:
         state.wait_for_everyone()  # nobody tears the process group down while rank 0 still writes
@@ -321,40 +364,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.estimate_memory:
-        print(memory_table(args.seq_len, args.batch, args.lora_rank, args.activation_checkpointing))
-        return 0
+    """The one error boundary: bad input and unexpected failures each end in one line on stderr, exit 2."""
     is_main = is_main_process()
-    if not args.config:
-        print("error: give --config CONFIG.yaml (or --estimate-memory); see `python finetune.py --help`",
-              file=sys.stderr)
-        return 2
+    logs = Path(tempfile.gettempdir())  # errors.log goes to the runs folder once the config names it
 
-    def fail(e: Exception) -> int:
+    def say(message: str) -> None:
         if is_main:  # every rank reads the same input and fails the same way: say it once
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            rest = [line.lstrip("- ") for line in lines[1:]]  # the project's "  - problem" lists -> one line
-            message = " ".join([lines[0] if lines else type(e).__name__, "; ".join(rest)]).strip()
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        return 2
+            print(f"error: {safe_text(message)}", file=sys.stderr, flush=True)
 
     try:
+        args = parse_args(argv)
+        if args.estimate_memory:
+            print(estimate(args))
+            return 0
+        if not args.config:
+            raise InputError("give --config CONFIG.yaml (or --estimate-memory); see `python finetune.py --help`")
         config = load_config(args.config, args.set)  # light imports only: bad input fails in a second
-    except InputError as e:
-        return fail(e)
-    from huggingface_model import FineTuneInterrupted
-
-    try:
+        logs = output_dir(config)
         return run(config)
     except (KeyboardInterrupt, FineTuneInterrupted) as e:
         if is_main:
             print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr, flush=True)
         return 130
     except UserError as e:
-        return fail(e)
+        say(one_line(e))
+        return 2
+    except UnexpectedError as e:
+        cause = e.__cause__ or e
+        say(failure_line(e.what, cause, log_traceback(e.what, cause, logs)))
+        return 2
+    except Exception as e:  # noqa: BLE001 - the boundary: our own bug, named in one line, traceback logged
+        say(failure_line("finetune.py", e, log_traceback("finetune.py", e, logs)))
+        return 2
     finally:
         finish_distributed()
+
+
+def one_line(error: Exception) -> str:
+    """The project's "  - problem" lists as one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    rest = [line.lstrip("- ") for line in lines[1:]]
+    return " ".join([lines[0] if lines else type(error).__name__, "; ".join(rest)]).strip()
+
+
+def estimate(args: argparse.Namespace) -> str:
+    sizes = {"--seq-len": args.seq_len, "--batch": args.batch, "--lora-rank": args.lora_rank}
+    wrong = [f"{flag} must be a whole number >= 1 (got {value})" for flag, value in sizes.items() if value < 1]
+    if wrong:
+        raise InputError("; ".join(wrong))
+    return memory_table(args.seq_len, args.batch, args.lora_rank, args.activation_checkpointing)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from agentscope.agent import Agent, ContextConfig, InjectionConfig, ModelConfig
-from agentscope.event import TextBlockDeltaEvent
-from agentscope.message import Msg, UserMsg
+from agentscope.agent import Agent, ContextConfig, InjectionConfig, ModelConfig, ReActConfig
+from agentscope.event import (
+    ConfirmResult,
+    RequireUserConfirmEvent,
+    TextBlockDeltaEvent,
+    ToolCallDeltaEvent,
+    ToolCallStartEvent,
+    ToolResultEndEvent,
+    ToolResultTextDeltaEvent,
+    UserConfirmResultEvent,
+)
+from agentscope.message import Msg, ToolCallBlock, UserMsg
 
 from huggingface_model import FineTuneError, FineTuneResult, HuggingFaceWrapper, ModelLoadError
 
@@ -41,13 +52,22 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
     """
 
     def __init__(self, name: str, sys_prompt: str, model: HuggingFaceWrapper | str,
-                 model_configs: list[dict[str, Any]] | None = None) -> None:
+                 model_configs: list[dict[str, Any]] | None = None, toolkit: Any = None,
+                 max_tool_rounds: int = 5) -> None:
+        """`toolkit`: an AgentScope `Toolkit`, or a list of functions (see chat_tools.make_toolkit)."""
         if isinstance(model, str):
             model = build_model(model, model_configs, system_prompt=sys_prompt)
+        if isinstance(toolkit, list):
+            from chat_tools import make_toolkit
+
+            toolkit = make_toolkit(toolkit)
         super().__init__(
             name=name,
             system_prompt=sys_prompt,
             model=model,
+            toolkit=toolkit,
+            # A small model that keeps calling tools must not loop for the library's default 50 rounds.
+            react_config=ReActConfig(max_iters=max_tool_rounds),
             # The runtime-state reminder would enter the history and the training rows made from it.
             injection_config=InjectionConfig(inject_runtime_state=False),
             context_config=ContextConfig(compression_tool_enabled=False),
@@ -89,11 +109,46 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
         """The conversation as role/content dicts (what the model sees, minus the system prompt)."""
         return [{"role": m.role, "content": m.get_text_content() or ""} for m in self.state.context]
 
-    async def stream_reply(self, msg: Msg) -> AsyncIterator[str]:
-        """Reply to `msg`, yielding text pieces as they are generated."""
-        async for event in self.reply_stream(msg):
-            if isinstance(event, TextBlockDeltaEvent):
-                yield event.delta
+    async def stream_reply(self, msg: Msg, confirm: Callable[[ToolCallBlock], bool] | None = None
+                           ) -> AsyncIterator[str]:
+        """Reply to `msg`, yielding text pieces as they are generated, and a `ToolLine` for each tool call once its
+        result is in. A tool that needs permission is run only if `confirm(call)` says yes (no `confirm`: refused).
+        """
+        inputs: Any = msg
+        calls: dict[str, dict[str, str]] = {}  # by call id: name, arguments, result (a confirmation may come between)
+        while inputs is not None:
+            current, inputs, pending = inputs, None, None
+            async for event in self.reply_stream(current):
+                if isinstance(event, TextBlockDeltaEvent):
+                    yield event.delta
+                elif isinstance(event, ToolCallStartEvent):
+                    calls[event.tool_call_id] = {"name": event.tool_call_name, "input": "", "output": ""}
+                elif isinstance(event, ToolCallDeltaEvent) and event.tool_call_id in calls:
+                    calls[event.tool_call_id]["input"] += event.delta
+                elif isinstance(event, ToolResultTextDeltaEvent) and event.tool_call_id in calls:
+                    calls[event.tool_call_id]["output"] += event.delta
+                elif isinstance(event, ToolResultEndEvent) and event.tool_call_id in calls:
+                    yield ToolLine.of(calls.pop(event.tool_call_id))
+                elif isinstance(event, RequireUserConfirmEvent):
+                    pending = event
+            if pending is not None:
+                answers = [ConfirmResult(confirmed=bool(confirm and await asyncio.to_thread(confirm, call)),
+                                         tool_call=call) for call in pending.tool_calls]
+                inputs = UserConfirmResultEvent(reply_id=pending.reply_id, confirm_results=answers)
+
+
+class ToolLine(str):
+    """One finished tool call as the terminal shows it: `-> calculator(expression="97 * 91") = 8827`."""
+
+    @classmethod
+    def of(cls, call: dict[str, str]) -> ToolLine:
+        try:
+            arguments = json.loads(call["input"] or "{}")
+            shown = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in arguments.items())
+        except (json.JSONDecodeError, AttributeError):
+            shown = call["input"]
+        result = " ".join(call["output"].split())
+        return cls(f"-> {call['name']}({shown}) = {result[:200]}")
 
 
 class UserAgent:

@@ -29,8 +29,9 @@ from agentscope.message import Msg, TextBlock
 from agentscope.model import ChatModelBase, ChatResponse, ChatUsage
 from pydantic import BaseModel, Field, ValidationError
 
-from hfmodel import training
+from hfmodel import replies, training
 from hfmodel.adapters import AdapterRecord, AdapterSet
+from hfmodel.chat_format import CHATML_TEMPLATE, MASK_SOURCES, ChatFormat, ChatTemplateError, has_generation_markers
 from hfmodel.common import (
     FineTuneConfigError,
     FineTuneError,
@@ -62,6 +63,7 @@ from hfmodel.loading import (
     resolve_model_source,
     tokenizer_location,
 )
+from hfmodel.preference import PreferenceDryRun
 from hfmodel.settings import (
     DEFAULT_LORA_CONFIG,
     DEFAULT_TRAINING_ARGS,
@@ -71,17 +73,16 @@ from hfmodel.settings import (
     training_precision,
 )
 from hfmodel.speedups import PACKED_ATTENTION, loss_positions_only, packed_attention
-from hfmodel.templates import CHATML_TEMPLATE, has_generation_markers, training_template
 from hfmodel.training import DryRun, FineTuneResult, find_completed_run, new_run_dir
 
 __all__ = [  # what tests, the bench and users import from here
     "CHATML_TEMPLATE", "DEFAULT_LORA_CONFIG", "DEFAULT_MODEL_ID", "DEFAULT_TRAINING_ARGS", "PACKED_ATTENTION",
-    "TOP_LEVEL_KEYS", "AdapterRecord", "DryRun", "FineTuneConfig", "FineTuneConfigError", "FineTuneError",
+    "TOP_LEVEL_KEYS", "MASK_SOURCES", "AdapterRecord", "ChatFormat", "ChatTemplateError", "DryRun", "FineTuneConfig", "FineTuneConfigError", "FineTuneError",
     "FineTuneInterrupted", "FineTuneResult", "HuggingFaceWrapper", "ModelLoadError", "ModelSource", "UserError",
     "build_bnb_config", "bundled_model_folder", "cpu_has_bf16", "describe_validation", "device_training_args",
     "distributed_state", "find_completed_run", "fsdp_requested", "has_generation_markers", "hf_token",
     "is_cached_on_hub", "loss_positions_only", "new_run_dir", "packed_attention", "pick_dtype",
-    "quantization_config", "redact", "training_precision", "training_template",
+    "quantization_config", "redact", "training_precision",
 ]
 
 Chat = list[dict[str, str]]
@@ -223,25 +224,49 @@ class HuggingFaceWrapper(ChatModelBase):
     # ---------------------------------------------------------------------------------------- loading
 
     def load_model(self, model_id: str | None, local_model_path: str | None = None) -> None:
-        """Load weights from a local folder, an adapter folder, the hub (cache first) or the bundled copy."""
+        """Load weights from a local folder, an adapter folder, the hub (cache first) or the bundled copy.
+
+        A transaction: replacing a loaded model also loads the new model's own tokenizer and checks the two fit
+        before anything is swapped; on any failure the previous model, tokenizer and adapters keep serving.
+        """
+        from hfmodel.loading import check_fit, own_tokenizer
+
         source = resolve_model_source(model_id, local_model_path)
         started = time.perf_counter()
         module = load_weights(source, self.handle)
-        self.handle.module, self.handle.source = module, source
-        self.handle.context_size = int(getattr(module.config, "max_position_embeddings", 0) or 2048)
-        self.model_id, self.local_model_path = model_id, local_model_path
-        self.model = str(local_model_path or model_id or source.path)
-        self.adapter_set.reset()
-        logger.info("Loaded model %s in %.1f s", source.describe(), time.perf_counter() - started)
-        if source.adapter:
-            self.load_adapter(source.adapter)
-        self.handle.sync_stop_tokens()
+        tokenizer = self.handle.tokenizer
+        if tokenizer is not None:  # a model is serving: the new one comes with its own tokenizer
+            where, local_only = own_tokenizer(source)
+            tokenizer = load_tokenizer(where, local_only, self.handle.trust_remote_code)
+            check_fit(module, tokenizer, where)
+        before = dict(vars(self.handle)), dict(vars(self.adapter_set)), (self.model_id, self.local_model_path,
+                                                                          self.model)
+        try:
+            self.handle.module, self.handle.source, self.handle.tokenizer = module, source, tokenizer
+            self.handle.context_size = int(getattr(module.config, "max_position_embeddings", 0) or 2048)
+            self.model_id, self.local_model_path = model_id, local_model_path
+            self.model = str(local_model_path or model_id or source.path)
+            self.adapter_set.reset()
+            logger.info("Loaded model %s in %.1f s", source.describe(), time.perf_counter() - started)
+            if source.adapter:
+                self.load_adapter(source.adapter)
+        except BaseException:  # the adapter does not fit the new base (or Ctrl-C): put everything back
+            vars(self.handle).update(before[0])
+            vars(self.adapter_set).update(before[1])
+            self.model_id, self.local_model_path, self.model = before[2]
+            raise
+        self.handle.sync_tokenizer()
 
     def load_tokenizer(self, model_id: str | None, local_tokenizer_path: str | None = None) -> None:
-        """Load the tokenizer (an adapter folder's own copy first: it carries the template it was trained with)."""
+        """Load the tokenizer (an adapter folder's own copy first: it carries the template it was trained with);
+        it replaces the current one only if it fits the model."""
+        from hfmodel.loading import check_fit
+
         where, local_only = tokenizer_location(self.handle, model_id, self.model_id, local_tokenizer_path)
-        self.handle.tokenizer = load_tokenizer(where, local_only, self.handle.trust_remote_code)
-        self.handle.sync_stop_tokens()
+        tokenizer = load_tokenizer(where, local_only, self.handle.trust_remote_code)
+        check_fit(self.handle.module, tokenizer, where)
+        self.handle.tokenizer = tokenizer
+        self.handle.sync_tokenizer()
 
     # ---------------------------------------------------------------------------------------- generation
 
@@ -263,29 +288,37 @@ class HuggingFaceWrapper(ChatModelBase):
 
     async def _call_api(self, model_name: str, messages: list[Msg], tools: list[dict] | None = None,
                         tool_choice: Any = None, **kwargs: Any) -> ChatResponse | AsyncGenerator[ChatResponse, None]:
+        """Format the messages (tool calls and results included), generate, read the reply (text + tool calls)."""
         chat = await self._format(messages)
+        offered = replies.offered_tools(tools, tool_choice, self.handle.format)
         if not self.stream:
             started = time.perf_counter()
-            reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs)
-            return ChatResponse(content=[TextBlock(text=reply.text)], is_last=True,
-                                usage=self._usage(reply, started))
-        return self._stream_response(chat, kwargs)
+            reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, offered)
+            return ChatResponse(content=replies.whole_reply(self.handle.format, reply.text, chat, offered),
+                                is_last=True, usage=self._usage(reply, started))
+        return self._stream_response(chat, kwargs, offered)
 
-    async def _stream_response(self, chat: Chat, overrides: dict[str, Any]) -> AsyncGenerator[ChatResponse, None]:
+    async def _stream_response(self, chat: Chat, overrides: dict[str, Any], tools: list[dict] | None
+                               ) -> AsyncGenerator[ChatResponse, None]:
         started = time.perf_counter()
         block_id, response_id = f"hf-{time.time_ns()}", f"reply-{time.time_ns()}"
-        async for item in self.engine.stream(chat, self.parameters, overrides):
+        reader = replies.StreamReader(self.handle.format, chat, tools)
+        async for item in self.engine.stream(chat, self.parameters, overrides, tools):
             if isinstance(item, Generated):
+                for block in reader.finish():
+                    if isinstance(block, TextBlock):
+                        block = TextBlock(text=block.text, id=block_id)
+                    yield ChatResponse(content=[block], is_last=False, id=response_id)
                 yield ChatResponse(content=[], is_last=False, id=response_id, usage=self._usage(item, started))
-            else:
-                yield ChatResponse(content=[TextBlock(text=item, id=block_id)], is_last=False, id=response_id)
+            elif text := reader.feed(item):
+                yield ChatResponse(content=[TextBlock(text=text, id=block_id)], is_last=False, id=response_id)
 
     async def count_tokens(self, messages: list[Msg], tools: list[dict] | None = None) -> int:
-        return self.engine.count_tokens(await self._format(messages))
+        return self.engine.count_tokens(await self._format(messages), replies.offered_tools(tools, None,
+                                                                                              self.handle.format))
 
     async def _format(self, messages: list[Msg]) -> Chat:
-        chat = await self.formatter.format(messages)
-        return [{"role": m["role"], "content": m.get("content") or ""} for m in chat]
+        return replies.template_messages(await self.formatter.format(messages))
 
     @staticmethod
     def _usage(reply: Generated, started: float) -> ChatUsage:
@@ -308,6 +341,12 @@ class HuggingFaceWrapper(ChatModelBase):
         if not data_path:
             raise FineTuneError("No data to fine-tune on: give data_path (a .jsonl/.json/.csv/.parquet file or hub id).")
         cfg = FineTuneConfig.from_dict(self._config(fine_tune_config), self.device)
+        if cfg.method != "sft":  # DPO / ORPO / KTO on preference data: the preference recipe
+            from hfmodel import preference
+
+            self.last_result = preference.fine_tune(self.handle, self.adapter_set, str(data_path), cfg,
+                                                    self.system_prompt, self.model, progress, stop or threading.Event())
+            return self.last_result
         rows = training.prepare_rows(str(data_path), cfg, self.system_prompt)
         fingerprint = training.fingerprint(self.handle, self.adapter_set, rows, cfg)
         base_dir = Path(cfg.training_args["output_dir"]).expanduser()
@@ -323,12 +362,17 @@ class HuggingFaceWrapper(ChatModelBase):
                                           stop or threading.Event())
         return self.last_result
 
-    def dry_run(self, data_path: str | None = None, fine_tune_config: dict[str, Any] | None = None) -> DryRun:
+    def dry_run(self, data_path: str | None = None,
+                fine_tune_config: dict[str, Any] | None = None) -> DryRun | PreferenceDryRun:
         """What a fine-tune would see: format, rows, token lengths, truncation, and the loss mask of row 1."""
         data_path = data_path or self.data_path
         if not data_path:
             raise FineTuneError("No data given: /dryrun <file or hub dataset id>.")
         cfg = FineTuneConfig.from_dict(self._config(fine_tune_config))
+        from hfmodel import preference
+
+        if cfg.method != "sft" or preference.looks_like_preference(str(data_path)):  # pairs need no method=...
+            return preference.dry_run(self.handle, str(data_path), cfg, self.system_prompt)
         return training.dry_run(self.handle, str(data_path), cfg, self.system_prompt)
 
     def _config(self, fine_tune_config: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -98,13 +98,19 @@ def apply_overrides(config: dict[str, Any], args: argparse.Namespace) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from hfmodel.common import quiet_libraries
+    try:
+        return chat(parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C while the libraries import or the model loads (or at any other moment)
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+
+
+def chat(args: argparse.Namespace) -> int:
+    from hfmodel.common import failure_line, log_traceback, quiet_libraries, redact, safe_text
 
     quiet_libraries(rich=True)
     from chat_commands import ChatSession, UserError
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent, build_model
-    from huggingface_model import redact
 
     prompt = args.sys_prompt or sys_prompt
     config = apply_overrides(model_configs[0], args)
@@ -113,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         # progress and a report, and Ctrl-C during it leaves a working chat on the base weights.
         model = build_model(config["config_name"], [config], system_prompt=prompt, data_path=None)
     except UserError as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        print(f"error: {safe_text(redact(str(e)))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nInterrupted during start-up.", file=sys.stderr)
-        return 130
+    except Exception as e:  # noqa: BLE001 - our bug: one line, the traceback in the runs folder's errors.log
+        runs = ((config.get("fine_tune_config") or {}).get("training_args") or {}).get("output_dir", "runs")
+        log = log_traceback("Loading the model", e, runs)
+        print(f"error: {safe_text(redact(failure_line('Loading the model', e, log)))}", file=sys.stderr)
+        return 2
     model.data_path = config.get("data_path")
 
     assistant = Finetune_DialogAgent(name="Assistant", sys_prompt=prompt, model=model)

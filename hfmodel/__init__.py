@@ -2,13 +2,14 @@
 
 | module      | holds                                                                              |
 |-------------|------------------------------------------------------------------------------------|
-| common      | error types, token redaction, device/dtype choice, rank helpers, atomic writes      |
+| common      | error types and logs, token/.env, safe terminal text, devices, ranks, atomic writes |
 | settings    | typed fine-tune settings, defaults, validation, the one `key=value` parser         |
 | loading     | where weights come from (hub, folder, adapter, bundled GGUF), loading them          |
-| templates   | chat templates for training: which template marks the assistant tokens             |
+| chat_format | the model's own chat template in chat and training: system role, end of turn, masks |
 | generation  | generation engines (encode, settings, blocking and streamed generation)             |
 | adapters    | the adapter set: use/undo/serve one adapter per call, save/load, merge/export       |
 | training    | the fine-tune recipe as explicit steps, run directories and their lookup            |
+| guards      | a run whose loss or weights stop being finite stops, and is recorded as failed      |
 | distributed | what multi-process training needs (shared run dir, gathering shards, checksums)    |
 | speedups    | every patch of trl/transformers internals, with the version and measurement        |
 | memory      | GPU memory estimates for LoRA / QLoRA                                              |

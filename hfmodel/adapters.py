@@ -4,6 +4,8 @@ undo, one adapter for one call, saving, loading, and merging into a standalone m
 from __future__ import annotations
 
 import copy
+import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ from hfmodel.common import (
     is_main_process,
     is_peft_model,
     logger,
+    write_text_atomic,
 )
-from hfmodel.loading import ModelHandle
+from hfmodel.loading import DEFAULT_MODEL_ID, ModelHandle
 
 
 @dataclass
@@ -186,8 +189,29 @@ class AdapterSet:
                 for item in nested.iterdir():
                     item.rename(tmp / item.name)
                 nested.rmdir()
+            self._record_base(tmp / "adapter_config.json")
             self.handle.tokenizer.save_pretrained(tmp)
         return dest
+
+    def base_reference(self) -> str | None:
+        """How an adapter names its base so that it loads from any folder: a hub id, or an absolute path."""
+        source = self.handle.source
+        if source is None:
+            return None
+        if source.kind == "bundled":
+            return DEFAULT_MODEL_ID  # the converted copy of this hub model (found offline too)
+        if source.kind == "local":
+            return str(Path(source.path).expanduser().resolve())
+        return source.path
+
+    def _record_base(self, config_file: Path) -> None:
+        """peft writes the base as it was given (often a relative path, useless from another folder)."""
+        base = self.base_reference()
+        if base is None or not config_file.exists():
+            return
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = base
+        write_text_atomic(config_file, json.dumps(config, indent=2, sort_keys=True))
 
     def _unwrapped_skeleton(self, name: str) -> Any:
         """The model with adapter `name` as a single process builds it, on the meta device (no memory, no weights).
@@ -206,7 +230,11 @@ class AdapterSet:
         return get_peft_model(skeleton, copy.deepcopy(self.peft().peft_config[name]), adapter_name=name)
 
     def load(self, path: str | Path, note: str = "loaded") -> AdapterRecord:
-        """Load a LoRA adapter folder on top of the current base model and make it active."""
+        """Load a LoRA adapter folder on top of the current base model and make it active.
+
+        An adapter made for another base loads with a warning if its shapes fit, and is refused in one line
+        naming the first layer that differs if not; a failed load leaves the model as it was.
+        """
         from peft import PeftModel
 
         handle = self.handle
@@ -214,22 +242,69 @@ class AdapterSet:
         if not (path / "adapter_config.json").exists():
             raise ModelLoadError(f"{path} is not an adapter folder (no adapter_config.json).")
         handle.require_whole_weights("load an adapter")
+        made_for = self._made_for(path)
+        loaded = handle.source.path if handle.source else "the loaded model"
+        differ = shape_mismatches(path, handle.base_model())
+        if differ:
+            more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+            raise ModelLoadError(f"Adapter {path} does not fit the loaded base model ({loaded}): {differ[0]}{more}; "
+                                 f"it was made for {made_for or 'another base'}: load that model first.")
         name = self.next_name()
+        was_peft = is_peft_model(handle.module)
         try:
-            if is_peft_model(handle.module):
+            if was_peft:
                 handle.module.load_adapter(str(path), adapter_name=name)
             else:
                 handle.module = PeftModel.from_pretrained(handle.module, str(path), adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
-            base = handle.source.path if handle.source else "the loaded model"
-            raise ModelLoadError(f"Adapter {path} does not fit the loaded base model ({base}): "
-                                 f"{str(e).splitlines()[0][:200]}") from e
+            self._undo_partial_load(name, was_peft)
+            raise ModelLoadError(f"Adapter {path} does not fit the loaded base model ({loaded}): "
+                                 f"{_one_line(e)}") from e
         handle.module.eval()
+        if made_for and not self._is_loaded_base(made_for):
+            logger.warning("Adapter %s was made for %s, but the loaded base model is %s: its answers may be "
+                           "poor. Load its own base first (/load %s).", path, made_for, loaded, made_for)
+            note += f" (made for {made_for})"
         record = AdapterRecord(name, path, self.active, note)
         self.records[name] = record
         self.activate(name)
         logger.info("Adapter '%s' active (%s).", name, path)
         return record
+
+    @staticmethod
+    def _made_for(path: Path) -> str | None:
+        try:
+            base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{path / 'adapter_config.json'} cannot be read: {e}") from None
+        return base if isinstance(base, str) and base else None
+
+    def _is_loaded_base(self, made_for: str) -> bool:
+        """True when `made_for` (an adapter's base: hub id or path) names the model that is loaded."""
+        source = self.handle.source
+        names = {getattr(self.handle.base_model().config, "_name_or_path", None)}
+        if source is not None:
+            names |= {source.path, str(Path(source.path).expanduser().resolve())}
+            if source.kind == "bundled":
+                names.add(DEFAULT_MODEL_ID)
+        return made_for in names or str(Path(made_for).expanduser().resolve()) in names
+
+    def _undo_partial_load(self, name: str, was_peft: bool) -> None:
+        """peft injects the adapter's layers before it loads its weights: take them out again after a failure."""
+        module = self.handle.module
+        if was_peft:
+            if name in module.peft_config:
+                module.delete_adapter(name)
+            self.activate(self.active, remember=False)
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for layer_name, layer in list(module.named_modules()):
+            if isinstance(layer, BaseTunerLayer) and layer_name:
+                parent_name, _, child = layer_name.rpartition(".")
+                setattr(module.get_submodule(parent_name) if parent_name else module, child, layer.get_base_layer())
+        if "peft_config" in vars(module):
+            del module.peft_config
 
     def export_merged(self, dest: str | Path) -> Path:
         """Write base + active adapter merged into one model folder loadable by `from_pretrained`."""
@@ -269,6 +344,47 @@ class AdapterSet:
             got = reloaded(**enc).logits.float()
         del reloaded
         return float((expected - got).abs().max())
+
+
+def shape_mismatches(path: Path, base: Any) -> list[str]:
+    """The layers whose LoRA matrices in the adapter's safetensors file do not fit `base` (read from the file's
+    header: no weights are loaded), each as 'layer X is IN -> OUT in the model, the adapter's lora_A is [r, n]'."""
+    file = path / "adapter_model.safetensors"
+    if not file.exists():
+        return []
+    from safetensors import safe_open
+
+    problems = []
+    with safe_open(str(file), framework="pt") as tensors:
+        for key in tensors.keys():  # noqa: SIM118 - safe_open has no __iter__
+            head, dot, tail = key.rpartition(".lora_")
+            if not dot or tail not in ("A.weight", "B.weight"):
+                continue  # embeddings (lora_embedding_*), biases, modules_to_save: peft checks those
+            layer = head.removeprefix("base_model.model.")
+            try:
+                module = base.get_submodule(layer)
+            except AttributeError:
+                problems.append(f"layer {layer} does not exist in the model")
+                continue
+            size_in = getattr(module, "in_features", getattr(module, "nx", None))
+            size_out = getattr(module, "out_features", getattr(module, "nf", None))
+            if size_in is None or size_out is None:
+                continue
+            shape = list(tensors.get_slice(key).get_shape())
+            if (tail == "A.weight" and shape[-1] != size_in) or (tail == "B.weight" and shape[0] != size_out):
+                problems.append(f"layer {layer} is {size_in} -> {size_out} in the model but the adapter's "
+                                f"lora_{tail[0]} is {shape}")
+    return problems
+
+
+def _one_line(error: BaseException) -> str:
+    """A library error as one complete line: peft's state-dict errors span many lines, one per tensor."""
+    text = " ".join(str(error).split())
+    mismatches = re.findall(r"size mismatch for (\S+): (.*?)(?= size mismatch for |$)", text)
+    if mismatches:
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        return f"layer {mismatches[0][0].removeprefix('base_model.model.')}: {mismatches[0][1]}{more}"
+    return text
 
 
 def _same_lora_shape(a: Any, b: Any) -> bool:

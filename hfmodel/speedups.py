@@ -104,3 +104,54 @@ def loss_positions_only(device: torch.device) -> Iterator[None]:
         yield
     finally:
         trl_utils._use_triton = original
+
+
+# =============================================================================================
+# Preference trainers (DPO, KTO) on a model that already carries named adapters
+
+TRL_REFERENCE = "ref"  # the adapter trl's DPO and KTO trainers score the reference with, when it exists
+
+
+@contextmanager
+def trl_reference(model: Any, adapter: str) -> Iterator[None]:
+    """Build trl's DPOTrainer or KTOTrainer inside this block on a peft model whose new adapter is `adapter`.
+
+    Checked against trl 1.16 (`DPOTrainer.__init__`, `KTOTrainer.__init__`, `trainer.utils.use_adapter`) and peft
+    0.21. Given a peft model and no `ref_model`, trl reads `model.peft_config["default"]` (a KeyError for our
+    adapters ft1, ft2, ...), adds an adapter "ref" with that config, copies the ".default." weights into it, and
+    scores the reference in each step with "ref" active, or with every adapter disabled when there is no "ref".
+    Either way the reference is the same base weights: no second copy of the model exists.
+
+    While the trainer is built, "default" names `adapter`. Afterwards "ref" holds `adapter`'s starting weights
+    (those of the adapter it continues from), or is removed when `adapter` starts from zero: the reference is then
+    the model with the adapter disabled, as trl does for a fresh adapter. `drop_trl_reference` removes "ref" when
+    training ends.
+    """
+    configs = model.peft_config
+    if "default" in configs or TRL_REFERENCE in configs:
+        raise RuntimeError(f"adapter names 'default' and '{TRL_REFERENCE}' are reserved for trl while training")
+    configs["default"] = configs[adapter]
+    try:
+        yield
+    except BaseException:
+        configs.pop("default", None)
+        drop_trl_reference(model)
+        raise
+    configs.pop("default", None)
+    if TRL_REFERENCE not in configs:
+        return
+    trained = {name: param for name, param in model.named_parameters() if f".{adapter}." in name}
+    if not any(param.any() for name, param in trained.items() if ".lora_B." in name):
+        drop_trl_reference(model)
+        return
+    with torch.no_grad():
+        for name, param in trained.items():
+            copy = model.get_parameter(name.replace(f".{adapter}.", f".{TRL_REFERENCE}."))
+            copy.copy_(param)
+            copy.requires_grad_(False)
+
+
+def drop_trl_reference(model: Any) -> None:
+    """Remove the "ref" adapter `trl_reference` may have left (after training, or when building failed)."""
+    if TRL_REFERENCE in getattr(model, "peft_config", {}):
+        model.delete_adapter(TRL_REFERENCE)

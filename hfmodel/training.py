@@ -22,6 +22,7 @@ import torch
 
 from chat_data import ChatDataset, Conversation, load_chat_dataset, with_system_prompt
 from hfmodel.adapters import AdapterSet
+from hfmodel.chat_format import MASK_SOURCES, MaskPlan
 from hfmodel.common import (
     FineTuneError,
     FineTuneInterrupted,
@@ -35,7 +36,6 @@ from hfmodel.distributed import from_main_process, gather_trained_weights, shard
 from hfmodel.loading import ModelHandle
 from hfmodel.settings import FineTuneConfig
 from hfmodel.speedups import loss_positions_only, own_forward, packed_attention
-from hfmodel.templates import swapped_template, template_name, training_template
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -75,7 +75,12 @@ class DryRun:
     max_length: int | None
     truncated: int
     segments: list[tuple[str, bool]]  # (token text, carries loss) for the first row
-    template_name: str
+    mask_source: str  # a key of MASK_SOURCES: where the loss mask comes from
+
+    @property
+    def mask_description(self) -> str:
+        template = "trl's training template" if self.mask_source == "trl training template" else "the tokenizer's own"
+        return f"template: {template}; loss mask from {self.mask_source} ({MASK_SOURCES[self.mask_source]})"
 
     @property
     def loss_tokens(self) -> int:
@@ -96,12 +101,17 @@ class Rows:
     data: ChatDataset
 
 
+Tokens = list[tuple[list[int], list[int]]]  # (input_ids, loss mask) per row
+
+
 @dataclass
 class Plan:
     """Everything decided before the trainer starts."""
 
     args: dict[str, Any]  # trl SFTConfig fields
-    template: str  # the chat template the rows are rendered with
+    mask: MaskPlan  # how rows become tokens and loss masks
+    train: Tokens
+    eval: Tokens
     run_dir: Path
     resume_from: Path | None  # a checkpoint to continue from
 
@@ -159,14 +169,11 @@ def reuse_run(run_dir: Path, adapters: AdapterSet, rows: Rows) -> FineTuneResult
     )
 
 
-def rendered_lengths(tokenizer: Any, rows: list[Conversation], cfg: FineTuneConfig) -> tuple[str, list[int]]:
-    """The template a run trains with (one that marks assistant tokens, for assistant-only loss) and each row's
-    length in tokens under it."""
-    template = tokenizer.chat_template
-    if cfg.training_args.get("assistant_only_loss", True):
-        template = training_template(tokenizer, rows)
-    lengths = [len(tokenizer.apply_chat_template(r, chat_template=template, tokenize=True)["input_ids"]) for r in rows]
-    return template, lengths
+def tokenize_rows(handle: ModelHandle, rows: list[Conversation], cfg: FineTuneConfig) -> tuple[MaskPlan, Tokens]:
+    """Each row as the model's own template renders it, with its loss mask: assistant turns and their end-of-turn
+    token (`assistant_only_loss`, the default), or every token."""
+    plan = handle.format.mask_plan(rows, assistant_only=bool(cfg.training_args.get("assistant_only_loss", True)))
+    return plan, [plan.tokenize(r) for r in rows]
 
 
 def plan_run(handle: ModelHandle, rows: Rows, cfg: FineTuneConfig, base_dir: Path, fingerprint_: str,
@@ -177,14 +184,16 @@ def plan_run(handle: ModelHandle, rows: Rows, cfg: FineTuneConfig, base_dir: Pat
         logger.warning("resume=True but no interrupted run with the same model, data and config has a "
                        "checkpoint; starting a new run.")
     args = dict(cfg.training_args)
-    template, lengths = rendered_lengths(handle.tokenizer, rows.train + rows.eval, cfg)
-    lengths = lengths[:len(rows.train)]
+    mask, tokens = tokenize_rows(handle, rows.train + rows.eval, cfg)
+    train_tokens, eval_tokens = tokens[:len(rows.train)], tokens[len(rows.train):]
+    lengths = [len(ids) for ids, _ in train_tokens]
+    logger.info("Loss mask: %s.", MASK_SOURCES[mask.source])
     too_long = sum(n > args["max_length"] for n in lengths) if args.get("max_length") else 0
     if too_long:
         logger.warning("%d of %d rows are longer than max_length=%s tokens and will be truncated.",
                        too_long, len(lengths), args["max_length"])
         if too_long == len(lengths) and not args.get("padding_free") and all(
-                prompt_length(handle.tokenizer, r, template) >= args["max_length"] for r in rows.train):
+                _first_loss_token(m) >= args["max_length"] for _, m in train_tokens):
             raise FineTuneError(
                 f"Every row's first answer starts after max_length={args['max_length']} tokens, so truncation "
                 "would leave nothing to learn. Raise training_args.max_length (longest row: "
@@ -206,8 +215,13 @@ def plan_run(handle: ModelHandle, rows: Rows, cfg: FineTuneConfig, base_dir: Pat
     # prepared, and train() then skips the DDP wrap (each rank would silently train alone).
     args["eval_on_start"] = bool(rows.eval)
     args.pop("resume_from_checkpoint", None)
+    args["assistant_only_loss"] = False  # the loss masks are in the tokenized rows (trl needs it off for those)
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume_dir else None
-    return Plan(args, template, run_dir, checkpoint)
+    return Plan(args, mask, train_tokens, eval_tokens, run_dir, checkpoint)
+
+
+def _first_loss_token(mask: list[int]) -> int:
+    return mask.index(1) if 1 in mask else len(mask)
 
 
 def train(handle: ModelHandle, adapters: AdapterSet, rows: Rows, cfg: FineTuneConfig, plan: Plan,
@@ -268,13 +282,14 @@ def _fit(handle: ModelHandle, model: Any, rows: Rows, plan: Plan, progress: Prog
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    def dataset(conversations: list[Conversation]) -> Any:
-        return Dataset.from_list([{"messages": r} for r in conversations]) if conversations else None
+    def dataset(tokens: Tokens) -> Any:
+        return Dataset.from_list([{"input_ids": ids, "assistant_masks": mask} for ids, mask in tokens]) \
+            if tokens else None
 
-    with swapped_template(handle.tokenizer, plan.template), loss_positions_only(handle.device), \
-            packed_attention(handle.base_model(), bool(plan.args["padding_free"])), own_forward(model):
-        trainer = SFTTrainer(model=model, args=SFTConfig(**plan.args), train_dataset=dataset(rows.train),
-                             eval_dataset=dataset(rows.eval), processing_class=handle.tokenizer,
+    with loss_positions_only(handle.device), packed_attention(handle.base_model(), bool(plan.args["padding_free"])), \
+            own_forward(model):
+        trainer = SFTTrainer(model=model, args=SFTConfig(**plan.args), train_dataset=dataset(plan.train),
+                             eval_dataset=dataset(plan.eval), processing_class=handle.tokenizer,
                              callbacks=[progress_callback(progress, stop)])
         made["trainer"] = trainer
         trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not print()
@@ -306,20 +321,16 @@ def _record_completed(result: FineTuneResult) -> None:
 
 def dry_run(handle: ModelHandle, data_path: str, cfg: FineTuneConfig, system_prompt: str | None) -> DryRun:
     """What a fine-tune would see: format, rows, token lengths, truncation, and the loss mask of row 1."""
-    tokenizer = handle.tokenizer
     data = load_chat_dataset(data_path)
     rows = with_system_prompt(data.rows, system_prompt)
-    assistant_only = bool(cfg.training_args.get("assistant_only_loss", True))
-    template, lengths = rendered_lengths(tokenizer, rows, cfg)
+    plan, tokens = tokenize_rows(handle, rows, cfg)
+    lengths = [len(ids) for ids, _ in tokens]
     max_length = cfg.training_args.get("max_length")
-    enc = tokenizer.apply_chat_template(rows[0], chat_template=template, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=assistant_only)
-    ids = enc["input_ids"]
-    mask = enc["assistant_masks"] if assistant_only else [1] * len(ids)
-    segments = [(tokenizer.decode([i]), bool(m)) for i, m in zip(ids, mask, strict=True)]
+    ids, mask = tokens[0]
+    segments = [(handle.tokenizer.decode([i]), bool(m)) for i, m in zip(ids, mask, strict=True)]
     return DryRun(data=data, lengths=sorted(lengths), max_length=max_length,
                   truncated=sum(n > max_length for n in lengths) if max_length else 0,
-                  segments=segments, template_name=template_name(tokenizer, template))
+                  segments=segments, mask_source=plan.source)
 
 
 def taught_mix(taught_path: Path, replay_path: str | None, min_repeats: int) -> Path:
@@ -332,13 +343,6 @@ def taught_mix(taught_path: Path, replay_path: str | None, min_repeats: int) -> 
     mix = taught_path.with_name(taught_path.stem + "-train.jsonl")
     write_text_atomic(mix, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in taught * repeats + replayed))
     return mix
-
-
-def prompt_length(tokenizer: Any, row: Conversation, template: str | None) -> int:
-    """Tokens before the first assistant answer (what truncation must keep for any loss to remain)."""
-    first = next((i for i, m in enumerate(row) if m["role"] == "assistant"), len(row))
-    return len(tokenizer.apply_chat_template(row[:first], chat_template=template, tokenize=True,
-                                             add_generation_prompt=True)["input_ids"])
 
 
 def progress_callback(report: Progress | None, stop: threading.Event) -> Any:

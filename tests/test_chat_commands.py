@@ -36,6 +36,7 @@ from rich.console import Console
 from chat_commands import HELP, ChatSession
 from chat_data import load_chat_dataset
 from finetune_dialogagent import Finetune_DialogAgent, UserAgent
+from hfmodel.common import safe_text
 
 OTHER_ANSWER = "I am Paris, the quick brown fox."
 ERROR_LINE = re.compile(r"^error:", re.MULTILINE)
@@ -296,7 +297,7 @@ def test_history_survives_finetune_use_and_undo(tiny_model_dir, data_dir, tmp_pa
     assert len(snapshots["after"]) == 6
     assert wrapper.active_adapter == "ft1"
     # The new message was answered by the tuned adapter, with the history in the prompt.
-    assert snapshots["after"][5]["content"] == replies(c.out_text)[-1]
+    assert safe_text(snapshots["after"][5]["content"]) == replies(c.out_text)[-1]  # shown without control chars
 
 
 # ------------------------------------------------------------------------------------------ 3. /teach + /train
@@ -325,7 +326,7 @@ def test_teach_then_train_learns_the_taught_answer(tiny_model_dir, tmp_path, mon
 
     # /teach with no text keeps the model's own last reply.
     kept = c.agent.history()[-1]["content"]
-    assert kept and kept == replies(c.out_text)[-1]
+    assert kept and safe_text(kept) == replies(c.out_text)[-1]
     expected_rows = [
         {"messages": [{"role": "user", "content": TAUGHT_QUESTION}, {"role": "assistant", "content": TAUGHT_ANSWER}]},
         {"messages": [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": kept}]},
@@ -658,7 +659,7 @@ def test_compare_shows_base_and_current_side_by_side(adapted, tmp_path, monkeypa
         assert re.search(r"base\s.*\sft1\s", header), shown
         assert f"/compare: {prompt}" in shown
         body = " ".join(re.sub(r"[│┃┏┓┗┛┡┩└┘├┤┌┐─━╇╈┼╋]", " ", shown).split())
-        assert " ".join(base_answer.split()) in body and " ".join(tuned_answer.split()) in body
+        assert " ".join(safe_text(base_answer).split()) in body and " ".join(safe_text(tuned_answer).split()) in body
     assert "I am Ember" in c.step("/compare").console  # ft1 answers the taught question
     # Comparing switched nothing for good.
     assert adapted.active_adapter == "ft1" and adapted.adapter_stack == stack
@@ -697,7 +698,7 @@ def test_dryrun_marks_loss_tokens_and_states_rows_and_template(tiny_wrapper, dat
     plain = ANSI.sub("", raw)
     assert "format 'messages', 4 usable rows" in plain
     assert "0 of 4 rows longer than max_length=1024" in plain
-    assert "template: ChatML + generation markers" in plain
+    assert "loss mask from prefix rendering" in plain
     # Loss tokens are highlighted (bold black on green): exactly the assistant answer and its end-of-turn token.
     marked = "".join(re.findall(r"\x1b\[[0-9;]*42m([^\x1b]*)", raw))
     assert marked == TAUGHT_ANSWER + "<|im_end|>"

@@ -1,11 +1,12 @@
-"""training_template: renders exactly like the model's own chat template and marks only assistant tokens."""
+"""The loss mask of the tiny model's own template (SmolLM2's shape): rendered exactly like the chat, marking only
+the assistant answers and their end-of-turn token."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import AutoTokenizer
 
-from huggingface_model import CHATML_TEMPLATE, FineTuneError, has_generation_markers, training_template
+from huggingface_model import CHATML_TEMPLATE, ChatFormat, FineTuneError, has_generation_markers
 
 SYSTEM = {"role": "system", "content": "You are Ember."}
 ROWS = {
@@ -31,13 +32,11 @@ def render(tokenizer, row, template=None, **kwargs):
     return tokenizer.apply_chat_template(row, chat_template=template, tokenize=False, **kwargs)
 
 
-def assistant_spans(tokenizer, row, template) -> list[str]:
-    """The decoded runs of consecutive tokens that the template marks as assistant tokens."""
-    out = tokenizer.apply_chat_template(row, chat_template=template, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+def assistant_spans(tokenizer, row) -> list[str]:
+    """The decoded runs of consecutive tokens that carry loss, as training tokenizes the row."""
+    ids, mask = ChatFormat(tokenizer).mask_plan([row]).tokenize(row)
     assert len(ids) == len(mask)
-    assert ids == list(tokenizer.apply_chat_template(row, tokenize=True, return_dict=True)["input_ids"])
+    assert tokenizer.decode(ids) == render(tokenizer, row)  # the chat template's own text, token for token
     spans, current = [], []
     for token, marked in zip(ids, mask, strict=True):
         if marked:
@@ -58,52 +57,49 @@ def test_tiny_template_has_no_markers(tokenizer):
 @pytest.mark.parametrize("name", list(ROWS))
 def test_renders_byte_identical_to_the_tokenizers_template(tokenizer, name):
     row = ROWS[name]
-    template = training_template(tokenizer, [row])
-    assert has_generation_markers(template)
-    assert render(tokenizer, row, template) == render(tokenizer, row)
-    # The chat prompt (generation prompt after a user turn) agrees too.
+    plan = ChatFormat(tokenizer).mask_plan([row])
+    assert plan.source == "prefix rendering" and plan.template == tokenizer.chat_template
+    ids, _ = plan.tokenize(row)
+    assert tokenizer.decode(ids) == render(tokenizer, row)
+    # The chat prompt (generation prompt after a user turn) is a prefix of the training row.
     prompt = row[:-1]
-    assert render(tokenizer, prompt, template, add_generation_prompt=True) == \
-        render(tokenizer, prompt, add_generation_prompt=True)
+    assert render(tokenizer, row).startswith(render(tokenizer, prompt, add_generation_prompt=True))
 
 
 @pytest.mark.parametrize("name", list(ROWS))
 def test_mask_covers_assistant_content_and_end_of_turn(tokenizer, name):
     row = ROWS[name]
-    template = training_template(tokenizer, list(ROWS.values()))
     expected = [m["content"] + "<|im_end|>" for m in row if m["role"] == "assistant"]
-    assert assistant_spans(tokenizer, row, template) == expected
+    assert assistant_spans(tokenizer, row) == expected
 
 
-def test_rows_without_system_prompt_never_get_a_mismatching_template(tokenizer):
-    # The tiny template (like SmolLM2's) injects a default system prompt; ChatML does not.
+def test_rows_without_system_prompt_keep_the_templates_default_one(tokenizer):
+    # The tiny template (like SmolLM2's) injects a default system prompt: training renders it exactly as chat does.
     row = ROWS["single"][1:]
-    try:
-        template = training_template(tokenizer, [row])
-    except FineTuneError as e:
-        assert "assistant_only_loss" in str(e)
-    else:
-        assert render(tokenizer, row, template) == render(tokenizer, row)
+    assert "You are a tiny test model." in render(tokenizer, row)
+    assert assistant_spans(tokenizer, row) == ["I am Ember, a friendly assistant.<|im_end|>"]
 
 
 def test_template_with_markers_is_used_as_is(tokenizer):
     own = tokenizer.chat_template
     try:
         tokenizer.chat_template = CHATML_TEMPLATE
-        assert training_template(tokenizer, [ROWS["single"]]) == CHATML_TEMPLATE
+        assert has_generation_markers(CHATML_TEMPLATE)
+        plan = ChatFormat(tokenizer).mask_plan([ROWS["single"]])
+        assert plan.source == "generation markers" and plan.template == CHATML_TEMPLATE
     finally:
         tokenizer.chat_template = own
 
 
-def test_non_chatml_template_is_refused_with_the_fix(tokenizer):
+def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_fix(tokenizer):
     own = tokenizer.chat_template
-    try:
+    try:  # earlier answers are shortened once later turns follow: no mask can match what the chat generates
         tokenizer.chat_template = (
-            "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-            "{% elif m['role'] == 'assistant' %} {{ m['content'] }}</s>{% else %}<<SYS>>{{ m['content'] }}<</SYS>>"
-            "{% endif %}{% endfor %}"
+            "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n..."
+            "<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
         )
         with pytest.raises(FineTuneError, match="assistant_only_loss=False"):
-            training_template(tokenizer, [ROWS["single"]])
+            ChatFormat(tokenizer).mask_plan([ROWS["multi-turn"]])
     finally:
         tokenizer.chat_template = own

@@ -1,0 +1,78 @@
+"""Does the agent demo fine-tune work? Held-out probes through a real AgentScope agent with the calculator.
+
+    python bench/probe_tools.py runs/<run>/adapter      # greedy decoding, the chat's system prompt and toolkit
+
+Asks the 12 held-out arithmetic questions and 5 plain questions of data/ember_tool_probes.json (phrased unlike
+any training row) plus the 10 identity probes of data/ember_probes.json, and counts: a valid calculator call, the
+exact expression, the right number in the final answer, plain questions answered without a call and identity
+answers naming Ember. Prints one JSON line with the counts last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MAX_NEW = 64
+
+
+async def ask(agent: Any, question: str) -> tuple[list[str], str]:
+    from agentscope.message import UserMsg
+
+    from finetune_dialogagent import ToolLine
+
+    agent.state.context.clear()
+    pieces = [p async for p in agent.stream_reply(UserMsg(name="User", content=question))]
+    return [p for p in pieces if isinstance(p, ToolLine)], "".join(p for p in pieces if not isinstance(p, ToolLine))
+
+
+def score(local_model_path: str) -> dict[str, int]:
+    import load_finetune_huggingface_model as script
+    from chat_tools import calculator
+    from finetune_dialogagent import Finetune_DialogAgent
+    from huggingface_model import HuggingFaceWrapper
+
+    model = HuggingFaceWrapper(config_name="probe", local_model_path=local_model_path, max_length=MAX_NEW,
+                               do_sample=False, system_prompt=script.sys_prompt)
+    agent = Finetune_DialogAgent(name="Ember", sys_prompt=script.sys_prompt, model=model, toolkit=[calculator])
+    tool_probes = json.loads((ROOT / "data" / "ember_tool_probes.json").read_text())
+    identity_probes = json.loads((ROOT / "data" / "ember_probes.json").read_text())["identity"]
+    counts = {"valid_call": 0, "exact_expression": 0, "right_answer": 0, "arithmetic": 0, "plain_no_call": 0,
+              "plain_right": 0, "plain": 0, "identity": 0, "identity_total": len(identity_probes)}
+    for item in tool_probes["arithmetic"]:
+        lines, text = asyncio.run(ask(agent, item["prompt"]))
+        counts["arithmetic"] += 1
+        counts["valid_call"] += any(line.startswith("-> calculator(") for line in lines)
+        counts["exact_expression"] += any(f'"{item["expression"]}"' in line for line in lines)
+        counts["right_answer"] += item["result"] in text
+        print(f"  arithmetic | {item['prompt']} | {' '.join(lines)} | {text}")
+    for item in tool_probes["plain"]:
+        lines, text = asyncio.run(ask(agent, item["prompt"]))
+        counts["plain"] += 1
+        counts["plain_no_call"] += not lines
+        counts["plain_right"] += any(w in text.lower() for w in item["expect_any"])
+        print(f"  plain      | {item['prompt']} | {' '.join(lines)} | {text}")
+    for question in identity_probes:
+        lines, text = asyncio.run(ask(agent, question))
+        counts["identity"] += "ember" in text.lower()
+        print(f"  identity   | {question} | {' '.join(lines)} | {text}")
+    return counts
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__)
+        return 2
+    counts = score(sys.argv[1])
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Between AgentScope and the engine: AgentScope messages (with tool calls and results) as the chat template's
+messages, which tools to offer (`tool_choice`), and replies read back into text and `ToolCallBlock`s, streamed or
+whole, with transformers' response parser. A reply whose call markup does not parse stays text, with a warning."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from agentscope.message import TextBlock, ToolCallBlock
+
+from hfmodel.chat_format import ChatFormat
+from hfmodel.common import logger
+
+Chat = list[dict[str, Any]]
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)
+
+
+def template_messages(formatted: list[dict[str, Any]]) -> Chat:
+    """AgentScope's Ollama-formatted messages as chat-template messages: a call is
+    `{"type": "function", "function": {"name", "arguments": dict}}`, a result `{"role": "tool", "name", "content"}`;
+    the calls of one turn (one message each in Ollama's format) become one assistant message."""
+    out: Chat = []
+    for m in formatted:
+        message: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            message["tool_calls"] = [{"type": "function", "function": {
+                "name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))}}
+                for c in m["tool_calls"]]
+            previous = out[-1] if out else None
+            if previous and previous["role"] == "assistant" and previous.get("tool_calls") and not message["content"]:
+                previous["tool_calls"] += message["tool_calls"]
+                continue
+        if m["role"] == "tool":
+            message["name"] = m.get("tool_name") or m.get("name") or ""
+        out.append(message)
+    return out
+
+
+def _arguments(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value or "{}")
+    except (TypeError, json.JSONDecodeError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def offered_tools(tools: list[dict] | None, tool_choice: Any, fmt: ChatFormat) -> list[dict] | None:
+    """The tool schemas to render: none for `tool_choice` "none", only the named ones when it names tools, and
+    none (with one warning) when this model's template cannot render tools or its replies cannot be parsed."""
+    if not tools:
+        return None
+    mode = getattr(tool_choice, "mode", tool_choice)
+    names = getattr(tool_choice, "tools", None)
+    if mode == "none":
+        return None
+    if isinstance(mode, str) and mode not in ("auto", "required"):
+        names = [mode]  # a tool name: only that tool is offered (generation cannot force the call)
+    if names:
+        tools = [t for t in tools if _name(t) in set(names)]
+    if not fmt.tools_supported():
+        warn_once("no-tools", "Tools are not offered to this model: its chat template cannot render or read tool "
+                  "calls (see the log line above).")
+        return None
+    return tools or None
+
+
+def _name(schema: dict) -> str:
+    return str(schema.get("function", schema).get("name", ""))
+
+
+def call_blocks(calls: list[dict], tools: list[dict] | None) -> list[ToolCallBlock | TextBlock]:
+    """Parsed calls as ToolCallBlocks; a call to a tool that was not offered becomes text, with a warning."""
+    known = {_name(t) for t in tools or []}
+    blocks: list[ToolCallBlock | TextBlock] = []
+    for call in calls:
+        if call["name"] not in known:
+            logger.warning("The model called %r, which is not one of the offered tools (%s); shown as text.",
+                           call["name"], ", ".join(sorted(known)) or "none")
+            blocks.append(TextBlock(text=json.dumps(call, ensure_ascii=False)))
+            continue
+        blocks.append(ToolCallBlock(id=f"call-{uuid.uuid4().hex[:12]}", name=call["name"],
+                                    input=json.dumps(call["arguments"], ensure_ascii=False)))
+    return blocks
+
+
+def whole_reply(fmt: ChatFormat, text: str, chat: Chat, tools: list[dict] | None) -> list[Any]:
+    """A complete reply as content blocks: the text, then any tool calls."""
+    if not tools:
+        return [TextBlock(text=text)]
+    content, calls, problem = fmt.parse_reply(text, fmt.prompt_text(chat, tools), tools)
+    if problem:
+        logger.warning("A tool call in the reply could not be read (%s); kept as text.", problem[:200])
+    blocks: list[Any] = [TextBlock(text=content.strip())] if content.strip() or not calls else []
+    return blocks + call_blocks(calls, tools)
+
+
+class StreamReader:
+    """Reads a streamed reply: text pieces pass straight on (call markup held back and parsed), calls at the end.
+
+    Without tools every piece is text. With tools, transformers' streaming ResponseParser routes the pieces: the
+    content region streams as text, tool-call regions are collected. If the markup does not parse, the raw text
+    of the unread part is shown instead, with a warning.
+    """
+
+    def __init__(self, fmt: ChatFormat, chat: Chat, tools: list[dict] | None) -> None:
+        self.tools = tools
+        self.raw: list[str] = []
+        self.shown = 0  # characters of `raw` already passed on as text (without tools)
+        self.parser = fmt.reply_parser(fmt.prompt_text(chat, tools), tools) if tools else None
+        self.calls: list[dict] = []
+        self.failed: str | None = None
+        self.text_out: list[str] = []
+
+    def feed(self, piece: str) -> str:
+        """The text of `piece` to show now."""
+        self.raw.append(piece)
+        if self.parser is None or self.failed:
+            return piece if self.parser is None else ""
+        try:
+            return self._route(self.parser.feed(piece))
+        except (ValueError, TypeError, KeyError) as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            return ""
+
+    def finish(self) -> list[Any]:
+        """What is left: unshown text (all of the rest, if the markup failed to parse) and the tool calls."""
+        if self.parser is None:
+            return []
+        tail = ""
+        if not self.failed:
+            try:
+                _, events = self.parser.finalize()
+                tail = self._route(events)
+            except (ValueError, TypeError, KeyError) as e:
+                self.failed = f"{type(e).__name__}: {e}"
+        if self.failed:
+            logger.warning("A tool call in the reply could not be read (%s); kept as text.", self.failed[:200])
+            shown = "".join(self.text_out)
+            raw = "".join(self.raw)
+            tail = raw[len(shown):] if raw.startswith(shown) else raw
+            self.calls = []
+        blocks: list[Any] = [TextBlock(text=tail)] if tail else []
+        return blocks + call_blocks(self.calls, self.tools)
+
+    def _route(self, events: list[dict]) -> str:
+        text = []
+        for event in events:
+            if event["type"] == "region_chunk" and event["field"] == "content":
+                text.append(event["text"])
+            elif event["type"] == "region_close" and event["field"] == "tool_calls":
+                self.calls += _calls_of(event["value"])
+        out = "".join(text)
+        self.text_out.append(out)
+        return out
+
+
+def _calls_of(value: Any) -> list[dict]:
+    from hfmodel.chat_format import message_parts
+
+    _, calls, problem = message_parts({"tool_calls": value if isinstance(value, list) else [value]}, "")
+    if problem:
+        raise ValueError(problem)
+    return calls

@@ -1,0 +1,50 @@
+"""Every chat session, written as it goes, in the dataset format `fine_tune` reads: learn from the agent's own runs.
+
+One JSON line per exchange (the user's message, the assistant's tool calls and their results, the final reply),
+OpenAI `messages` form with a `tools` column when tools were offered:
+
+    {"messages": [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", "tool_calls": [...]},
+                  {"role": "tool", "name": "calculator", "content": "8827"}, {"role": "assistant", ...}],
+     "tools": [{"type": "function", "function": {...}}]}
+
+`/finetune runs/session-<stamp>-<id>.jsonl` trains on it as it is. The file is created exclusively with a unique id
+(two chats started in the same second never share one) and appended line by line (a crash loses at most the
+exchange in progress).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+class SessionLog:
+    """Appends each finished exchange of one chat session to `folder/session-<stamp>-<id>.jsonl`."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.path = folder / f"session-{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # never someone else's file
+        os.close(fd)
+        self.exchanges = 0
+
+    async def record(self, system_prompt: str, messages: list[Any], tools: list[dict] | None) -> None:
+        """Append one exchange: `messages` are the AgentScope Msgs it added to the conversation."""
+        from hfmodel.replies import template_messages
+
+        if not messages:
+            return
+        from agentscope.formatter import OllamaChatFormatter
+
+        chat = template_messages(await OllamaChatFormatter().format(messages))
+        row: dict[str, Any] = {"messages": [{"role": "system", "content": system_prompt}, *chat]}
+        if tools:
+            row["tools"] = tools
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.exchanges += 1

@@ -1,0 +1,302 @@
+"""Tool calling: a local model drives an AgentScope agent's toolkit (rendering, parsing, streaming, permission),
+and the shipped calculator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from helpers import make_wrapper
+
+from chat_tools import calculator, make_toolkit
+from finetune_dialogagent import Finetune_DialogAgent, ToolLine
+from hfmodel.replies import template_messages
+
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "97 * 91"}}\n</tool_call>'
+
+
+def scripted_generate(wrapper, replies: list[str], prompts: list[str]):
+    """Replace the model's generate() by one that 'generates' the given replies in turn (real tokenizer, real
+    streamer protocol), recording each prompt it was given."""
+    tok = wrapper.tokenizer
+    queue = list(replies)
+
+    def generate(input_ids=None, attention_mask=None, streamer=None, **kwargs):
+        prompts.append(tok.decode(input_ids[0]))
+        new = tok(queue.pop(0), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+            for i in range(new.shape[1]):
+                streamer.put(new[:, i])
+            streamer.end()
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    wrapper.hf_model.generate = generate
+
+
+def run_reply(agent, text: str, confirm=None) -> list[str]:
+    from agentscope.message import UserMsg
+
+    async def collect():
+        return [piece async for piece in agent.stream_reply(UserMsg(name="User", content=text), confirm=confirm)]
+
+    return asyncio.run(collect())
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(tmp_path_factory):
+    """The tiny model with a window that holds the tool schemas (its byte-level vocabulary spends many tokens)."""
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tools") / "tiny-llama", context=4096)
+
+
+@pytest.fixture
+def agent(tool_model_dir):
+    wrapper = make_wrapper(tool_model_dir, max_length=64, do_sample=False)
+    return Finetune_DialogAgent(name="Ember", sys_prompt="You are Ember.", model=wrapper, toolkit=[calculator])
+
+
+def test_a_tool_call_runs_through_the_agent_and_its_result_comes_back_through_the_template(agent):
+    prompts: list[str] = []
+    scripted_generate(agent.model, [CALL, "97 times 91 is 8827."], prompts)
+    pieces = run_reply(agent, "What is 97 times 91?")
+    lines = [p for p in pieces if isinstance(p, ToolLine)]
+    text = "".join(p for p in pieces if not isinstance(p, ToolLine))
+    assert lines == ['-> calculator(expression="97 * 91") = 8827']
+    assert text == "97 times 91 is 8827."
+    assert "<tool_call>" not in text
+    # The tool schemas were rendered for the model; the result went back as a tool response.
+    assert '"name": "calculator"' in prompts[0] and "<tools>" in prompts[0]
+    assert "<tool_response>\n8827\n</tool_response>" in prompts[1]
+    kinds = [b.type for m in agent.state.context for b in m.get_content_blocks()]
+    assert "tool_call" in kinds and "tool_result" in kinds
+
+
+def test_text_before_a_call_streams_and_markup_never_shows(agent):
+    scripted_generate(agent.model, ["Let me compute that.\n" + CALL, "It is 8827."], [])
+    pieces = run_reply(agent, "What is 97 times 91?")
+    text = "".join(p for p in pieces if not isinstance(p, ToolLine))
+    assert text.startswith("Let me compute that.") and text.endswith("It is 8827.")
+    assert "tool_call" not in text and "{" not in text
+
+
+def test_a_malformed_call_becomes_text_and_a_warning_not_a_crash(agent, caplog):
+    broken = '<tool_call>\n{"name": "calculator", "arguments": {"expression": </tool_call>'
+    scripted_generate(agent.model, [broken], [])
+    pieces = run_reply(agent, "What is 97 times 91?")
+    assert not any(isinstance(p, ToolLine) for p in pieces)
+    assert "calculator" in "".join(pieces)
+    assert "could not be read" in caplog.text
+
+
+def test_a_call_to_an_unknown_tool_is_not_run(agent, caplog):
+    scripted_generate(agent.model, ['<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>'], [])
+    pieces = run_reply(agent, "Delete everything.")
+    assert not any(isinstance(p, ToolLine) for p in pieces)
+    assert "not one of the offered tools" in caplog.text
+
+
+def test_tool_choice_none_renders_no_tools_and_named_choice_filters(tool_model_dir):
+    from agentscope.message import UserMsg
+    from agentscope.tool import ToolChoice
+
+    wrapper = make_wrapper(tool_model_dir, max_length=4, do_sample=False, stream=False)
+    prompts: list[str] = []
+    schemas = [{"type": "function", "function": {"name": n, "description": n, "parameters": {
+        "type": "object", "properties": {}}}} for n in ("calculator", "weather")]
+    scripted_generate(wrapper, ["Hi.", "Hi.", "Hi."], prompts)
+    for choice in (ToolChoice(mode="none"), ToolChoice(mode="auto", tools=["weather"]), None):
+        asyncio.run(wrapper([UserMsg(name="User", content="Hello")], tools=schemas, tool_choice=choice))
+    assert "<tools>" not in prompts[0]
+    assert '"weather"' in prompts[1] and '"calculator"' not in prompts[1]
+    assert '"weather"' in prompts[2] and '"calculator"' in prompts[2]
+
+
+def test_a_tool_that_needs_permission_asks_and_a_refusal_is_respected(tool_model_dir):
+    ran = []
+
+    def shout(text: str) -> str:
+        """Upper-case a text.
+
+        Args:
+            text (str): the text.
+        """
+        ran.append(text)
+        return text.upper()
+
+    wrapper = make_wrapper(tool_model_dir, max_length=64, do_sample=False)
+    agent = Finetune_DialogAgent(name="Ember", sys_prompt="You are Ember.", model=wrapper, toolkit=[shout])
+    call = '<tool_call>\n{"name": "shout", "arguments": {"text": "hi"}}\n</tool_call>'
+    asked = []
+    scripted_generate(wrapper, [call, "Done."], [])
+    run_reply(agent, "Shout hi.", confirm=lambda c: asked.append(c.name) or False)
+    assert asked == ["shout"] and ran == []
+    scripted_generate(wrapper, [call, "Done."], [])
+    pieces = run_reply(agent, "Shout hi.", confirm=lambda c: True)
+    assert ran == ["hi"] and '-> shout(text="hi") = HI' in pieces
+
+
+def test_history_with_calls_renders_as_tool_calls_and_tool_messages():
+    formatted = [{"role": "user", "content": "q"},
+                 {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "a", "arguments": {}}}]},
+                 {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "b",
+                                                                                    "arguments": '{"x": 1}'}}]},
+                 {"role": "tool", "tool_name": "a", "content": "1"}, {"role": "tool", "tool_name": "b", "content": "2"}]
+    messages = template_messages(formatted)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool"]
+    assert [c["function"]["name"] for c in messages[1]["tool_calls"]] == ["a", "b"]
+    assert messages[1]["tool_calls"][1]["function"]["arguments"] == {"x": 1}
+    assert messages[2]["name"] == "a"
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("97 * 91", "8827"), ("(2.5 + 3) / 2", "2.75"), ("2 ** 10", "1024"), ("-3.5 * 2", "-7"), ("7 / 3", "2.333333333"),
+])
+def test_calculator_does_arithmetic(expression, expected):
+    assert calculator(expression) == expected
+
+
+@pytest.mark.parametrize("expression, problem", [
+    ("__import__('os').system('touch pwned')", "not allowed"), ("open('x')", "not allowed"), ("1 / 0", "division"),
+    ("2 ** 100000", "too large"), ("(10 ** 1000) ** 1000", "digits"), ("abc", "not allowed"), ("1 +", "not an"),
+    ("[1] * 10", "not allowed"),
+])
+def test_calculator_refuses_what_is_not_arithmetic(expression, problem):
+    result = calculator(expression)
+    assert result.startswith("error:") and problem in result
+
+
+def test_shipped_tools_run_without_asking_and_others_ask():
+    def mine(x: str) -> str:
+        """Echo.
+
+        Args:
+            x (str): text.
+        """
+        return x
+
+    toolkit = make_toolkit([calculator, mine])
+    tools = {name: asyncio.run(toolkit.get_tool(name)) for name in ("calculator", "mine")}
+    schemas = asyncio.run(toolkit.get_tool_schemas())
+    assert {"calculator", "mine"} <= {s["function"]["name"] for s in schemas}
+    assert asyncio.run(tools["calculator"].check_permissions()).behavior.name == "ALLOW"
+    assert asyncio.run(tools["mine"].check_permissions()).behavior.name == "ASK"
+    assert tools["calculator"].is_read_only and not tools["mine"].is_read_only
+    assert json.loads(calculator("1+1")) == 2
+
+
+# ------------------------------------------------------------------------------------------ training on tool use
+
+SCHEMA = {"type": "function", "function": {"name": "calculator", "description": "Arithmetic.", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+
+def tool_row(question="What is 97 times 91?", expression="97 * 91", result="8827", answer="It is 8827.",
+             arguments=None, name="calculator", tools=(SCHEMA,)):
+    row = {"messages": [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": name, "arguments": arguments if arguments is not None else {"expression": expression}}}]},
+        {"role": "tool", "name": name, "content": result},
+        {"role": "assistant", "content": answer}]}
+    if tools is not None:
+        row["tools"] = list(tools)
+    return row
+
+
+def test_tool_datasets_are_read_and_bad_calls_are_skipped_and_counted(tmp_path):
+    from chat_data import load_chat_dataset
+
+    from hfmodel.chat_format import split_tools
+
+    rows = [tool_row(), tool_row(arguments='{"expression": "1 + 1"}'),  # arguments as JSON text
+            tool_row(name="weather"),  # a tool missing from `tools`
+            tool_row(arguments="[1, 2]"),  # not a JSON object
+            {**tool_row(), "tools": json.dumps([SCHEMA])}]  # tools as JSON text
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_chat_dataset(str(path))
+    assert len(data.rows) == 3
+    assert data.skipped == {"a call to a tool missing from 'tools'": 1, "tool call arguments not a JSON object": 1}
+    messages, tools = split_tools(data.rows[1])
+    assert tools[0]["function"]["name"] == "calculator"
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"expression": "1 + 1"}
+    assert messages[2] == {"role": "tool", "name": "calculator", "content": "8827"}
+
+
+def test_sharegpt_function_call_and_observation_rows(tmp_path):
+    from chat_data import normalize_rows
+
+    from hfmodel.chat_format import split_tools
+
+    row = {"conversations": [
+        {"from": "human", "value": "What is 2 plus 2?"},
+        {"from": "function_call", "value": json.dumps({"name": "calculator", "arguments": {"expression": "2 + 2"}})},
+        {"from": "observation", "value": "4"}, {"from": "gpt", "value": "4."}], "tools": json.dumps([SCHEMA])}
+    data = normalize_rows([row])
+    messages, tools = split_tools(data.rows[0])
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": {"expression": "2 + 2"}}
+    assert tools == [SCHEMA]
+
+
+def test_loss_covers_the_call_and_the_answer_but_never_the_tool_result(tool_model_dir):
+    from transformers import AutoTokenizer
+
+    from hfmodel.chat_format import ChatFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tool_model_dir))
+    fmt = ChatFormat(tokenizer)
+    row = [{"role": "system", "content": "You are Ember."}, *tool_row()["messages"]]
+    row[0]["tools"] = [SCHEMA]
+    ids, mask = fmt.mask_plan([row]).tokenize(row)
+    spans, current = [], []
+    for token, bit in zip(ids, mask, strict=True):
+        if bit:
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    assert spans == ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "97 * 91"}}\n</tool_call>'
+                     '<|im_end|>', "It is 8827.<|im_end|>"]
+    # Training renders exactly what the chat renders for the same conversation (the tool result included).
+    chat_prompt = fmt.prompt_text(row[:4], [SCHEMA])
+    assert tokenizer.decode(ids).startswith(chat_prompt)
+
+
+def test_a_short_fine_tune_on_tool_rows_teaches_the_call(tool_model_dir, tmp_path):
+    from helpers import fast_config, write_jsonl
+
+    wrapper = make_wrapper(tool_model_dir, max_length=96, do_sample=False)
+    schemas = asyncio.run(make_toolkit([calculator]).get_tool_schemas())  # what the agent will offer
+    data = write_jsonl(tmp_path / "tools.jsonl", [tool_row(tools=schemas)] * 8)
+    result = wrapper.fine_tune(str(data), fast_config(tmp_path, max_steps=40, learning_rate=2e-2))
+    losses = [e["loss"] for e in result.log_history if "loss" in e]
+    assert losses[-1] < losses[0] / 2
+    agent = Finetune_DialogAgent(name="Ember", sys_prompt="You are Ember.", model=wrapper, toolkit=[calculator])
+    pieces = run_reply(agent, "What is 97 times 91?")
+    assert '-> calculator(expression="97 * 91") = 8827' in pieces, pieces
+
+
+def test_a_session_log_round_trips_into_fine_tune(agent, tmp_path):
+    from session_log import SessionLog
+
+    log = SessionLog(tmp_path / "runs")
+    scripted_generate(agent.model, [CALL, "97 times 91 is 8827."], [])
+    before = len(agent.state.context)
+    run_reply(agent, "What is 97 times 91?")
+    schemas = asyncio.run(agent.toolkit.get_tool_schemas())
+    asyncio.run(log.record(agent.sys_prompt, agent.state.context[before:], schemas))
+    row = json.loads(log.path.read_text())
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert row["messages"][2]["tool_calls"][0]["function"]["arguments"] == {"expression": "97 * 91"}
+    from chat_data import load_chat_dataset
+
+    data = load_chat_dataset(str(log.path))
+    assert len(data.rows) == 1 and not data.skipped
+    plan = agent.model.handle.format.mask_plan(data.rows)
+    ids, mask = plan.tokenize(data.rows[0])
+    assert sum(mask) > 0
