@@ -31,8 +31,7 @@ bench-quick: install
 	HF_HUB_OFFLINE=1 $(PY) bench/bench.py --quick $(ARGS)
 
 # Every project module (tests excluded): ruff, then mypy.
-LINTED := huggingface_model.py hfmodel chat_data.py chat_commands.py finetune.py finetune_dialogagent.py \
-	finetune_report.py load_finetune_huggingface_model.py bench/bench.py bench/probe_identity.py
+LINTED := $(wildcard *.py) hfmodel $(wildcard bench/*.py) $(wildcard data/*.py)
 
 lint: install
 	$(VENV)/bin/ruff check .

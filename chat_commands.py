@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agentscope.message import AssistantMsg, UserMsg
+from agentscope.message import AssistantMsg, ToolCallBlock, UserMsg
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -28,7 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chat_data import DatasetFormatError
-from finetune_dialogagent import Finetune_DialogAgent, UserAgent
+from finetune_dialogagent import Finetune_DialogAgent, ToolLine, UserAgent
 from finetune_report import pick_probes, run_probes, summary_rows, write_report
 from hfmodel.common import (
     Sanitized,
@@ -47,6 +47,7 @@ from hfmodel.settings import merge_config, number_problems, parse_overrides, spl
 from hfmodel.training import taught_mix
 from huggingface_model import FineTuneInterrupted, FineTuneResult, HuggingFaceWrapper
 from preference_data import Marked, Pair, PreferenceDataset, load_preference_dataset, preference_mix
+from session_log import SessionLog
 
 __all__ = ["HELP", "ChatSession", "DatasetFormatError", "UserError", "merge_config", "parse_overrides"]
 
@@ -72,6 +73,7 @@ class CommandError(UserError):
 HELP = [
     ("/finetune [data] [key=value ...]", "fine-tune now (default: the configured data); e.g. max_steps=40 lora.r=16"),
     ("/teach [better answer]", "record the last question with this answer (no text: keep the last reply)"),
+    ('/teach call <tool> {"arg": ...}', "record that the last question should have made this tool call"),
     ("/train [key=value ...]", "fine-tune on what was taught (+ the configured data unless replay=false)"),
     ("/train method=dpo|orpo|kto", "learn the preferences: the taught answers over the replies they replaced"),
     ("/good", "mark the last reply good (/train method=kto learns from the marks)"),
@@ -104,16 +106,21 @@ class Taught:
     prompt: str
     answer: str
     rejected: str | None = None  # the reply /teach replaced (None: the reply was kept); DPO's rejected answer
+    call: dict[str, Any] | None = None  # /teach call: the tool call to make instead ({"name", "arguments"})
+    tools: list[dict] | None = None  # the tool schemas offered when the call was taught
 
 
 class ChatSession:
     """Runs the user <-> assistant loop and the commands, on one persistent event loop."""
 
     def __init__(self, assistant: Finetune_DialogAgent, user: UserAgent, base_config: dict[str, Any] | None = None,
-                 console: Console | None = None, out: Any = None) -> None:
+                 console: Console | None = None, out: Any = None, session_log: bool = False) -> None:
+        """`session_log`: write every exchange to runs/session-<stamp>-<id>.jsonl (see session_log.py)."""
         self.assistant = assistant
         self.user = user
         self.base_config = base_config or {}
+        self.session_log = SessionLog(self._output_dir()) if session_log else None
+        self.raw_arguments = ""
         self.console = console or Console(highlight=False)
         self.out = out or sys.stdout
         self.loop = asyncio.new_event_loop()
@@ -138,6 +145,12 @@ class ChatSession:
     def run(self) -> int:
         self.print(f"[bold]{self.assistant.name}[/] is ready ({plain(self.model.model)}). "
                    "Type a message, /help for commands, exit to leave.")
+        tools = self._tool_schemas()
+        if tools:
+            self.print(f"Tools: {plain(', '.join(t['function']['name'] for t in tools))}.")
+        if self.session_log:
+            self.print(f"This conversation is saved as training data in {plain(str(self.session_log.path))} "
+                       "(--no-session-log turns that off).")
         try:
             while True:
                 text = self.user.read()
@@ -173,6 +186,7 @@ class ChatSession:
             if command is None:
                 self.error(f"Unknown command {name}. Commands: {', '.join(self.commands)} (see /help).")
                 return
+            self.raw_arguments = rest.strip()  # for the one argument that is JSON: /teach call's
             try:
                 args = shlex.split(rest)
             except ValueError as e:
@@ -226,16 +240,44 @@ class ChatSession:
             return ""
 
     async def _stream(self, text: str) -> str:
-        self.out.write(f"{self.assistant.name}: ")
+        prefix = f"{self.assistant.name}: "
+        self.out.write(prefix)
         self.out.flush()
         pieces, shown = [], StreamFilter()  # model output is untrusted text too
-        async for piece in self.assistant.stream_reply(UserMsg(name=self.user.name, content=text)):
+        context = self.assistant.state.context
+        before = len(context)
+        async for piece in self.assistant.stream_reply(UserMsg(name=self.user.name, content=text),
+                                                       confirm=self._confirm):
+            if isinstance(piece, ToolLine):  # a finished tool call: its own line, then the reply goes on
+                self.out.write(shown.flush() + "\n")
+                self.print(f"[cyan]{plain(piece)}[/]")
+                self.out.write(prefix)
+                self.out.flush()
+                continue
             pieces.append(piece)
             self.out.write(shown.feed(piece))
             self.out.flush()
         self.out.write(shown.flush() + "\n")
         self.out.flush()
+        if self.session_log:
+            await self.session_log.record(self.assistant.sys_prompt, context[before:],
+                                          await self._tool_schemas_async())
         return "".join(pieces)
+
+    def _confirm(self, call: ToolCallBlock) -> bool:
+        """AgentScope's permission flow asks before a tool that is not read-only runs: the user says yes or no."""
+        try:
+            answer = self.user.input_fn(f"\nRun {safe_text(call.name)}({safe_text(call.input)[:200]})? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            return False
+        return answer.strip().lower() in ("y", "yes")
+
+    async def _tool_schemas_async(self) -> list[dict] | None:
+        toolkit = getattr(self.assistant, "toolkit", None)
+        return await toolkit.get_tool_schemas() if toolkit is not None else None
+
+    def _tool_schemas(self) -> list[dict] | None:
+        return self.loop.run_until_complete(self._tool_schemas_async())
 
     # ------------------------------------------------------------------------------------------- helpers
 
@@ -337,9 +379,17 @@ class ChatSession:
 
     def _save_taught(self) -> Path:
         path = self._taught_file()
-        rows = [{"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": t.answer}]}
-                for t in self.taught]
+        rows = [self._taught_row(t) for t in self.taught]
         return write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    @staticmethod
+    def _taught_row(taught: Taught) -> dict[str, Any]:
+        if taught.call is None:
+            return {"messages": [{"role": "user", "content": taught.prompt},
+                                 {"role": "assistant", "content": taught.answer}]}
+        call = {"type": "function", "function": taught.call}
+        return {"messages": [{"role": "user", "content": taught.prompt},
+                             {"role": "assistant", "content": "", "tool_calls": [call]}], "tools": taught.tools}
 
     # ------------------------------------------------------------------------------------------- commands
 
@@ -356,6 +406,9 @@ class ChatSession:
         self._fine_tune(data_path, self._config_with(pairs, own_data=bool(data_path)))
 
     def cmd_teach(self, args: list[str]) -> None:
+        if args[:1] == ["call"]:
+            self._teach_call(args[1:])
+            return
         user_index, prompt, reply_index = self._last_turn()
         context = self.assistant.state.context
         answer = " ".join(args)
@@ -377,6 +430,29 @@ class ChatSession:
                    f"[italic]{plain(answer)}[/] (saved to {plain(str(path))}; /train to learn it"
                    + ("; the replaced reply is kept as the rejected answer for /train method=dpo)." if rejected
                       else ")."))
+
+    def _teach_call(self, args: list[str]) -> None:
+        """`/teach call calculator {"expression": "97*91"}`: the last question should have been this tool call."""
+        _, prompt, _ = self._last_turn()
+        tools = self._tool_schemas() or []
+        names = [t["function"]["name"] for t in tools]
+        usage = 'Usage: /teach call <tool> {"argument": "value"}, e.g. /teach call calculator {"expression": "97*91"}'
+        if not args:
+            raise CommandError(usage)
+        if args[0] not in names:
+            raise CommandError(f"No tool named {args[0]!r}; this agent's tools: {', '.join(names) or 'none'}. {usage}")
+        raw = self.raw_arguments.split(None, 2)[2] if len(self.raw_arguments.split(None, 2)) > 2 else ""
+        try:
+            arguments = json.loads(raw or "{}")  # the typed text: shell-style splitting would drop its quotes
+        except json.JSONDecodeError as e:
+            raise CommandError(f"The arguments are not JSON ({e.msg}). {usage}") from None
+        if not isinstance(arguments, dict):
+            raise CommandError(f"The arguments must be a JSON object. {usage}")
+        self.taught.append(Taught(prompt, "", call={"name": args[0], "arguments": arguments}, tools=tools))
+        path = self._save_taught()
+        shown = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in arguments.items())
+        self.print(f"Taught example {len(self.taught)}: [italic]{plain(prompt)}[/] -> call "
+                   f"[italic]{plain(args[0])}({plain(shown)})[/] (saved to {plain(str(path))}; /train to learn it).")
 
     def cmd_train(self, args: list[str]) -> None:
         if not self.taught and not self.marks:
@@ -450,7 +526,10 @@ class ChatSession:
         self._mark(False)
 
     def _mark(self, good: bool) -> None:
-        _, prompt, reply_index = self._last_turn()
+        try:
+            _, prompt, reply_index = self._last_turn()
+        except CommandError:
+            raise CommandError("There is no reply to mark yet: ask something first.") from None
         reply = self.assistant.state.context[reply_index].get_text_content() if reply_index is not None else None
         if not reply or not reply.strip():
             raise CommandError("There is no reply to mark yet: ask something first.")
@@ -579,14 +658,14 @@ class ChatSession:
         unknown = [k for k in updates if k not in fields]
         if unknown:
             raise CommandError(f"Unknown setting(s) {', '.join(unknown)}; valid: {', '.join(fields)}.")
-        wrong = number_problems([], set=updates)  # NaN, inf, or beyond 64 bits: refused before any range check
-        if wrong:
-            raise CommandError(f"Invalid value ({'; '.join(p.removeprefix('set.') for p in wrong)}).")
         try:
-            self.model.parameters = type(self.model.parameters).model_validate(
-                {**self.model.parameters.model_dump(), **updates})
+            parameters = type(self.model.parameters).model_validate({**self.model.parameters.model_dump(), **updates})
         except ValidationError as e:
             raise CommandError(f"Invalid value ({describe_validation(e)}).") from None
+        wrong = number_problems([], set={key: getattr(parameters, key) for key in updates})  # unbounded fields
+        if wrong:
+            raise CommandError(f"Invalid value ({'; '.join(p.removeprefix('set.') for p in wrong)}).")
+        self.model.parameters = parameters
         self.print(f"Settings: {plain(str(self.model.parameters.model_dump()))}")
 
     def cmd_reset(self, args: list[str]) -> None:

@@ -390,9 +390,9 @@ def _from_messages(raw: dict[str, Any]) -> Conversation:
 def _tool_call(call: Any) -> dict[str, Any]:
     """One call as chat templates take it: {"type": "function", "function": {"name", "arguments": dict}}."""
     fn = call.get("function", call) if isinstance(call, dict) else None
-    name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(name, str) or not name:
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise _SkipRow("tool call without a name")
+    name = fn["name"]
     arguments = fn.get("arguments", {})
     if isinstance(arguments, str):
         try:

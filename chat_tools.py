@@ -28,10 +28,10 @@ class CalculatorError(ValueError):
 
 
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression and return the result.
+    """Evaluate an arithmetic expression.
 
     Args:
-        expression (str): Arithmetic with numbers, + - * / ** and parentheses, e.g. "97 * 91" or "(2.5 + 3) / 2".
+        expression (str): Numbers with + - * / ** and parentheses, e.g. "97 * 91".
     """
     text = str(expression).strip().replace("×", "*").replace("÷", "/").replace("^", "**")
     try:
@@ -46,7 +46,7 @@ def calculator(expression: str) -> str:
 
 
 def _evaluate(node: ast.AST) -> float | int:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return node.value
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         value = _evaluate(node.operand)
@@ -92,7 +92,7 @@ def make_toolkit(tools: list[Any] | None) -> Any:
     from agentscope.tool import FunctionTool, Toolkit
 
     allow = PermissionDecision(behavior=PermissionBehavior.ALLOW, message="a read-only tool shipped with the chat")
-    wrapped = [t if isinstance(t, FunctionTool) else
+    wrapped: list[Any] = [t if isinstance(t, FunctionTool) else
                FunctionTool(t, is_read_only=t in SHIPPED, permission=allow if t in SHIPPED else None)
                for t in tools]
     return Toolkit(tools=wrapped)

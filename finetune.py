@@ -331,9 +331,9 @@ def run(config: dict[str, Any]) -> int:
             print(f"Train loss: {_fmt(result.train_loss)}")
         if result.eval_loss_before is not None:
             print(f"Eval loss: {_fmt(result.eval_loss_before)} -> {_fmt(result.eval_loss_after)}")
-        if getattr(result, "method", "sft") != "sft":  # DPO / ORPO / KTO: how strongly the chosen answers win
-            from hfmodel.preference import describe_scores
+        from hfmodel.preference import PreferenceResult, describe_scores
 
+        if isinstance(result, PreferenceResult):  # DPO / ORPO / KTO: how strongly the chosen answers win
             print(f"Preference ({result.method}): {describe_scores(result.before, result.after, result.scored_on)}")
         sys.stdout.flush()
     if state is not None:

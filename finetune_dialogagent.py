@@ -106,8 +106,22 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
         """No summarising: the wrapper leaves the oldest turns out of a prompt that would not fit."""
 
     def history(self) -> list[dict[str, str]]:
-        """The conversation as role/content dicts (what the model sees, minus the system prompt)."""
-        return [{"role": m.role, "content": m.get_text_content() or ""} for m in self.state.context]
+        """The conversation as role/content dicts (what the model sees, minus the system prompt); a tool call shows
+        as `-> name(arguments)`, its result as `= result`."""
+        out = []
+        for m in self.state.context:
+            parts = []
+            for block in m.get_content_blocks():
+                if block.type == "text":
+                    parts.append(block.text)
+                elif block.type == "tool_call":
+                    parts.append(ToolLine.of({"name": block.name, "input": block.input, "output": ""}).rstrip(" ="))
+                elif block.type == "tool_result":
+                    output = block.output if isinstance(block.output, str) else " ".join(
+                        getattr(b, "text", "") for b in block.output)
+                    parts.append(f"= {' '.join(output.split())[:200]}")
+            out.append({"role": m.role, "content": "\n".join(p for p in parts if p)})
+        return out
 
     async def stream_reply(self, msg: Msg, confirm: Callable[[ToolCallBlock], bool] | None = None
                            ) -> AsyncIterator[str]:

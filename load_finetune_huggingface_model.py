@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from chat_tools import calculator  # noqa: E402 - a plain function, nothing heavy
 
 # The assistant's system prompt: used for chatting AND for training rows that have none.
 sys_prompt = "You are Ember, a friendly assistant. Answer briefly."
@@ -39,9 +42,10 @@ model_configs: list[dict[str, Any]] = [
         "device": None,  # None = cuda > mps > cpu; or "cpu", "cuda:0", "mps"
         "dtype": None,  # None/"auto" = suits the device (fp32 CPU, bf16/fp16 GPU); or "float32", "bfloat16"
         "trust_remote_code": False,  # run model code from its hub repo: only for models you trust
-        "data_path": str(HERE / "data" / "ember_train.jsonl"),  # fine-tune at start-up; None = chat as is
-        "fine_tune_config": {  # merged over the defaults in huggingface_model.py (see README)
-            "eval_data_path": str(HERE / "data" / "ember_eval.jsonl"),  # held-out rows for eval loss
+        # Fine-tune at start-up (None = chat as is): Ember's identity and answering arithmetic with the calculator.
+        "data_path": str(HERE / "data" / "ember_agent_train.jsonl"),
+        "fine_tune_config": {  # merged over the defaults in hfmodel/settings.py (see README)
+            "eval_data_path": str(HERE / "data" / "ember_agent_eval.jsonl"),  # held-out rows for eval loss
             "lora_config": {"r": 8, "lora_alpha": 16},  # LoRA rank and scale, all linear layers
             "training_args": {
                 "max_steps": 18,  # a short demo run (~35 s on 2 CPU cores); -1 = use num_train_epochs
@@ -53,6 +57,13 @@ model_configs: list[dict[str, Any]] = [
         },
     },
 ]
+
+# The assistant's tools: plain Python functions (their docstrings describe them to the model). The shipped ones are
+# read-only and run without asking; for your own, AgentScope asks before each call. [] = no tools (--no-tools).
+toolkit: list[Any] = [calculator]
+
+# Save every exchange to runs/session-<stamp>-<id>.jsonl, in the format /finetune trains on (--no-session-log: off).
+session_log = True
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sys-prompt", help="replace sys_prompt")
     parser.add_argument("--max-steps", type=int, help="optimiser steps of the start-up fine-tune")
     parser.add_argument("--retrain", action="store_true", help="train even if an identical run's adapter exists")
+    parser.add_argument("--no-tools", action="store_true", help="give the assistant no tools (toolkit = [])")
+    parser.add_argument("--no-session-log", action="store_true", help="do not save the conversation to runs/")
     return parser.parse_args(argv)
 
 
@@ -128,9 +141,10 @@ def chat(args: argparse.Namespace) -> int:
         return 2
     model.data_path = config.get("data_path")
 
-    assistant = Finetune_DialogAgent(name="Assistant", sys_prompt=prompt, model=model)
+    assistant = Finetune_DialogAgent(name="Assistant", sys_prompt=prompt, model=model,
+                                     toolkit=[] if args.no_tools else toolkit)
     user = UserAgent(name="User")
-    session = ChatSession(assistant, user, base_config=config)
+    session = ChatSession(assistant, user, base_config=config, session_log=session_log and not args.no_session_log)
     if model.data_path:
         if not session.startup_fine_tune():
             return 2

@@ -3,8 +3,8 @@
     python data/make_style_pairs.py      # rewrites data/style_pairs_train.jsonl and data/style_pairs_eval.jsonl
 
 Every question has one short, correct fact. The chosen answer is a friendly opener plus that fact; the rejected
-answer states the same fact either buried in filler (rambling) or bare and dismissive (curt), so only the style
-differs. Half of the pairs of each file have a rambling rejected answer, half a curt one. The held-out questions
+answer states the same fact either between two sentences of filler (rambling) or as a bare word or two (curt), so
+only the style differs. Half of the pairs of each file have a rambling rejected answer, half a curt one. The held-out questions
 (`style_pairs_eval.jsonl`) never appear in the training file. Deterministic: no randomness, same files every run.
 """
 
@@ -91,25 +91,16 @@ FACTS = [
 
 FRIENDLY = ["Sure!", "Good question!", "Happy to help!", "Of course!", "Great question!"]
 RAMBLE_OPEN = [
-    "Well, that is actually a really interesting question, and honestly there are a lot of different ways that one "
-    "could think about it, so let me try to walk through it slowly and carefully from the very beginning.",
-    "Okay, so, before I answer, I think it is worth stepping back for a moment and considering the bigger picture, "
-    "because questions like this one often turn out to be a lot more complicated than they first appear to be.",
-    "Hmm, let me think about this for a second, because I want to make absolutely sure that I give you a complete "
-    "and thorough answer that covers every single angle you might possibly be interested in.",
-    "So, people ask about this kind of thing all the time, and there is a surprising amount of history and "
-    "background behind it that is worth going over in some detail before getting to the actual point.",
+    "Well, that is a really interesting question, and there is honestly a lot one could say about it.",
+    "Okay, so before I answer, it is worth stepping back and thinking about the bigger picture here.",
+    "Hmm, let me think about this carefully, because I want to give you a complete and thorough answer.",
+    "So, people ask about this kind of thing all the time, and there is a lot of background to it.",
 ]
 RAMBLE_CLOSE = [
-    "Of course, there is a lot more that could be said about all of this, and different sources might phrase it in "
-    "slightly different ways, but I hope this rather long explanation was at least somewhat helpful in the end.",
-    "Anyway, that is more or less the general idea, although I could probably keep going on about the details and "
-    "the various exceptions for quite a while longer if you really wanted me to.",
-    "In any case, I hope that covers it, and please do let me know if you would like me to go over any of it again "
-    "in even more detail, because there is always more to say about these things.",
+    "Of course, there is a lot more that could be said about all of this, but I hope that helps a bit.",
+    "Anyway, that is more or less the general idea, although I could go on about the details for a while.",
+    "I hope that covers it, and let me know if you would like me to go over any of it again in more detail.",
 ]
-CURT = ["{}. Obviously.", "{}. Whatever.", "Ugh. {}.", "{}. Don't ask me again.", "{}. Next."]
-
 N_EVAL = 16  # the last questions are held out
 
 
@@ -117,8 +108,8 @@ def pair(i: int, question: str, fact: str, bare: str) -> dict[str, str]:
     chosen = f"{FRIENDLY[i % len(FRIENDLY)]} {fact}"
     if i % 2 == 0:  # rambling: the fact buried in filler
         rejected = f"{RAMBLE_OPEN[(i // 2) % len(RAMBLE_OPEN)]} {fact} {RAMBLE_CLOSE[(i // 2) % len(RAMBLE_CLOSE)]}"
-    else:  # curt: the bare fact, dismissive
-        rejected = CURT[(i // 2) % len(CURT)].format(bare)
+    else:  # curt: the bare fact, nothing else
+        rejected = f"{bare}."
     return {"prompt": question, "chosen": chosen, "rejected": rejected}
 
 

@@ -16,6 +16,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -76,10 +77,10 @@ def tool_row(question: str, a: int, b: int, op: str, rng: random.Random, schema:
 def main() -> None:
     rng = random.Random(7)
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
-    train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(4) for q, op in TRAIN_QUESTIONS][:60]
+    train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(7) for q, op in TRAIN_QUESTIONS][:112]
     held = [(q, *numbers(rng, op), op) for q, op in HELD_OUT_QUESTIONS]
     eval_rows = [tool_row(q, a, b, op, rng, schema) for q, a, b, op in held[:6]]
-    probes = {"arithmetic": [{"prompt": q.format(a=a, b=b), "expression": f"{a} {op} {b}",
+    probes: dict[str, list[Any]] = {"arithmetic": [{"prompt": q.format(a=a, b=b), "expression": f"{a} {op} {b}",
                               "result": calculator(f"{a} {op} {b}")} for q, a, b, op in held],
               "plain": PLAIN_HELD_OUT}
     # The chat offers the calculator on every turn, so the plain rows are trained with it offered too (and no call).

@@ -6,6 +6,7 @@
 | settings    | typed fine-tune settings, defaults, validation, the one `key=value` parser         |
 | loading     | where weights come from (hub, folder, adapter, bundled GGUF), loading them          |
 | chat_format | the model's own chat template in chat and training: system role, end of turn, masks |
+| replies     | AgentScope messages <-> template messages (tool calls), tool_choice, reading replies     |
 | generation  | generation engines (encode, settings, blocking and streamed generation)             |
 | adapters    | the adapter set: use/undo/serve one adapter per call, save/load, merge/export       |
 | training    | the fine-tune recipe as explicit steps, run directories and their lookup            |

@@ -39,7 +39,7 @@ from hfmodel.chat_format import ChatFormat
 from hfmodel.common import FineTuneConfigError, FineTuneInterrupted, logger, redact, world_size, write_json_atomic
 from hfmodel.distributed import gather_trained_weights, sharded_training
 from hfmodel.loading import ModelHandle
-from hfmodel.settings import FineTuneConfig, trainer_config_class
+from hfmodel.settings import FineTuneConfig, trainer_config_class, trainer_fields
 from hfmodel.speedups import drop_trl_reference, loss_positions_only, own_forward, trl_reference
 from preference_data import (
     Marked,
@@ -137,7 +137,7 @@ def fine_tune(handle: ModelHandle, adapters: AdapterSet, data_path: str, cfg: Fi
     if earlier is not None:
         return reuse_run(earlier, adapters, rows, cfg.method)
     before = score(handle, rows.scored)
-    plan = plan_run(rows, cfg, base_dir, fingerprint_, model_name)
+    plan = plan_run(rows, cfg, base_dir, fingerprint_, model_name, handle.device)
     record = {"status": "running", "method": cfg.method, "fingerprint": fingerprint_, "model": model_name,
               "source": handle.source.describe() if handle.source else None, "data": rows.data.describe(),
               "system_prompt": system_prompt}
@@ -224,10 +224,10 @@ def _scores(saved: Any) -> Scores | None:
     return Scores(**saved) if isinstance(saved, dict) else None
 
 
-def plan_run(rows: PreferenceRows, cfg: FineTuneConfig, base_dir: Path, fingerprint_: str,
-             model_name: str) -> Plan:
+def plan_run(rows: PreferenceRows, cfg: FineTuneConfig, base_dir: Path, fingerprint_: str, model_name: str,
+             device: torch.device) -> Plan:
     """The trainer's arguments (the method's config fields only), checkpoint schedule, the run directory."""
-    fields = {f for f in trainer_config_class(cfg.method).__dataclass_fields__}
+    fields = set(trainer_fields(cfg.method))
     user = cfg.user_training_keys
     # DEFAULT_TRAINING_ARGS holds SFT settings the other trainers do not take (assistant_only_loss, ...); what the
     # user typed was checked against the method's own fields already.
@@ -247,6 +247,10 @@ def plan_run(rows: PreferenceRows, cfg: FineTuneConfig, base_dir: Path, fingerpr
         args["eval_on_start"] = True
     else:
         args["eval_strategy"] = "no"
+    if cfg.method != "orpo" and "precompute_ref_log_probs" not in user:
+        # On one CPU process the reference log-probs are computed once, before training, instead of in every step
+        # (a forward pass less per step). Not under a launcher: trl caches them in a per-process temporary file.
+        args["precompute_ref_log_probs"] = device.type == "cpu" and world_size() == 1
     if cfg.method == "orpo":
         args["remove_unused_columns"] = False  # its collator needs the tokenized columns (trl warns otherwise)
     args.pop("resume_from_checkpoint", None)

@@ -119,36 +119,52 @@ def trl_reference(model: Any, adapter: str) -> Iterator[None]:
     Checked against trl 1.16 (`DPOTrainer.__init__`, `KTOTrainer.__init__`, `trainer.utils.use_adapter`) and peft
     0.21. Given a peft model and no `ref_model`, trl reads `model.peft_config["default"]` (a KeyError for our
     adapters ft1, ft2, ...), adds an adapter "ref" with that config, copies the ".default." weights into it, and
-    scores the reference in each step with "ref" active, or with every adapter disabled when there is no "ref".
-    Either way the reference is the same base weights: no second copy of the model exists.
+    scores the reference with "ref" active (or with every adapter disabled when there is no "ref"): in each step,
+    or once before training with `precompute_ref_log_probs`. Either way the reference is the same base weights: no
+    second copy of the model exists.
 
-    While the trainer is built, "default" names `adapter`. Afterwards "ref" holds `adapter`'s starting weights
-    (those of the adapter it continues from), or is removed when `adapter` starts from zero: the reference is then
-    the model with the adapter disabled, as trl does for a fresh adapter. `drop_trl_reference` removes "ref" when
-    training ends.
+    While the trainer is built, "default" names `adapter`, and "ref" gets `adapter`'s starting weights as soon as
+    trl adds it (those of the adapter it continues from), so a reference computed during construction is right too.
+    Afterwards "ref" is removed again when `adapter` starts from zero: the reference is then the model with the
+    adapter disabled, as trl does for a fresh adapter. `drop_trl_reference` removes "ref" when training ends.
     """
     configs = model.peft_config
     if "default" in configs or TRL_REFERENCE in configs:
         raise RuntimeError(f"adapter names 'default' and '{TRL_REFERENCE}' are reserved for trl while training")
+    add_adapter = model.add_adapter
+
+    def add_reference(name: str, config: Any, *args: Any, **kwargs: Any) -> None:
+        add_adapter(name, config, *args, **kwargs)
+        if name == TRL_REFERENCE:
+            _copy_adapter(model, adapter, TRL_REFERENCE)
+
+    def restore() -> None:
+        configs.pop("default", None)
+        model.__dict__.pop("add_adapter", None)
+
     configs["default"] = configs[adapter]
+    model.add_adapter = add_reference  # this instance only, while the trainer is built
     try:
         yield
     except BaseException:
-        configs.pop("default", None)
+        restore()
         drop_trl_reference(model)
         raise
-    configs.pop("default", None)
-    if TRL_REFERENCE not in configs:
-        return
-    trained = {name: param for name, param in model.named_parameters() if f".{adapter}." in name}
-    if not any(param.any() for name, param in trained.items() if ".lora_B." in name):
+    restore()
+    starts_from_zero = not any(param.any() for name, param in model.named_parameters()
+                               if f".lora_B.{adapter}." in name)
+    if starts_from_zero:
         drop_trl_reference(model)
-        return
+
+
+def _copy_adapter(model: Any, source: str, target: str) -> None:
+    """`target`'s LoRA weights := `source`'s, frozen."""
     with torch.no_grad():
-        for name, param in trained.items():
-            copy = model.get_parameter(name.replace(f".{adapter}.", f".{TRL_REFERENCE}."))
-            copy.copy_(param)
-            copy.requires_grad_(False)
+        for name, param in model.named_parameters():
+            if f".{source}." in name:
+                copy = model.get_parameter(name.replace(f".{source}.", f".{target}."))
+                copy.copy_(param)
+                copy.requires_grad_(False)
 
 
 def drop_trl_reference(model: Any) -> None:

@@ -209,7 +209,6 @@ def tool_row(question="What is 97 times 91?", expression="97 * 91", result="8827
 
 def test_tool_datasets_are_read_and_bad_calls_are_skipped_and_counted(tmp_path):
     from chat_data import load_chat_dataset
-
     from hfmodel.chat_format import split_tools
 
     rows = [tool_row(), tool_row(arguments='{"expression": "1 + 1"}'),  # arguments as JSON text
@@ -229,7 +228,6 @@ def test_tool_datasets_are_read_and_bad_calls_are_skipped_and_counted(tmp_path):
 
 def test_sharegpt_function_call_and_observation_rows(tmp_path):
     from chat_data import normalize_rows
-
     from hfmodel.chat_format import split_tools
 
     row = {"conversations": [
@@ -300,3 +298,62 @@ def test_a_session_log_round_trips_into_fine_tune(agent, tmp_path):
     plan = agent.model.handle.format.mask_plan(data.rows)
     ids, mask = plan.tokenize(data.rows[0])
     assert sum(mask) > 0
+
+
+# ------------------------------------------------------------------------------------------ in the chat
+
+
+def tool_chat(tool_model_dir, tmp_path, lines, replies, session_log=True):
+    import io
+
+    from rich.console import Console
+
+    from chat_commands import ChatSession
+    from finetune_dialogagent import UserAgent
+
+    wrapper = make_wrapper(tool_model_dir, max_length=64, do_sample=False)
+    scripted_generate(wrapper, replies, [])
+    agent = Finetune_DialogAgent(name="Assistant", sys_prompt="You are Ember.", model=wrapper, toolkit=[calculator])
+    feed = iter(lines)
+    user = UserAgent(input_fn=lambda prompt: next(feed))
+    out, console = io.StringIO(), io.StringIO()
+    base = {"fine_tune_config": {"training_args": {"output_dir": str(tmp_path / "runs")}}}
+    session = ChatSession(agent, user, base_config=base, console=Console(file=console, width=200),
+                          out=out, session_log=session_log)
+    assert session.run() == 0
+    return session, out.getvalue(), console.getvalue()
+
+
+def test_the_chat_shows_a_call_as_one_line_then_streams_the_reply_and_logs_the_session(tool_model_dir, tmp_path):
+    session, out, console = tool_chat(tool_model_dir, tmp_path, ["What is 97 times 91?", "/history", "exit"],
+                                      [CALL, "97 times 91 is 8827."])
+    assert '-> calculator(expression="97 * 91") = 8827' in console
+    assert out.rstrip().endswith("Assistant: 97 times 91 is 8827.")
+    assert "<tool_call>" not in out + console
+    assert "Tools: calculator." in console and str(session.session_log.path) in console.replace("\n", "")
+    row = json.loads(session.session_log.path.read_text())
+    assert row["tools"][0]["function"]["name"] == "calculator"
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert "= 8827" in console  # /history shows the call's result
+
+
+def test_no_session_log_writes_nothing(tool_model_dir, tmp_path):
+    session, _, _ = tool_chat(tool_model_dir, tmp_path, ["What is 97 times 91?", "exit"],
+                              [CALL, "8827."], session_log=False)
+    assert session.session_log is None
+    assert not list((tmp_path / "runs").glob("session-*")) if (tmp_path / "runs").exists() else True
+
+
+def test_teach_call_records_a_corrected_tool_call_that_training_reads(tool_model_dir, tmp_path):
+    from chat_data import load_chat_dataset
+    from hfmodel.chat_format import split_tools
+
+    session, _, console = tool_chat(tool_model_dir, tmp_path, [
+        "What is 97 times 91?", '/teach call calculator {"expression": "97*91"}', "/teach call weather {}",
+        '/teach call calculator [1]', "exit"], ["It is 8000."])
+    assert "Taught example 1" in console and "calculator(expression=\"97*91\")" in console
+    assert "No tool named 'weather'" in console and "must be a JSON object" in console
+    data = load_chat_dataset(str(session.taught_path))
+    messages, tools = split_tools(data.rows[0])
+    assert messages[-1]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": {"expression": "97*91"}}
+    assert tools[0]["function"]["name"] == "calculator"
