@@ -48,7 +48,7 @@ model_configs: list[dict[str, Any]] = [
             "eval_data_path": str(HERE / "data" / "ember_agent_eval.jsonl"),  # held-out rows for eval loss
             "lora_config": {"r": 8, "lora_alpha": 16},  # LoRA rank and scale, all linear layers
             "training_args": {
-                "max_steps": 18,  # a short demo run (~35 s on 2 CPU cores); -1 = use num_train_epochs
+                "max_steps": 40,  # the demo run (identity + calculator; minutes on 2 CPU cores); -1 = epochs
                 "learning_rate": 1e-3,  # high, because the run is short
                 "per_device_train_batch_size": 8,
                 "output_dir": "runs",  # each run: runs/<timestamp>-<model>/ under the current folder
@@ -61,6 +61,13 @@ model_configs: list[dict[str, Any]] = [
 # The assistant's tools: plain Python functions (their docstrings describe them to the model). The shipped ones are
 # read-only and run without asking; for your own, AgentScope asks before each call. [] = no tools (--no-tools).
 toolkit: list[Any] = [calculator]
+
+# The agents of the conversation, all served by the ONE model above (never a copy): each has its own name, system
+# prompt, conversation and LoRA adapters. The first answers plain messages and gets the start-up fine-tune; address
+# another with `@Name message`, all of them with `@all message`. Optional keys: "adapter" (a LoRA adapter folder to
+# start from), "data_path" (what /train mixes in for that agent). For a team add, e.g.:
+#   {"name": "Critic", "sys_prompt": "You are Critic. Review the last answer in one short sentence."}
+agents: list[dict[str, Any]] = [{"name": "Assistant", "sys_prompt": sys_prompt}]
 
 # Save every exchange to runs/session-<stamp>-<id>.jsonl, in the format /finetune trains on (--no-session-log: off).
 session_log = True
@@ -125,7 +132,8 @@ def chat(args: argparse.Namespace) -> int:
     from chat_commands import ChatSession, UserError
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent, build_model
 
-    prompt = args.sys_prompt or sys_prompt
+    entries = [{**agents[0], "sys_prompt": args.sys_prompt or agents[0]["sys_prompt"]}, *agents[1:]]
+    prompt = entries[0]["sys_prompt"]
     config = apply_overrides(model_configs[0], args)
     try:
         # Load here and fine-tune below (not inside the constructor) so the start-up fine-tune shows
@@ -141,10 +149,22 @@ def chat(args: argparse.Namespace) -> int:
         return 2
     model.data_path = config.get("data_path")
 
-    assistant = Finetune_DialogAgent(name="Assistant", sys_prompt=prompt, model=model,
-                                     toolkit=[] if args.no_tools else toolkit)
+    tools = [] if args.no_tools else toolkit
     user = UserAgent(name="User")
-    session = ChatSession(assistant, user, base_config=config, session_log=session_log and not args.no_session_log)
+    keep_log = session_log and not args.no_session_log
+    if len(entries) == 1 and not entries[0].get("adapter"):  # the one-assistant chat
+        assistant = Finetune_DialogAgent(name=entries[0]["name"], sys_prompt=prompt, model=model, toolkit=tools)
+        session = ChatSession(assistant, user, base_config=config, session_log=keep_log)
+    else:  # several agents on the one loaded model (team.py)
+        from team import build_team
+        from team_chat import TeamChatSession
+
+        try:
+            team = build_team(model, entries, tools)
+        except UserError as e:
+            print(f"error: {safe_text(redact(str(e)))}", file=sys.stderr)
+            return 2
+        session = TeamChatSession(team, user, base_config=config, toolkit=tools, session_log=keep_log)
     if model.data_path:
         if not session.startup_fine_tune():
             return 2

@@ -26,12 +26,20 @@ class SessionLog:
     """Appends each finished exchange of one chat session to `folder/session-<stamp>-<id>.jsonl`."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.path = folder / f"session-{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # never someone else's file
-        os.close(fd)
+        self.folder = folder
+        self._path: Path | None = None  # created when the chat starts: a start that fails leaves nothing behind
         self.exchanges = 0
+
+    @property
+    def path(self) -> Path:
+        """The session's file, created (exclusively: never someone else's file) on first use."""
+        if self._path is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = self.folder / f"session-{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            self._path = path
+        return self._path
 
     async def record(self, system_prompt: str, messages: list[Any], tools: list[dict] | None) -> None:
         """Append one exchange: `messages` are the AgentScope Msgs it added to the conversation."""

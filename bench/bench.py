@@ -380,8 +380,10 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
         tn = time.perf_counter() - t
         sampling_decode.append((n_tokens - 1) / (tn - t1) if tn > t1 else float("nan"))
 
+    tools = await _tool_overhead(wrapper, messages, median(rec["agent_tn"]) or 0.0)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
+        "tool_overhead": tools,
         "model_folder": folder, "load_s": load_s, "prompt_tokens": prompt_len, "new_tokens": n_tokens,
         "repeats": repeats, "torch_threads": torch.get_num_threads(),
         "param_count": sum(p.numel() for p in model.parameters()), "param_bytes": param_bytes,
@@ -409,6 +411,35 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
                                              "settings": "do_sample, temperature 0.3, top_p 0.9, "
                                                          "repetition_penalty 1.1 (the chat script's)"},
     }
+
+
+async def _tool_overhead(wrapper: Any, messages: list[dict[str, str]], reply_s: float) -> dict[str, Any]:
+    """What offering the calculator adds to one reply besides the model's own work: rendering the tools into the
+    prompt (and the prompt text the parser needs) and parsing a reply with a call, against the agent reply time."""
+    from chat_tools import calculator, make_toolkit
+
+    fmt = wrapper.handle.format
+    schemas = await make_toolkit([calculator]).get_tool_schemas()
+    fmt.tools_supported()  # first use builds the tool template and parser (once per model)
+    reply = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "97 * 91"}}\n</tool_call>'
+
+    def timed(fn: Any, n: int = 20) -> float:
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return float(median(times) or 0.0)
+
+    plain = timed(lambda: fmt.render_prompt(messages))
+    with_tools = timed(lambda: fmt.render_prompt(messages, tools=schemas))
+    prompt = timed(lambda: fmt.prompt_text(messages, schemas))
+    parse = timed(lambda: fmt.parse_reply(reply, fmt.prompt_text(messages, schemas), schemas)) - prompt
+    extra = (with_tools - plain) + prompt + parse
+    return {"render_plain_s": plain, "render_with_tools_s": with_tools, "prompt_text_s": prompt, "parse_s": parse,
+            "extra_per_reply_s": extra, "agent_reply_s": reply_s, "share_of_reply": ratio(extra, reply_s),
+            "note": "the tool schema also lengthens the prompt the model reads; that prefill is model time, not "
+                    "counted here"}
 
 
 def worker_imports(params: dict[str, Any]) -> dict[str, Any]:
@@ -847,6 +878,9 @@ def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
             "<=", 1.2, tiny)
         add("chat: agent stream_reply TTFT (first text) / raw prefill+1",
             chat["agent_stream_reply"]["ttft_ratio_vs_raw"]["median"], "<=", 1.2, tiny)
+        if chat.get("tool_overhead"):
+            add("chat: tool rendering + parsing per reply / reply time", chat["tool_overhead"]["share_of_reply"],
+                "<=", 0.02)
     st = s.get("startup")
     if st:
         add("startup: chat script to prompt / bare load", st["ratio_prompt_vs_bare"]["median"], "<=", 1.2,

@@ -2,10 +2,10 @@
 
     python data/make_style_pairs.py      # rewrites data/style_pairs_train.jsonl and data/style_pairs_eval.jsonl
 
-Every question has one short, correct fact. The chosen answer is a friendly opener plus that fact; the rejected
-answer states the same fact either between two sentences of filler (rambling) or as a bare word or two (curt), so
-only the style differs. Half of the pairs of each file have a rambling rejected answer, half a curt one. The held-out questions
-(`style_pairs_eval.jsonl`) never appear in the training file. Deterministic: no randomness, same files every run.
+Every question has one short, correct fact. The chosen answer is that fact between a friendly opener and a friendly
+closing; the rejected answer states the same fact either between two sentences of filler (rambling) or as a bare word
+or two (curt), so only the style differs. Half of the pairs of each file have a rambling rejected answer, half a curt
+one. The held-out questions (`style_pairs_eval.jsonl`) never appear in the training file. Deterministic: no randomness, same files every run.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ FACTS = [
 ]
 
 FRIENDLY = ["Sure!", "Good question!", "Happy to help!", "Of course!", "Great question!"]
+FRIENDLY_CLOSE = ["Hope that helps!", "Have a lovely day!", "Anything else I can help with?", "Enjoy!"]
 RAMBLE_OPEN = [
     "Well, that is a really interesting question, and there is honestly a lot one could say about it.",
     "Okay, so before I answer, it is worth stepping back and thinking about the bigger picture here.",
@@ -105,7 +106,7 @@ N_EVAL = 16  # the last questions are held out
 
 
 def pair(i: int, question: str, fact: str, bare: str) -> dict[str, str]:
-    chosen = f"{FRIENDLY[i % len(FRIENDLY)]} {fact}"
+    chosen = f"{FRIENDLY[i % len(FRIENDLY)]} {fact} {FRIENDLY_CLOSE[i % len(FRIENDLY_CLOSE)]}"
     if i % 2 == 0:  # rambling: the fact buried in filler
         rejected = f"{RAMBLE_OPEN[(i // 2) % len(RAMBLE_OPEN)]} {fact} {RAMBLE_CLOSE[(i // 2) % len(RAMBLE_CLOSE)]}"
     else:  # curt: the bare fact, nothing else

@@ -34,8 +34,11 @@ class Generated:
 class TransformersEngine:
     """`model.generate` from transformers, on the handle's model (with whichever adapter is active)."""
 
-    def __init__(self, handle: ModelHandle) -> None:
+    def __init__(self, handle: ModelHandle, before_run: Callable[[], None] | None = None) -> None:
         self.handle = handle
+        # Called under the generation lock right before generate(): agents sharing one base switch to their own
+        # adapter there, so the switch and the reply are one step (see team.py).
+        self.before_run = before_run
 
     # ------------------------------------------------------------------------------------ prompt
 
@@ -108,6 +111,8 @@ class TransformersEngine:
     def _run(self, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], seed: int | None) -> torch.Tensor:
         """One generate() call under the lock; reseeded first: same history + settings -> same reply."""
         with self.handle.lock, torch.inference_mode():
+            if self.before_run is not None:
+                self.before_run()
             if seed is not None:
                 torch.manual_seed(seed)
             return self.handle.module.generate(**enc, **kwargs)

@@ -33,11 +33,13 @@ from hfmodel.common import (
     write_text_atomic,
 )
 from hfmodel.distributed import from_main_process, gather_trained_weights, sharded_training
+from hfmodel.guards import non_finite_loss_guard
 from hfmodel.loading import ModelHandle
 from hfmodel.settings import FineTuneConfig
 from hfmodel.speedups import loss_positions_only, own_forward, packed_attention
 
 Progress = Callable[[dict[str, Any]], None]
+DRY_RUN_TOKENS = 4096  # tokens of row 1 that /dryrun decodes for display
 
 
 @dataclass
@@ -290,7 +292,7 @@ def _fit(handle: ModelHandle, model: Any, rows: Rows, plan: Plan, progress: Prog
             own_forward(model):
         trainer = SFTTrainer(model=model, args=SFTConfig(**plan.args), train_dataset=dataset(plan.train),
                              eval_dataset=dataset(plan.eval), processing_class=handle.tokenizer,
-                             callbacks=[progress_callback(progress, stop)])
+                             callbacks=[progress_callback(progress, stop), non_finite_loss_guard()])
         made["trainer"] = trainer
         trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not print()
         model.train()
@@ -327,7 +329,8 @@ def dry_run(handle: ModelHandle, data_path: str, cfg: FineTuneConfig, system_pro
     lengths = [len(ids) for ids, _ in tokens]
     max_length = cfg.training_args.get("max_length")
     ids, mask = tokens[0]
-    segments = [(handle.tokenizer.decode([i]), bool(m)) for i, m in zip(ids, mask, strict=True)]
+    shown = DRY_RUN_TOKENS  # a screenful is what the chat shows; decoding a huge row token by token takes seconds
+    segments = [(handle.tokenizer.decode([i]), bool(m)) for i, m in zip(ids[:shown], mask[:shown], strict=True)]
     return DryRun(data=data, lengths=sorted(lengths), max_length=max_length,
                   truncated=sum(n > max_length for n in lengths) if max_length else 0,
                   segments=segments, mask_source=plan.source)

@@ -624,8 +624,8 @@ def chat_api(case: Case, env: Env) -> None:
         lengths = []
         encode = wrapper.engine.encode
 
-        def recording(messages, max_new_tokens):
-            enc = encode(messages, max_new_tokens)
+        def recording(messages, max_new_tokens, tools=None):
+            enc = encode(messages, max_new_tokens, tools)
             lengths.append(enc["input_ids"].shape[1])
             return enc
 

@@ -750,7 +750,7 @@ def test_system_set_reset_and_history(tiny_wrapper, tmp_path, monkeypatch):
 
 
 FLAGS = ["--model", "--local-model-path", "--data", "--no-finetune", "--device", "--sys-prompt", "--max-steps",
-         "--retrain"]
+         "--retrain", "--no-tools", "--no-session-log"]
 
 
 @pytest.fixture
@@ -798,7 +798,9 @@ def test_script_chats_without_finetune(script_globals, tiny_model_dir, tmp_path,
     assert prompts == ["User: ", "User: "]  # stopped at "exit"
     assert re.search(r"^Assistant: .*\S", out, re.MULTILINE), out
     assert "Bye." in out
-    assert not (tmp_path / "runs").exists()  # --no-finetune: no training
+    runs = tmp_path / "runs"
+    assert not [p for p in runs.glob("*") if p.is_dir()]  # --no-finetune: no training
+    assert len(list(runs.glob("session-*.jsonl"))) == 1  # the conversation, saved as training data
     assert script.model_configs == original
 
 

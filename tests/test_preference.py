@@ -302,10 +302,11 @@ def test_a_taught_pair_reaches_the_dpo_dataset_and_the_report(tiny_model_dir, tm
 def test_good_and_bad_marks_train_kto(tiny_model_dir, tmp_path, monkeypatch, spy):
     monkeypatch.chdir(tmp_path)
     wrapper = make_wrapper(tiny_model_dir, do_sample=False)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows())
     session, shown = chat_session(wrapper, tmp_path, [
         "/good",  # nothing to mark yet: one error line, the chat goes on
         "Who are you?", "/good", "What is two plus two?", "/bad", "/train method=dpo",
-        "/train method=kto replay=false"])
+        "/train method=kto replay=false", f"/dryrun {pairs}"])
     errors = [line for line in shown.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "no reply to mark" in errors[0] and "No taught pair" in errors[1]
     assert [m.label for m in session.marks] == [True, False]
@@ -314,3 +315,4 @@ def test_good_and_bad_marks_train_kto(tiny_model_dir, tmp_path, monkeypatch, spy
     assert {r["prompt"][-1]["content"] for r in rows if r["label"]} == {"Who are you?"}
     assert wrapper.last_result.method == "kto" and wrapper.last_result.scored_on == "training marked answers"
     assert "mean log-prob margin, good - bad answers" in shown
+    assert "format 'pairs', 6 usable pairs" in shown and "First pair (highlighted tokens are scored" in shown

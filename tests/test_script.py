@@ -109,9 +109,11 @@ def run_main(script, monkeypatch, argv, lines):
 
 def test_main_chats_until_exit(script, taught_adapter, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    # --model also takes a folder; an adapter folder brings its own base (the tiny model).
-    code = run_main(script, monkeypatch, ["--model", str(taught_adapter), "--no-finetune",
-                                          "--sys-prompt", SYSTEM_PROMPT], [TAUGHT_QUESTION, "", "exit"])
+    # --model also takes a folder; an adapter folder brings its own base (the tiny model). The adapter was taught
+    # without tools, so the chat runs without them (and without a session log: nothing may be written).
+    code = run_main(script, monkeypatch, ["--model", str(taught_adapter), "--no-finetune", "--no-tools",
+                                          "--no-session-log", "--sys-prompt", SYSTEM_PROMPT],
+                    [TAUGHT_QUESTION, "", "exit"])
     out = capsys.readouterr().out
     assert code == 0
     assert "Assistant: " in out and "Ember" in out.split("Assistant: ", 1)[1]
@@ -122,7 +124,7 @@ def test_main_chats_until_exit(script, taught_adapter, tmp_path, monkeypatch, ca
 def test_main_local_model_path_adapter_loads_its_own_base(script, taught_adapter, tiny_model_dir, tmp_path,
                                                           monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = run_main(script, monkeypatch, ["--local-model-path", str(taught_adapter), "--no-finetune",
+    code = run_main(script, monkeypatch, ["--local-model-path", str(taught_adapter), "--no-finetune", "--no-tools",
                                           "--sys-prompt", SYSTEM_PROMPT], [TAUGHT_QUESTION, "exit"])
     assert code == 0
     assert "Ember" in capsys.readouterr().out
@@ -139,7 +141,8 @@ def test_main_start_up_fine_tune(script, tiny_model_dir, tmp_path, monkeypatch, 
     code = run_main(script, monkeypatch, ["--local-model-path", str(tiny_model_dir), "--data", str(data),
                                           "--max-steps", "3", "--sys-prompt", SYSTEM_PROMPT], ["exit"])
     assert code == 0
-    (run,) = (tmp_path / "runs").iterdir()  # the configured relative output_dir, under the working folder
+    # The configured relative output_dir, under the working folder: one run (and this session's log).
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["steps"] == 3
     assert info["system_prompt"] == SYSTEM_PROMPT

@@ -55,8 +55,8 @@ def test_200_turn_chat_keeps_memory_flat_and_every_prompt_inside_the_window(tiny
     prompt_lengths: list[int] = []
     encode = wrapper.engine.encode
 
-    def recording_encode(messages, max_new_tokens):
-        enc = encode(messages, max_new_tokens)
+    def recording_encode(messages, max_new_tokens, tools=None):
+        enc = encode(messages, max_new_tokens, tools)
         prompt_lengths.append(int(enc["input_ids"].shape[1]))
         return enc
 
