@@ -569,8 +569,9 @@ class ChatSession:
         self.print(text)
         if shown < len(dry.segments):
             total = sum(len(piece) for piece, _ in dry.segments)
+            tokens = getattr(dry, "tokens", 0) or len(dry.segments)
             self.print(f"(cut to a screenful: {len(text):,} of {total:,} characters, {shown:,} of "
-                       f"{len(dry.segments):,} tokens shown)")
+                       f"{tokens:,} tokens shown)")
         if dry.loss_tokens == 0:
             self.error("No token of this example carries loss: training would learn nothing.")
 

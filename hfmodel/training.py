@@ -78,6 +78,7 @@ class DryRun:
     truncated: int
     segments: list[tuple[str, bool]]  # (token text, carries loss) for the first row
     mask_source: str  # a key of MASK_SOURCES: where the loss mask comes from
+    tokens: int = 0  # tokens of row 1 (segments decode the first DRY_RUN_TOKENS one by one, the rest as one piece)
 
     @property
     def mask_description(self) -> str:
@@ -331,9 +332,11 @@ def dry_run(handle: ModelHandle, data_path: str, cfg: FineTuneConfig, system_pro
     ids, mask = tokens[0]
     shown = DRY_RUN_TOKENS  # a screenful is what the chat shows; decoding a huge row token by token takes seconds
     segments = [(handle.tokenizer.decode([i]), bool(m)) for i, m in zip(ids[:shown], mask[:shown], strict=True)]
+    if len(ids) > shown:  # the rest in one piece: its length is counted, its tokens are not decoded one by one
+        segments.append((handle.tokenizer.decode(ids[shown:]), bool(any(mask[shown:]))))
     return DryRun(data=data, lengths=sorted(lengths), max_length=max_length,
                   truncated=sum(n > max_length for n in lengths) if max_length else 0,
-                  segments=segments, mask_source=plan.source)
+                  segments=segments, mask_source=plan.source, tokens=len(ids))
 
 
 def taught_mix(taught_path: Path, replay_path: str | None, min_repeats: int) -> Path:
