@@ -10,6 +10,7 @@
 | generation  | generation engines (encode, settings, blocking and streamed generation)             |
 | adapters    | the adapter set: use/undo/serve one adapter per call, save/load, merge/export       |
 | training    | the fine-tune recipe as explicit steps, run directories and their lookup            |
+| preference  | the DPO / ORPO / KTO recipe on trl's trainers: reference, scoring before and after  |
 | guards      | a run whose loss or weights stop being finite stops, and is recorded as failed      |
 | distributed | what multi-process training needs (shared run dir, gathering shards, checksums)    |
 | speedups    | every patch of trl/transformers internals, with the version and measurement        |
