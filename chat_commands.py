@@ -98,6 +98,8 @@ NO_ARGUMENTS = ("/adapters", "/undo", "/reset", "/history", "/help", "/good", "/
 ACTIVITY = {"/finetune": "Fine-tuning", "/train": "Fine-tuning", "/load": "Loading", "/dryrun": "The dry run",
             "/compare": "Comparing", "/save": "Saving", "/export": "Exporting"}  # named in an unexpected error
 TRAIN_REPEATS = 8  # minimum repeats of each taught example (more when replayed data would outweigh them)
+SFT_SCHEDULE = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "warmup_steps", "lr_scheduler_type")  # not inherited by /train method=dpo
 DRYRUN_CHARS, DRYRUN_LINES = 2000, 25  # /dryrun shows about a screenful of the first example
 
 
@@ -461,7 +463,7 @@ class ChatSession:
         replay = all(split_assignment(p)[1] is not False for p in args if p.startswith("replay="))
         method = self._config_with(pairs).get("method", "sft")
         if method != "sft":
-            self._train_preferences(method, self._config_with(pairs), replay)
+            self._train_preferences(method, self._preference_config(pairs), replay)
             return
         if not self.taught:
             raise CommandError("Nothing taught yet for SFT (only /good and /bad marks: /train method=kto learns "
@@ -493,6 +495,19 @@ class ChatSession:
         result = self._fine_tune(str(mix_file), config)
         if not result.reused:
             write_text_atomic(result.run_dir / f"taught-{method}.jsonl", unique_rows.read_text(encoding="utf-8"))
+
+    def _preference_config(self, pairs: list[str]) -> dict[str, Any]:
+        """The configured fine_tune_config with `pairs` over it, for a preference run. The configured eval file belongs
+        to the configured data (the taught pairs score themselves), and a configured SFT schedule (learning rate,
+        steps, batch) was tuned for SFT: the method's defaults replace it, unless typed in `pairs`."""
+        config = self._config_with(pairs, own_data=True)
+        if (self.base_config.get("fine_tune_config") or {}).get("method", "sft") == "sft":
+            typed = parse_overrides(pairs).get("training_args") or {}
+            args = config.get("training_args") or {}
+            for key in SFT_SCHEDULE:
+                if key not in typed:
+                    args.pop(key, None)
+        return config
 
     def _preference_rows(self, method: str) -> list[dict[str, Any]]:
         """Pairs (taught answer over the replaced reply) for dpo/orpo; for kto every taught answer is good, every

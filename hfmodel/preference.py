@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -329,7 +330,7 @@ def _fit(handle: ModelHandle, model: Any, adapter: str, rows: PreferenceRows, me
     reference = trl_reference(model, adapter) if method != "orpo" else nullcontext()
     try:
         with loss_positions_only(handle.device), own_forward(model):
-            with reference:
+            with reference, _quiet_tqdm():  # trl's reference precompute draws a bar; progress goes to `progress`
                 trainer = trainer_class(model=model, args=config_class(**plan.args), train_dataset=train_set,
                                         eval_dataset=eval_set, processing_class=handle.tokenizer, callbacks=callbacks)
             made["trainer"] = trainer
@@ -343,6 +344,19 @@ def _fit(handle: ModelHandle, model: Any, adapter: str, rows: PreferenceRows, me
     finally:
         drop_trl_reference(model)
     return trainer, output
+
+
+@contextmanager
+def _quiet_tqdm() -> Iterator[None]:
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
 
 
 def _trainer_classes(method: str) -> tuple[type, type]:

@@ -251,8 +251,10 @@ def test_finetune_py_accepts_the_method(tiny_model_dir, tmp_path, monkeypatch, c
 # ------------------------------------------------------------------------------------------ the chat
 
 
-def chat_session(wrapper, tmp_path: Path, lines: list[str]) -> tuple[ChatSession, str]:
-    """Type `lines` into a chat over `wrapper` (runs below `tmp_path`); returns the session and what it printed."""
+def chat_session(wrapper, tmp_path: Path, lines: list[str], data: Path | None = None,
+                 **fine_tune_config) -> tuple[ChatSession, str]:
+    """Type `lines` into a chat over `wrapper` (runs below `tmp_path`, `data` and `fine_tune_config` configured like
+    the chat script's); returns the session and what it printed."""
     queue = list(lines)
 
     def typed(prompt: str) -> str:
@@ -261,8 +263,9 @@ def chat_session(wrapper, tmp_path: Path, lines: list[str]) -> tuple[ChatSession
         return queue.pop(0)
 
     agent = Finetune_DialogAgent(name="Assistant", sys_prompt=SYSTEM_PROMPT, model=wrapper)
-    base_config = {"data_path": None, "fine_tune_config": {"training_args": {"output_dir": str(tmp_path / "runs"),
-                                                                              **FAST}}}
+    base_config = {"data_path": str(data) if data else None,
+                   "fine_tune_config": {"training_args": {"output_dir": str(tmp_path / "runs"), **FAST},
+                                        **fine_tune_config}}
     session = ChatSession(agent, UserAgent(input_fn=typed), base_config=base_config,
                           console=Console(file=io.StringIO(), width=200), out=io.StringIO())
     assert session.run() == 0
@@ -272,10 +275,12 @@ def chat_session(wrapper, tmp_path: Path, lines: list[str]) -> tuple[ChatSession
 def test_a_taught_pair_reaches_the_dpo_dataset_and_the_report(tiny_model_dir, tmp_path, monkeypatch, spy):
     monkeypatch.chdir(tmp_path)
     wrapper = make_wrapper(tiny_model_dir, do_sample=False)
+    sft = write_jsonl(tmp_path / "sft.jsonl", identity_rows())  # configured SFT data and eval file, as in the demo
     session, shown = chat_session(wrapper, tmp_path, [
         "Who are you?", f"/teach {CHOSEN}", "What is two plus two?", "/teach",  # the kept reply is no pair
-        "/train method=dpo replay=false"])
+        "/train method=dpo learning_rate=1e-2"], data=sft, eval_data_path=str(sft))
     assert "error:" not in shown, shown
+    assert f"Not replaying {sft}: it is not preference data" in shown.replace("\n", "")
     (taught,) = session.taught[:1]
     replaced = taught.rejected
     assert taught.answer == CHOSEN and replaced and replaced != CHOSEN and session.taught[1].rejected is None
@@ -290,6 +295,10 @@ def test_a_taught_pair_reaches_the_dpo_dataset_and_the_report(tiny_model_dir, tm
 
     result = wrapper.last_result
     assert result.method == "dpo" and result.scored_on == "training pairs" and result.before.count == 1
+    # The configured SFT schedule (max_steps=8) is not inherited: DPO's 3 epochs of 8 rows, 4 pairs a step; what was
+    # typed with /train wins.
+    resolved = json.loads((result.run_dir / "run.json").read_text())["resolved_training_args"]
+    assert result.steps == 6 and resolved["learning_rate"] == 1e-2 and resolved["per_device_train_batch_size"] == 4
     assert "preference accuracy (1 training pairs)" in shown and "mean log-prob margin" in shown
     assert f"{result.before.margin:+.2f}" in shown and f"{result.after.margin:+.2f}" in shown
     saved = [json.loads(line) for line in (result.run_dir / "taught-dpo.jsonl").read_text().splitlines()]
@@ -306,7 +315,7 @@ def test_good_and_bad_marks_train_kto(tiny_model_dir, tmp_path, monkeypatch, spy
     session, shown = chat_session(wrapper, tmp_path, [
         "/good",  # nothing to mark yet: one error line, the chat goes on
         "Who are you?", "/good", "What is two plus two?", "/bad", "/train method=dpo",
-        "/train method=kto replay=false", f"/dryrun {pairs}"])
+        "/train method=kto replay=false learning_rate=1e-2", f"/dryrun {pairs}"])
     errors = [line for line in shown.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "no reply to mark" in errors[0] and "No taught pair" in errors[1]
     assert [m.label for m in session.marks] == [True, False]
