@@ -25,8 +25,8 @@ from typing import Any
 
 from agentscope.credential import CredentialBase
 from agentscope.formatter import OllamaChatFormatter
-from agentscope.message import Msg, TextBlock
-from agentscope.model import ChatModelBase, ChatResponse, ChatUsage
+from agentscope.message import Msg
+from agentscope.model import ChatModelBase, ChatResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from hfmodel import replies, training
@@ -49,7 +49,7 @@ from hfmodel.common import (
     pick_dtype,
     redact,
 )
-from hfmodel.generation import Generated, create_engine
+from hfmodel.generation import create_engine
 from hfmodel.loading import (
     DEFAULT_MODEL_ID,
     ModelHandle,
@@ -57,8 +57,8 @@ from hfmodel.loading import (
     build_bnb_config,
     bundled_model_folder,
     is_cached_on_hub,
+    load_replacement,
     load_tokenizer,
-    load_weights,
     quantization_config,
     resolve_model_source,
     tokenizer_location,
@@ -86,6 +86,15 @@ __all__ = [  # what tests, the bench and users import from here
 ]
 
 Chat = list[dict[str, str]]
+
+
+def _reject_unknown_keys(unknown: dict[str, Any]) -> None:
+    unknown = {k: v for k, v in unknown.items() if k != "model_type"}
+    if unknown:
+        code = HuggingFaceWrapper.__init__.__code__
+        valid = list(code.co_varnames[1:code.co_argcount])
+        raise ModelLoadError(f"Unknown model_configs key(s): {', '.join(unknown)}{closest(next(iter(unknown)), valid)}"
+                             f". Valid keys: model_type, {', '.join(valid)}.")
 
 
 class HuggingFaceWrapper(ChatModelBase):
@@ -147,13 +156,7 @@ class HuggingFaceWrapper(ChatModelBase):
             stream: stream replies to AgentScope (True) or return them whole.
             engine: the generation engine (see hfmodel/generation.py ENGINES).
         """
-        unknown.pop("model_type", None)
-        if unknown:
-            code = type(self).__init__.__code__
-            valid = list(code.co_varnames[1:code.co_argcount])
-            first = next(iter(unknown))
-            raise ModelLoadError(f"Unknown model_configs key(s): {', '.join(unknown)}{closest(first, valid)}. "
-                                 f"Valid keys: model_type, {', '.join(valid)}.")
+        _reject_unknown_keys(unknown)
         try:
             parameters = self.Parameters(max_length=max_length, temperature=temperature, top_p=top_p,
                                          repetition_penalty=repetition_penalty, do_sample=do_sample, seed=seed)
@@ -229,16 +232,9 @@ class HuggingFaceWrapper(ChatModelBase):
         A transaction: replacing a loaded model also loads the new model's own tokenizer and checks the two fit
         before anything is swapped; on any failure the previous model, tokenizer and adapters keep serving.
         """
-        from hfmodel.loading import check_fit, own_tokenizer
-
         source = resolve_model_source(model_id, local_model_path)
         started = time.perf_counter()
-        module = load_weights(source, self.handle)
-        tokenizer = self.handle.tokenizer
-        if tokenizer is not None:  # a model is serving: the new one comes with its own tokenizer
-            where, local_only = own_tokenizer(source)
-            tokenizer = load_tokenizer(where, local_only, self.handle.trust_remote_code)
-            check_fit(module, tokenizer, where)
+        module, tokenizer = load_replacement(source, self.handle)
         before = dict(vars(self.handle)), dict(vars(self.adapter_set)), (self.model_id, self.local_model_path,
                                                                           self.model)
         try:
@@ -295,23 +291,8 @@ class HuggingFaceWrapper(ChatModelBase):
             started = time.perf_counter()
             reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, offered)
             return ChatResponse(content=replies.whole_reply(self.handle.format, reply.text, chat, offered),
-                                is_last=True, usage=self._usage(reply, started))
-        return self._stream_response(chat, kwargs, offered)
-
-    async def _stream_response(self, chat: Chat, overrides: dict[str, Any], tools: list[dict] | None
-                               ) -> AsyncGenerator[ChatResponse, None]:
-        started = time.perf_counter()
-        block_id, response_id = f"hf-{time.time_ns()}", f"reply-{time.time_ns()}"
-        reader = replies.StreamReader(self.handle.format, chat, tools)
-        async for item in self.engine.stream(chat, self.parameters, overrides, tools):
-            if isinstance(item, Generated):
-                for block in reader.finish():
-                    if isinstance(block, TextBlock):
-                        block = TextBlock(text=block.text, id=block_id)
-                    yield ChatResponse(content=[block], is_last=False, id=response_id)
-                yield ChatResponse(content=[], is_last=False, id=response_id, usage=self._usage(item, started))
-            elif text := reader.feed(item):
-                yield ChatResponse(content=[TextBlock(text=text, id=block_id)], is_last=False, id=response_id)
+                                is_last=True, usage=replies.usage(reply, started))
+        return replies.stream_responses(self.engine, self.handle.format, self.parameters, chat, kwargs, offered)
 
     async def count_tokens(self, messages: list[Msg], tools: list[dict] | None = None) -> int:
         return self.engine.count_tokens(await self._format(messages), replies.offered_tools(tools, None,
@@ -320,17 +301,12 @@ class HuggingFaceWrapper(ChatModelBase):
     async def _format(self, messages: list[Msg]) -> Chat:
         return replies.template_messages(await self.formatter.format(messages))
 
-    @staticmethod
-    def _usage(reply: Generated, started: float) -> ChatUsage:
-        return ChatUsage(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
-                         time=time.perf_counter() - started)
-
     # ---------------------------------------------------------------------------------------- fine-tuning
 
     def fine_tune(self, data_path: str | None = None, fine_tune_config: dict[str, Any] | None = None,
                   progress: Callable[[dict[str, Any]], None] | None = None,
                   stop: threading.Event | None = None) -> FineTuneResult:
-        """SFT + LoRA on `data_path`; afterwards the tuned adapter serves replies.
+        """Train a new LoRA adapter on `data_path` (SFT, or DPO/ORPO/KTO with `method`); afterwards it serves replies.
 
         A second call continues from the current adapter's weights in a new, named adapter (the previous
         one stays available for `use_adapter`/`undo`); nothing stacks. An identical earlier run (same
@@ -341,25 +317,13 @@ class HuggingFaceWrapper(ChatModelBase):
         if not data_path:
             raise FineTuneError("No data to fine-tune on: give data_path (a .jsonl/.json/.csv/.parquet file or hub id).")
         cfg = FineTuneConfig.from_dict(self._config(fine_tune_config), self.device)
+        recipe = training.fine_tune
         if cfg.method != "sft":  # DPO / ORPO / KTO on preference data: the preference recipe
             from hfmodel import preference
 
-            self.last_result = preference.fine_tune(self.handle, self.adapter_set, str(data_path), cfg,
-                                                    self.system_prompt, self.model, progress, stop or threading.Event())
-            return self.last_result
-        rows = training.prepare_rows(str(data_path), cfg, self.system_prompt)
-        fingerprint = training.fingerprint(self.handle, self.adapter_set, rows, cfg)
-        base_dir = Path(cfg.training_args["output_dir"]).expanduser()
-        earlier = None if cfg.force_retrain or cfg.resume else training.find_completed_run(base_dir, fingerprint)
-        if earlier is not None:
-            self.last_result = training.reuse_run(earlier, self.adapter_set, rows)
-            return self.last_result
-        plan = training.plan_run(self.handle, rows, cfg, base_dir, fingerprint, self.model)
-        record = {"status": "running", "fingerprint": fingerprint, "model": self.model,
-                  "source": self.source.describe() if self.source else None, "data": rows.data.describe(),
-                  "system_prompt": self.system_prompt}
-        self.last_result = training.train(self.handle, self.adapter_set, rows, cfg, plan, record, progress,
-                                          stop or threading.Event())
+            recipe = preference.fine_tune
+        self.last_result = recipe(self.handle, self.adapter_set, str(data_path), cfg, self.system_prompt,
+                                  self.model, progress, stop or threading.Event())
         return self.last_result
 
     def dry_run(self, data_path: str | None = None,

@@ -27,6 +27,7 @@ from finetune_dialogagent import Finetune_DialogAgent
 from hfmodel.adapters import AdapterSet
 from hfmodel.common import UserError, is_peft_model
 from hfmodel.generation import create_engine
+from hfmodel.speedups import switch_adapter
 from huggingface_model import HuggingFaceWrapper
 
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -40,21 +41,8 @@ class TeamError(UserError):
 def serve(adapter_set: AdapterSet) -> None:
     """Make the shared peft model serve `adapter_set`'s active adapter (None = the base). Call under the lock."""
     module = adapter_set.handle.module
-    if not is_peft_model(module):
-        return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    # Every switch goes through peft's whole-model calls, so one LoRA layer tells the state of all: a reply by the
-    # agent that spoke last switches nothing.
-    layer = next(m for m in module.modules() if isinstance(m, BaseTunerLayer))
-    if adapter_set.active is None:
-        if not layer.disable_adapters:
-            module.base_model.disable_adapter_layers()
-        return
-    if layer.disable_adapters:
-        module.base_model.enable_adapter_layers()
-    if module.active_adapter != adapter_set.active:
-        module.set_adapter(adapter_set.active)
+    if is_peft_model(module):
+        switch_adapter(module, adapter_set.active)
 
 
 class AgentAdapterSet(AdapterSet):

@@ -1,9 +1,9 @@
 """The chat loop with several agents on one base model: `@Name message`, `@all message`, `/agents`, `/agent ...`.
 
-Every `/command` of the one-agent chat acts on the current agent (`/agent use NAME` changes it), or on the
-addressed one: `@Critic /train`. Each agent keeps its own conversation, taught examples and adapters; before it
-answers it is shown what was said since its last turn (the user's messages and the other agents' replies, each
-line named), so `@Critic review that` reviews what Ember just said.
+Every `/command` of the one-agent chat acts on the current agent (`/agent use NAME` changes it), on the
+addressed one (`@Critic /train`), or on each agent in turn (`@all /reset`). Each agent keeps its own conversation,
+taught examples and adapters; before it answers it is shown what was said since its last turn (the user's
+messages and the other agents' replies, each line named), so `@Critic review that` reviews what Ember just said.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ TEAM_HELP = [
     ("@Name message", "send the message to one agent (the others see it, and its reply, when they next answer)"),
     ("@all message", "every agent answers in turn, each seeing the replies before its own"),
     ("@Name /command", "run a command for that agent, e.g. @Critic /adapters"),
+    ("@all /command", "run the command for every agent in turn, e.g. @all /reset"),
     ("/agents", "list the agents: name, active adapter, turns, system prompt"),
     ('/agent add NAME "prompt"', "a new agent on the same base model (no adapter yet)"),
     ("/agent use NAME", "make NAME the current agent: plain messages and commands go to it"),
@@ -75,15 +76,22 @@ class TeamChatSession(ChatSession):
         """`@Name /command` runs the command for that agent; everything else as in the one-agent chat."""
         head, _, rest = text.partition(" ")
         rest = rest.strip()
-        if head.startswith("@") and rest.startswith("/") and head[1:].lower() != "all":
-            agent = self.team.find(head[1:])
-            if agent is None:
-                self.error(f"No agent named {head[1:]!r}; agents: {', '.join(self.team.agents)}.")
-                return
+        if head.startswith("@") and rest.startswith("/"):
+            if head[1:].lower() == "all":
+                names = list(self.team.agents)
+            else:
+                agent = self.team.find(head[1:])
+                if agent is None:
+                    self.error(f"No agent named {head[1:]!r}; agents: {', '.join(self.team.agents)}.")
+                    return
+                names = [agent.name]
             current = self.assistant.name
-            self.select(agent.name)
             try:
-                super().handle(rest)
+                for name in names:
+                    self.select(name)
+                    if len(names) > 1:
+                        self.print(f"[bold]{plain(name)}[/]:")
+                    super().handle(rest)
             finally:
                 self.select(current)
             return

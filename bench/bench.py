@@ -13,6 +13,8 @@ Sections (each model):
             `from_pretrained` subprocess; whether trl/peft/datasets were imported.
   finetune  non-padding tokens trained/s, eval loss, peak RSS: (a) original recipe (trl, batch 1),
             (b) plain trl SFTTrainer with our hyperparameters, (c) HuggingFaceWrapper.fine_tune.
+  team      several agents on one loaded base model (team.py), each with its own LoRA adapter: peak RSS of 3 agents
+            vs 1, the time of one adapter switch, decode tokens/s per agent vs a single agent's.
   memory    peak RSS of the chat and fine-tune processes.
 
 Every measurement that needs its own peak RSS runs in a child process (this file, `--worker NAME`).
@@ -54,6 +56,7 @@ SYS_PROMPT = "You are Ember, a friendly assistant. Answer briefly."
 CHAT_PROMPT = "Explain in detail how a bicycle works, step by step."
 LORA_R, LORA_ALPHA, LEARNING_RATE, BATCH = 8, 16, 1e-3, 8
 HEAVY_TRAINING_MODULES = ("trl", "peft", "datasets")
+TEAM = ("Ember", "Critic", "Coder")  # the agents of the team section, each with its own adapter
 
 # The eval loss of every variant is computed on assistant tokens (+ their <|im_end|>) with the project's ChatML
 # training template (huggingface_model.CHATML_TEMPLATE); the worker checks it renders every eval row exactly like
@@ -62,12 +65,16 @@ HEAVY_TRAINING_MODULES = ("trl", "peft", "datasets")
 # Settings. "full" = `make bench`; "quick" = `make bench-quick`.
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
-        "tiny": {"chat_tokens": 128, "chat_repeats": 5, "startup_repeats": 3, "ft_steps": 20, "ft_repeats": 3},
-        "smollm2": {"chat_tokens": 64, "chat_repeats": 5, "startup_repeats": 3, "ft_steps": 12, "ft_repeats": 3},
+        "tiny": {"chat_tokens": 128, "chat_repeats": 5, "startup_repeats": 3, "ft_steps": 20, "ft_repeats": 3,
+                 "team_repeats": 5},
+        "smollm2": {"chat_tokens": 64, "chat_repeats": 5, "startup_repeats": 3, "ft_steps": 12, "ft_repeats": 3,
+                    "team_repeats": 5},
     },
     "quick": {
-        "tiny": {"chat_tokens": 64, "chat_repeats": 3, "startup_repeats": 1, "ft_steps": 8, "ft_repeats": 3},
-        "smollm2": {"chat_tokens": 16, "chat_repeats": 3, "startup_repeats": 1, "ft_steps": 4, "ft_repeats": 1},
+        "tiny": {"chat_tokens": 64, "chat_repeats": 3, "startup_repeats": 1, "ft_steps": 8, "ft_repeats": 3,
+                 "team_repeats": 2},
+        "smollm2": {"chat_tokens": 16, "chat_repeats": 3, "startup_repeats": 1, "ft_steps": 4, "ft_repeats": 1,
+                    "team_repeats": 2},
     },
 }
 BANDWIDTH_MB = {"full": 512, "quick": 256}
@@ -467,6 +474,76 @@ def worker_imports(params: dict[str, Any]) -> dict[str, Any]:
             "script_sys_prompt_matches_bench": script.sys_prompt == SYS_PROMPT}
 
 
+def worker_team_adapters(params: dict[str, Any]) -> dict[str, Any]:
+    """Three LoRA adapter folders for the base at `folder` (random, non-zero weights: each changes the replies)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(params["folder"])
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=targets, task_type="CAUSAL_LM")
+    model: Any = get_peft_model(base, config, adapter_name=TEAM[0])
+    for name in TEAM[1:]:
+        model.add_adapter(name, config)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "lora_B" in key:
+                param.normal_(0, 0.01)
+    folders = []
+    for name in TEAM:
+        folder = Path(params["tmp"]) / f"adapter-{name}"
+        model.save_pretrained(str(folder), selected_adapters=[name])
+        nested = folder / name  # peft saves a non-default adapter in a subfolder
+        if nested.is_dir():
+            for item in nested.iterdir():
+                item.rename(folder / item.name)
+            nested.rmdir()
+        folders.append(str(folder))
+    return {"adapters": folders}
+
+
+def worker_team(params: dict[str, Any]) -> dict[str, Any]:
+    """`agents` agents on one base (each with its adapter): adapter switch time and decode tokens/s per agent."""
+    import torch
+
+    from hfmodel.speedups import switch_adapter
+    from huggingface_model import HuggingFaceWrapper
+    from team import build_team
+
+    n_tokens, repeats, count = int(params["tokens"]), int(params["repeats"]), int(params["agents"])
+    host = HuggingFaceWrapper(config_name="bench", local_model_path=params["folder"], max_length=n_tokens,
+                              do_sample=False, repetition_penalty=1.0, device="cpu")
+    entries = [{"name": name, "sys_prompt": f"You are {name}. Answer briefly.", "adapter": folder}
+               for name, folder in list(zip(TEAM, params["adapters"], strict=True))[:count]]
+    team = build_team(host, entries)
+    models = [agent._wrapper("bench") for agent in team.agents.values()]
+    messages = [{"role": "user", "content": CHAT_PROMPT}]
+    forced = {"max_new_tokens": n_tokens, "min_new_tokens": n_tokens}
+    for model in models:  # warm-up: one short reply each
+        model.generate(messages, max_new_tokens=4, min_new_tokens=4)
+    decode: dict[str, list[float]] = {model.adapter_set.active or "base": [] for model in models}
+    for _ in range(repeats):
+        for model in models:  # each reply after another agent's: a switch before every reply (with 2+ agents)
+            started = time.perf_counter()
+            model.generate(messages, **forced)
+            decode[model.adapter_set.active or "base"].append(n_tokens / (time.perf_counter() - started))
+    peft_model = host.hf_model
+    switches: list[float] = []
+    for i in range(60 if count > 1 else 0):
+        target = models[i % count].adapter_set.active
+        started = time.perf_counter()
+        switch_adapter(peft_model, target)
+        switches.append(time.perf_counter() - started)
+    return {
+        "agents": count, "decode_tok_s_by_agent": {k: stats(v) for k, v in decode.items()},
+        "decode_tok_s": stats([x for v in decode.values() for x in v]),
+        "switch_ms": stats([s * 1000 for s in switches[count:]]) if switches else None,  # after the first walk
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def assistant_eval_loss(model: Any, tokenizer: Any, rows: list[list[dict[str, str]]]) -> dict[str, Any]:
     """Token-weighted mean cross-entropy over assistant tokens (content + <|im_end|>), one row at a time."""
     import torch
@@ -683,7 +760,8 @@ def _finetune_wrapper(folder: str, steps: int, out_dir: Path, eval_rows: list,
     }, base
 
 
-WORKERS = {"prepare": worker_prepare, "chat": worker_chat, "imports": worker_imports, "finetune": worker_finetune}
+WORKERS = {"prepare": worker_prepare, "chat": worker_chat, "imports": worker_imports, "finetune": worker_finetune,
+           "team_adapters": worker_team_adapters, "team": worker_team}
 
 
 # =============================================================================================
@@ -851,6 +929,28 @@ def bench_finetune(model: str, folder: str, cfg: dict[str, Any], threads: int | 
 # Targets and report
 
 
+def bench_team(folder: str, cfg: dict[str, Any], threads: int | None, tmp: str) -> dict[str, Any]:
+    """One agent vs three on one base (each its own process, for its own peak RSS), interleaved over repeats."""
+    adapters = run_worker("team_adapters", {"folder": folder, "tmp": tmp}, threads)["adapters"]
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 3: []}
+    for _ in range(2):
+        for count in runs:
+            runs[count].append(run_worker("team", {"folder": folder, "adapters": adapters, "agents": count,
+                                                    "tokens": cfg["chat_tokens"], "repeats": cfg["team_repeats"]},
+                                          threads))
+    one, three = runs[1], runs[3]
+    rss_one = median([r["peak_rss_mb"] for r in one])
+    rss_three = median([r["peak_rss_mb"] for r in three])
+    decode_one = median([r["decode_tok_s"]["median"] for r in one])
+    decode_three = median([r["decode_tok_s"]["median"] for r in three])
+    return {
+        "one_agent": one, "three_agents": three, "tokens": cfg["chat_tokens"],
+        "peak_rss_mb": {"one": rss_one, "three": rss_three}, "rss_ratio": ratio(rss_three, rss_one),
+        "decode_tok_s": {"one": decode_one, "three": decode_three}, "decode_ratio": ratio(decode_three, decode_one),
+        "switch_ms": median([r["switch_ms"]["median"] for r in three]),
+    }
+
+
 def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
 
@@ -896,6 +996,11 @@ def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
         add("finetune: peak RSS (c) / (b)", ratio(ft["c"]["peak_rss_mb"], ft["b"]["peak_rss_mb"]), "<=", 1.1)
         add("finetune: eval loss (c) / (b)", ratio(ft["c"]["eval_loss"]["median"], ft["b"]["eval_loss"]["median"]),
             "<=", 1.02)
+    team = s.get("team")
+    if team:
+        add("team: peak RSS 3 agents / 1 agent (one base, an adapter each)", team["rss_ratio"], "<=", 1.1)
+        add("team: adapter switch per reply, ms", team["switch_ms"], "<=", 5.0)
+        add("team: decode tok/s per agent, 3 agents / 1 agent", team["decode_ratio"], ">=", 0.97)
     return targets
 
 
@@ -995,6 +1100,15 @@ def render(results: dict[str, Any]) -> str:
                          f"first prompt: {', '.join(st['heavy_modules_imported_at_startup']) or 'none'}{extra}.")
             if st["script"]["errors"]:
                 lines.append(f"Script errors: {st['script']['errors'][0][:300]!r}")
+        team = s.get("team")
+        if team:
+            lines.append("")
+            lines.append(f"### Several agents on one base ({team['tokens']} new tokens per reply, greedy)")
+            lines.append("")
+            lines.append(f"Peak RSS {fmt(team['peak_rss_mb']['one'])} MB (1 agent) -> {fmt(team['peak_rss_mb']['three'])}"
+                         f" MB (3 agents): {fmt(team['rss_ratio'])} x. Decode {fmt(team['decode_tok_s']['one'])} -> "
+                         f"{fmt(team['decode_tok_s']['three'])} tok/s per agent: {fmt(team['decode_ratio'])} x. "
+                         f"Adapter switch: {fmt(team['switch_ms'])} ms.")
         ft = s.get("finetune")
         if ft:
             lines.append("")
@@ -1082,7 +1196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats/steps; tiny model unless --model")
     parser.add_argument("--model", choices=["tiny", "smollm2", "both"], help="default: both (full), tiny (--quick)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
-    parser.add_argument("--sections", default="chat,startup,finetune", help="comma list (default: all)")
+    parser.add_argument("--sections", default="chat,startup,team,finetune", help="comma list (default: all)")
     parser.add_argument("--repeats", type=int, help="override every repeat count")
     parser.add_argument("--threads", default="auto",
                         help="torch/OpenMP threads in every child: N, 0 = torch's default, auto (default) = 1 when "
@@ -1126,7 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             cfg = dict(SETTINGS[mode][model])
             if args.repeats:
-                for k in ("chat_repeats", "startup_repeats", "ft_repeats"):
+                for k in ("chat_repeats", "startup_repeats", "ft_repeats", "team_repeats"):
                     cfg[k] = args.repeats
             folder = prep["folders"][model]
             sec: dict[str, Any] = {}
@@ -1139,6 +1253,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{model}: start-up")
                 sec["startup"] = bench_startup(model, folder, cfg, args.quick, args.threads)
                 sec["startup"]["load_average"] = load_average()
+            if "team" in sections_wanted:
+                log(f"{model}: several agents on one base")
+                sec["team"] = bench_team(folder, cfg, args.threads, tmp)
+                sec["team"]["load_average"] = load_average()
             if "finetune" in sections_wanted:
                 log(f"{model}: fine-tuning (a, b, c)")
                 sec["finetune"] = bench_finetune(model, folder, cfg, args.threads, tmp)

@@ -319,6 +319,18 @@ def load_weights(source: ModelSource, handle: ModelHandle) -> Any:
     return model
 
 
+def load_replacement(source: ModelSource, handle: ModelHandle) -> tuple[Any, Any]:
+    """The weights at `source`, and (when a model is serving already) its own tokenizer, checked to fit them.
+    Nothing is swapped: the caller puts both in place together."""
+    module = load_weights(source, handle)
+    if handle.tokenizer is None:  # the first load: the tokenizer comes next, from its own location
+        return module, None
+    where, local_only = own_tokenizer(source)
+    tokenizer = load_tokenizer(where, local_only, handle.trust_remote_code)
+    check_fit(module, tokenizer, where)
+    return module, tokenizer
+
+
 def own_tokenizer(source: ModelSource) -> tuple[str, bool]:
     """(where, local_only) of the tokenizer that belongs to `source`: an adapter folder's own copy first (it
     carries the template it was trained with), else the model's."""

@@ -5,13 +5,17 @@ whole, with transformers' response parser. A reply whose call markup does not pa
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from agentscope.message import TextBlock, ToolCallBlock
+from agentscope.model import ChatResponse, ChatUsage
 
 from hfmodel.chat_format import ChatFormat
 from hfmodel.common import logger
+from hfmodel.generation import Generated
 
 Chat = list[dict[str, Any]]
 _warned: set[str] = set()
@@ -171,3 +175,26 @@ def _calls_of(value: Any) -> list[dict]:
     if problem:
         raise ValueError(problem)
     return calls
+
+
+async def stream_responses(engine: Any, fmt: ChatFormat, parameters: Any, chat: Chat, overrides: dict[str, Any],
+                           tools: list[dict] | None) -> AsyncGenerator[ChatResponse, None]:
+    """The engine's stream as AgentScope chunks: text as it comes (call markup held back), then the tool calls and
+    the usage. Every text chunk carries the same block id, so AgentScope joins them into one text block."""
+    started = time.perf_counter()
+    block_id, response_id = f"hf-{time.time_ns()}", f"reply-{time.time_ns()}"
+    reader = StreamReader(fmt, chat, tools)
+    async for item in engine.stream(chat, parameters, overrides, tools):
+        if isinstance(item, Generated):
+            for block in reader.finish():
+                if isinstance(block, TextBlock):
+                    block = TextBlock(text=block.text, id=block_id)
+                yield ChatResponse(content=[block], is_last=False, id=response_id)
+            yield ChatResponse(content=[], is_last=False, id=response_id, usage=usage(item, started))
+        elif text := reader.feed(item):
+            yield ChatResponse(content=[TextBlock(text=text, id=block_id)], is_last=False, id=response_id)
+
+
+def usage(reply: Generated, started: float) -> ChatUsage:
+    return ChatUsage(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
+                     time=time.perf_counter() - started)

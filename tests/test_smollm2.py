@@ -54,3 +54,34 @@ def test_smollm2_replies_and_fine_tunes(smol, tmp_path, monkeypatch):
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     assert smol.active_adapter == result.adapter_name
     assert ask(smol, "Who are you?").strip()
+
+
+def test_after_the_start_up_demo_fine_tune_97_times_91_reaches_the_calculator(tmp_path, monkeypatch):
+    """The chat script's own start-up fine-tune (its data, settings and system prompt), then the README's question
+    through a real agent with the script's toolkit: the calculator is called with the product and the reply names it.
+    A few minutes on 2 CPU cores."""
+    import asyncio
+    import copy
+
+    from agentscope.message import UserMsg
+
+    import load_finetune_huggingface_model as script
+    from finetune_dialogagent import Finetune_DialogAgent, ToolLine
+
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(script.model_configs[0])
+    config["fine_tune_config"]["training_args"]["output_dir"] = str(tmp_path / "runs")
+    wrapper = HuggingFaceWrapper.from_config(config, data_path=None, system_prompt=script.sys_prompt)
+    result = wrapper.fine_tune(config["data_path"], config["fine_tune_config"])
+    assert result.eval_loss_after < result.eval_loss_before
+    agent = Finetune_DialogAgent(name="Assistant", sys_prompt=script.sys_prompt, model=wrapper, toolkit=script.toolkit)
+
+    async def ask(question: str) -> list[str]:
+        return [piece async for piece in agent.stream_reply(UserMsg(name="User", content=question))]
+
+    pieces = asyncio.run(ask("What is 97 times 91?"))
+    calls = [p for p in pieces if isinstance(p, ToolLine)]
+    assert calls and calls[0].startswith("-> calculator(") and calls[0].endswith("= 8827"), pieces
+    reply = "".join(p for p in pieces if not isinstance(p, ToolLine))
+    assert "8827" in reply.replace(",", ""), reply
+    assert "<tool_call>" not in reply and "<|im" not in reply
