@@ -159,6 +159,11 @@ class TeamChatSession(ChatSession):
             return
         raise CommandError(usage)
 
+    def cmd_reset(self, args: list[str]) -> None:
+        """Clear this agent's conversation; it starts fresh, not shown what was said before (`@all /reset`: all)."""
+        super().cmd_reset(args)
+        self.seen[self.assistant.name] = len(self.transcript)
+
     def cmd_load(self, args: list[str]) -> None:
         folder = self._folder(args, "/load <adapter folder>")
         if len(self.team.agents) > 1 and not (folder and (folder / "adapter_config.json").exists()):

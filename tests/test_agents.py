@@ -171,6 +171,22 @@ def test_chat_routes_messages_and_commands_per_agent(tiny_model_dir, tmp_path, m
     assert shown == sorted(shown)
 
 
+def test_all_reset_starts_every_agent_afresh(tiny_model_dir, tmp_path, monkeypatch):
+    """`@all /reset` clears each conversation, and no agent is then shown what was said before the reset: the same
+    first question gets the same reply as at the start."""
+    monkeypatch.chdir(tmp_path)
+    team = build_team(make_wrapper(tiny_model_dir, do_sample=False), ENTRIES[:2])
+    session = TeamChatSession(team, UserAgent(), base_config={"data_path": None, "fine_tune_config": config(tmp_path)},
+                              console=Console(file=io.StringIO(), width=200), out=io.StringIO())
+    console, out = run_chat(session, ["Who are you?", "@Critic review that", "@all /reset", "Who are you?"])
+    assert console.count("Conversation cleared.") == 2
+    first, second = (line for line in out.splitlines() if line.startswith("Ember:"))
+    assert first == second
+    ember, critic = team.agent("Ember"), team.agent("Critic")
+    assert [m.get_text_content() for m in ember.state.context][0] == "Who are you?"
+    assert len(ember.state.context) == 2 and critic.state.context == []
+
+
 def test_the_script_agents_knob_starts_a_team_chat(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import load_finetune_huggingface_model as script
 
