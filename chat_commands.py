@@ -78,6 +78,10 @@ ACTIVITY = {"/finetune": "Fine-tuning", "/train": "Fine-tuning", "/load": "Loadi
 DRYRUN_CHARS, DRYRUN_LINES = 2000, 25  # /dryrun shows about a screenful of the first example
 
 
+async def _collect(stream: Any) -> list[str]:
+    return [piece async for piece in stream]
+
+
 class ChatSession(TeachingCommands):
     """Runs the user <-> assistant loop and the commands, on one persistent event loop."""
 
@@ -298,10 +302,26 @@ class ChatSession(TeachingCommands):
         return result
 
     def _answer(self, prompt: str, adapter: str | None) -> str:
-        """One fresh single-turn answer with the given adapter (None = base), same settings and seed."""
-        messages = [{"role": "system", "content": self.assistant.sys_prompt}, {"role": "user", "content": prompt}]
-        with self.model.serving(adapter):
-            return self.model.generate(messages, max_new_tokens=min(self.model.parameters.max_length, 64))
+        """One fresh single-turn answer with the given adapter (None = base), same settings and seed. An agent with
+        tools answers as in the chat: its calls run, shown as `-> calculator(...) = result` lines before the reply."""
+        model, limit = self.model, min(self.model.parameters.max_length, 64)
+        toolkit = getattr(self.assistant, "toolkit", None)
+        with model.serving(adapter):
+            if toolkit is None:
+                messages = [{"role": "system", "content": self.assistant.sys_prompt},
+                            {"role": "user", "content": prompt}]
+                return model.generate(messages, max_new_tokens=limit)
+            probe = Finetune_DialogAgent(name=self.assistant.name, sys_prompt=self.assistant.sys_prompt, model=model,
+                                         toolkit=toolkit)
+            parameters = model.parameters
+            model.parameters = parameters.model_copy(update={"max_length": limit})
+            try:
+                pieces = self.loop.run_until_complete(_collect(probe.stream_reply(UserMsg(name=self.user.name,
+                                                                                          content=prompt))))
+            finally:
+                model.parameters = parameters
+        calls = [p for p in pieces if isinstance(p, ToolLine)]
+        return "\n".join([*calls, "".join(p for p in pieces if not isinstance(p, ToolLine)).strip()])
 
     def report(self, result: FineTuneResult, before: str | None, configured: list[str] | None = None,
                probe_count: int = 4) -> None:

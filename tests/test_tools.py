@@ -357,3 +357,17 @@ def test_teach_call_records_a_corrected_tool_call_that_training_reads(tool_model
     messages, tools = split_tools(data.rows[0])
     assert messages[-1]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": {"expression": "97*91"}}
     assert tools[0]["function"]["name"] == "calculator"
+
+
+def test_report_probes_and_compare_answer_with_the_agents_tools(tool_model_dir, tmp_path):
+    """A probe answers as the chat would: the call runs and shows as its line, then the reply; the conversation and
+    the generation settings are untouched."""
+    session, _, _ = tool_chat(tool_model_dir, tmp_path, ["exit"], [])
+    session.loop = asyncio.new_event_loop()  # the chat closed its own on exit
+    prompts: list[str] = []
+    scripted_generate(session.model, [CALL, "97 times 91 is 8827."], prompts)
+    max_length = session.model.parameters.max_length
+    answer = session._answer("What is 97 times 91?", None)
+    assert answer == '-> calculator(expression="97 * 91") = 8827\n97 times 91 is 8827.'
+    assert "calculator" in prompts[0] and "8827" in prompts[1]  # the tools were offered; the result came back
+    assert session.assistant.state.context == [] and session.model.parameters.max_length == max_length
