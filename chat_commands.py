@@ -213,23 +213,26 @@ class ChatSession(TeachingCommands):
 
     async def _stream(self, text: str) -> str:
         prefix = f"{self.assistant.name}: "
-        self.out.write(prefix)
-        self.out.flush()
         pieces, shown = [], StreamFilter()  # model output is untrusted text too
+        started = False  # the name goes out with the first text: a reply that starts with a call shows its line first
         context = self.assistant.state.context
         before = len(context)
         async for piece in self.assistant.stream_reply(UserMsg(name=self.user.name, content=text),
                                                        confirm=self._confirm):
             if isinstance(piece, ToolLine):  # a finished tool call: its own line, then the reply goes on
-                self.out.write(shown.flush() + "\n")
+                if started:
+                    self.out.write(shown.flush() + "\n")
+                    self.out.flush()
+                    started = False
                 self.print(f"[cyan]{plain(piece)}[/]")
-                self.out.write(prefix)
-                self.out.flush()
                 continue
+            if not started:
+                self.out.write(prefix)
+                started = True
             pieces.append(piece)
             self.out.write(shown.feed(piece))
             self.out.flush()
-        self.out.write(shown.flush() + "\n")
+        self.out.write((shown.flush() if started else prefix) + "\n")
         self.out.flush()
         if self.session_log:
             await self.session_log.record(self.assistant.sys_prompt, context[before:],

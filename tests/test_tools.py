@@ -329,6 +329,7 @@ def test_the_chat_shows_a_call_as_one_line_then_streams_the_reply_and_logs_the_s
                                       [CALL, "97 times 91 is 8827."])
     assert '-> calculator(expression="97 * 91") = 8827' in console
     assert out.rstrip().endswith("Assistant: 97 times 91 is 8827.")
+    assert out.count("Assistant:") == 1  # the call's line first, then the named reply: no empty "Assistant:" line
     assert "<tool_call>" not in out + console
     assert "Tools: calculator." in console and str(session.session_log.path) in console.replace("\n", "")
     row = json.loads(session.session_log.path.read_text())
