@@ -1,7 +1,8 @@
-"""Every patch of trl / transformers / accelerate internals, in one file: re-read it on each upgrade.
+"""Every patch of trl / transformers / accelerate / peft internals, in one file: re-read it on each upgrade.
 
 Each entry names the library version it was checked against and the measurement that justifies it.
-All of them are context managers that restore the library's own behaviour on exit.
+The patches are context managers that restore the library's own behaviour on exit; `switch_adapter` sets peft's
+own per-layer state directly (and uses peft's calls for any model it does not recognise).
 """
 
 from __future__ import annotations
