@@ -205,9 +205,15 @@ def preflight(config: dict[str, Any], source: str) -> None:
 
 
 def check_output_dir(value: Any) -> None:
-    """The runs folder must be one we can create and write in (not /proc/x, not a file, not read-only)."""
+    """The runs folder must be one we can create and write in (not /proc/x, not a file, not read-only).
+
+    Under a launcher only the main process tries it: the check makes and removes the folder, and a second rank doing
+    the same at the same moment could find it gone (its failure then looked like an unwritable folder). A folder the
+    main process cannot write ends the whole launch with its one line."""
     if not isinstance(value, str):
         raise InputError(f"training_args.output_dir must be a folder path, got {type(value).__name__}")
+    if not is_main_process():
+        return
     try:
         check_writable_folder(_expand(value), "training_args.output_dir")
     except UserError as e:

@@ -368,3 +368,22 @@ def test_refused_export_leaves_nothing_behind(taught_wrapper, tmp_path):
     with pytest.raises(FineTuneError, match="already exists"):
         taught_wrapper.export_merged(dest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_only_the_main_process_checks_the_runs_folder(tmp_path, monkeypatch):
+    """The write check makes and removes the folder; a second rank doing it at the same moment found it gone and
+    failed as if the folder were unwritable (seen once under torchrun). Other ranks leave it to rank 0."""
+    import finetune
+
+    calls = []
+    monkeypatch.setattr(finetune, "check_writable_folder", lambda folder, what: calls.append(folder))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    finetune.check_output_dir(str(tmp_path / "runs"))
+    assert calls == []
+    monkeypatch.setenv("RANK", "0")
+    finetune.check_output_dir(str(tmp_path / "runs"))
+    assert calls == [str(tmp_path / "runs")]
+    monkeypatch.undo()  # one process, the real check: an unwritable folder is still one clear error
+    with pytest.raises(finetune.InputError, match="cannot write to /proc/x"):
+        finetune.check_output_dir("/proc/x")
