@@ -425,3 +425,26 @@ def test_bad_config_exits_2_with_one_line(tmp_path, name, text, expect):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expect in lines[0]
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.slow
+def test_dpo_under_accelerate_trains_both_ranks_in_sync(runs):
+    """`finetune.py` with method=dpo under `accelerate launch` (2 CPU processes): both ranks take every step and end
+    with the same LoRA weights; one run directory; the summary reports the held-out preference accuracy."""
+    tmp = runs["tmp"]
+    pairs = [{"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": f"No idea, maybe {i}."}
+             for i in range(32)]
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    config = _config("runs_dpo", batch=2).replace("data_path: train.jsonl", "data_path: pairs.jsonl").replace(
+        "  eval_data_path: eval.jsonl\n", "  method: dpo\n  eval_fraction: 0.25\n")
+    (tmp / "dpo.yaml").write_text(config)
+    result = _run([*_accelerate(), "launch", "--config_file", str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"),
+                   str(FINETUNE), "--config", "dpo.yaml"], tmp)
+    _ok(result)
+    ranks = re.findall(r"^\[rank (\d)/2\] MULTI_CPU \(gloo\) on cpu\S*: (\d+) optimizer steps on this rank; "
+                       r"LoRA sha256 (\w+)", result.stdout, re.M)
+    assert sorted(r[0] for r in ranks) == ["0", "1"] and all(int(r[1]) == STEPS for r in ranks), result.stdout
+    assert len({r[2] for r in ranks}) == 1, f"ranks ended with different weights: {ranks}"
+    run_dir = _only_run_dir(tmp / "runs_dpo")
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    assert re.search(r"Preference \(dpo\): accuracy [\d.]+, margin [+-][\d.]+ -> accuracy [\d.]+", result.stdout)
