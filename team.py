@@ -46,18 +46,11 @@ def serve(adapter_set: AdapterSet) -> None:
 
 
 class AgentAdapterSet(AdapterSet):
-    """One agent's adapters inside the shared peft model: its own records, active adapter and undo stack."""
+    """One agent's adapters inside the shared peft model: its own records, active adapter and undo stack, and names
+    that start with the agent's name (unique across the agents in the one peft model)."""
 
-    def __init__(self, handle: Any, prefix: str) -> None:
-        super().__init__(handle)
-        self.prefix = prefix
-
-    def next_name(self) -> str:
-        taken = set(self.records) | set(getattr(self.handle.module, "peft_config", {}) or {})
-        n = len(self.records) + 1
-        while f"{self.prefix}-ft{n}" in taken:
-            n += 1
-        return f"{self.prefix}-ft{n}"
+    def __init__(self, handle: Any, agent_name: str) -> None:
+        super().__init__(handle, name_prefix=f"{agent_name}-")
 
 
 class SharedBaseModel(HuggingFaceWrapper):

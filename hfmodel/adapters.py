@@ -41,8 +41,10 @@ class AdapterRecord:
 class AdapterSet:
     """Adapters on top of the handle's base model (peft multi-adapter: switching is instant, nothing reloads)."""
 
-    def __init__(self, handle: ModelHandle) -> None:
+    def __init__(self, handle: ModelHandle, name_prefix: str = "") -> None:
+        """`name_prefix` starts every new adapter's name (agents sharing one model: "Critic-" -> "Critic-ft1")."""
         self.handle = handle
+        self.name_prefix = name_prefix
         self.records: dict[str, AdapterRecord] = {}
         self.active: str | None = None
         self.stack: list[str | None] = []  # previously active adapters, for undo
@@ -59,9 +61,9 @@ class AdapterSet:
     def next_name(self) -> str:
         taken = set(self.records) | set(getattr(self.handle.module, "peft_config", {}) or {})
         n = len(self.records) + 1
-        while f"ft{n}" in taken:
+        while f"{self.name_prefix}ft{n}" in taken:
             n += 1
-        return f"ft{n}"
+        return f"{self.name_prefix}ft{n}"
 
     # ------------------------------------------------------------------------------------ serving
 

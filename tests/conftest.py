@@ -22,6 +22,19 @@ import pytest  # noqa: E402
 from helpers import fast_config, identity_rows, make_wrapper, write_jsonl  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread while a module runs (modules that train the tiny model use it through
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on a shared 2-core machine, two OpenMP threads
+    competing with other jobs make a 12-step tiny fine-tune take 10-30 s instead of ~1 s. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline_env():
     """Keep the whole session offline (a missing hub id must fail fast, not retry for ~50 s)."""

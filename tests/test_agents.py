@@ -24,13 +24,7 @@ ENTRIES = [{"name": "Ember", "sys_prompt": SYSTEM_PROMPT}, {"name": "Critic", "s
            {"name": "Plain", "sys_prompt": "You are Plain."}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread on the shared 2-core machine (a tiny fine-tune takes ~1 s instead of 10-30 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def config(tmp_path: Path) -> dict:

@@ -170,14 +170,7 @@ def replies(out: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ shared fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs: on a shared 2-core machine, two OpenMP threads competing with
-    other jobs make a 12-step tiny fine-tune take 10-30 s instead of ~1 s. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

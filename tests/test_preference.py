@@ -26,13 +26,7 @@ REJECTED = "The quick brown fox."
 FAST = {"max_steps": 8, "learning_rate": 1e-2, "save_strategy": "no"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread (the machine is shared; see test_chat_commands)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def pair_rows(n: int = 6) -> list[dict]:

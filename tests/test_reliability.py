@@ -42,13 +42,7 @@ from hfmodel.guards import NonFiniteLoss, non_finite_loss_guard
 ESC_DATA = "Who \x1b]0;PWNED TITLE\x1b\\are\x1b[2J you\x07?\x9b31m"  # retitle, clear screen, bell, C1 CSI
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: the tiny model is fastest that way on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 def tree(folder: Path) -> dict[str, bytes]:

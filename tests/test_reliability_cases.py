@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import TAUGHT_QUESTION, identity_rows, make_wrapper, write_jsonl
 from reliability_helpers import (  # noqa: F401 - finetune_cli is a fixture
     adapter_pointing_at,
@@ -37,12 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEEP_LINE = "[" * 5000 + "]" * 5000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture
