@@ -38,6 +38,17 @@ class AdapterRecord:
     note: str
 
 
+def serve_with_peft(module: Any, name: str | None) -> None:
+    """Serve adapter `name` (None = the base) through peft's own calls; every adapter weight left frozen."""
+    if name is None:
+        module.base_model.disable_adapter_layers()
+        return
+    module.base_model.enable_adapter_layers()
+    module.set_adapter(name)
+    for param in module.parameters():
+        param.requires_grad = False
+
+
 class AdapterSet:
     """Adapters on top of the handle's base model (peft multi-adapter: switching is instant, nothing reloads)."""
 
@@ -71,16 +82,8 @@ class AdapterSet:
         if remember and name != self.active:
             self.stack.append(self.active)
         self.active = name
-        module = self.handle.module
-        if not is_peft_model(module):
-            return
-        if name is None:
-            module.base_model.disable_adapter_layers()
-        else:
-            module.base_model.enable_adapter_layers()
-            module.set_adapter(name)
-            for param in module.parameters():
-                param.requires_grad = False
+        if is_peft_model(self.handle.module):
+            serve_with_peft(self.handle.module, name)
 
     def use(self, name: str | None) -> None:
         """Serve with adapter `name` (None or "base" = the base model); instant, nothing reloads."""

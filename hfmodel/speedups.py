@@ -203,7 +203,9 @@ def switch_adapter(model: Any, name: str | None) -> None:
         cached = _tuner_layers[model] = (adapters, layers if fits else [])
     layers = cached[1]
     if not layers or any(layer.merged for layer in layers):
-        _switch_with_peft(model, name)
+        from hfmodel.adapters import serve_with_peft
+
+        serve_with_peft(model, name)
         return
     for layer in layers:
         layer._disable_adapters = name is None
@@ -212,12 +214,3 @@ def switch_adapter(model: Any, name: str | None) -> None:
     if name is not None:
         model.active_adapter = model.base_model.active_adapter = name
 
-
-def _switch_with_peft(model: Any, name: str | None) -> None:
-    if name is None:
-        model.base_model.disable_adapter_layers()
-        return
-    model.base_model.enable_adapter_layers()
-    model.set_adapter(name)
-    for param in model.parameters():
-        param.requires_grad = False

@@ -260,7 +260,8 @@ def test_the_fast_adapter_switch_serves_exactly_what_peft_set_adapter_serves(tin
     adapter re-finds the layers; a merged model falls back to peft."""
     from peft import LoraConfig, get_peft_model
 
-    from hfmodel.speedups import _switch_with_peft, switch_adapter
+    from hfmodel.adapters import serve_with_peft
+    from hfmodel.speedups import switch_adapter
 
     wrapper = make_wrapper(tiny_model_dir)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -278,7 +279,7 @@ def test_the_fast_adapter_switch_serves_exactly_what_peft_set_adapter_serves(tin
         with torch.inference_mode():
             return model(input_ids=ids).logits.clone()
 
-    expected = {name: logits(_switch_with_peft, name) for name in ("one", "two", None)}
+    expected = {name: logits(serve_with_peft, name) for name in ("one", "two", None)}
     assert not torch.equal(expected["one"], expected["two"]) and not torch.equal(expected["one"], expected[None])
     for order in (("one", "two", None, "one"), (None, "two", "one", None, "two")):
         for name in order:
@@ -289,5 +290,5 @@ def test_the_fast_adapter_switch_serves_exactly_what_peft_set_adapter_serves(tin
         for name, param in model.named_parameters():
             if "lora_B.three" in name:
                 param.normal_(0, 0.5)
-    assert torch.equal(logits(switch_adapter, "three"), logits(_switch_with_peft, "three"))
+    assert torch.equal(logits(switch_adapter, "three"), logits(serve_with_peft, "three"))
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".one." in n and "lora_" in n)
