@@ -72,7 +72,7 @@ from hfmodel.settings import (
     device_training_args,
     training_precision,
 )
-from hfmodel.speedups import PACKED_ATTENTION, loss_positions_only, packed_attention
+from hfmodel.speedups import PACKED_ATTENTION, loss_positions_only, packed_attention, shared_prefix
 from hfmodel.training import DryRun, FineTuneResult, find_completed_run, new_run_dir
 
 __all__ = [  # what tests, the bench and users import from here
@@ -82,7 +82,7 @@ __all__ = [  # what tests, the bench and users import from here
     "build_bnb_config", "bundled_model_folder", "cpu_has_bf16", "describe_validation", "device_training_args",
     "distributed_state", "find_completed_run", "fsdp_requested", "has_generation_markers", "hf_token",
     "is_cached_on_hub", "loss_positions_only", "new_run_dir", "packed_attention", "pick_dtype",
-    "quantization_config", "redact", "training_precision",
+    "quantization_config", "redact", "shared_prefix", "training_precision",
 ]
 
 Chat = list[dict[str, str]]

@@ -7,6 +7,8 @@ own per-layer state directly (and uses peft's calls for any model it does not re
 
 from __future__ import annotations
 
+import itertools
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,20 @@ from typing import Any
 import torch
 
 PACKED_ATTENTION = "sdpa_per_sequence"
+
+
+MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix saves less than the extra forward costs
+
+
+class _SharedPrefix(threading.local):
+    """What `sdpa_per_sequence` does with a shared prefix during one decoder forward (see `shared_prefix_forward`)."""
+
+    mode: str | None = None  # "capture": keep each layer's keys/values; "attend": prepend them to every sequence
+    keys: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    bounds: list[int]
+
+
+_shared = _SharedPrefix()
 
 
 def sdpa_per_sequence(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -27,21 +43,122 @@ def sdpa_per_sequence(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     forward + backward). Each sequence on its own with `is_causal` gives the same result from the diagonal
     blocks only (5.5 ms; in fp32, because this CPU kernel is slower in bf16): fine-tuning SmolLM2 on 2 cores
     went from 240 to 268 tokens/s. Batches without `cu_seq_lens_q` (generation, padded batches) go to the
-    usual SDPA unchanged.
+    usual SDPA unchanged. Inside `shared_prefix_forward` it also keeps (capture) or prepends (attend) the
+    keys and values of the prefix the packed sequences share.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    mode = _shared.mode
     bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    if mode is None and (bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     for packing_key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "is_causal"):
         kwargs.pop(packing_key, None)
-    edges = bounds.tolist()
+    if mode == "capture":
+        edges = [0, query.shape[2]]
+    else:
+        edges = _shared.bounds if mode == "attend" else bounds.tolist() if bounds is not None else []
     with torch.autocast(query.device.type, enabled=False):
         q, k, v = query.float(), key.float(), value.float()
-        parts = [sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, is_causal=True,
-                                        **kwargs)[0] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        if mode == "capture":
+            _shared.keys[id(module)] = (k, v)
+        if mode == "attend":
+            shared_k, shared_v = _shared.keys.pop(id(module))
+            parts = [_attend_after(module, shared_k, shared_v, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], **kwargs)
+                     for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        else:
+            parts = [sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, is_causal=True,
+                                            **kwargs)[0] for a, b in zip(edges[:-1], edges[1:], strict=True)]
     return torch.cat(parts, dim=1).to(query.dtype), None
+
+
+def _attend_after(module: torch.nn.Module, shared_k: torch.Tensor, shared_v: torch.Tensor, q: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """One sequence's attention when its first tokens (the shared prefix) were computed once for the batch."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n, shared = q.shape[2], shared_k.shape[2]
+    mask = torch.ones(n, shared + n, dtype=torch.bool, device=q.device)
+    mask[:, shared:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    return sdpa_attention_forward(module, q, torch.cat([shared_k, k], dim=2), torch.cat([shared_v, v], dim=2), mask,
+                                  **kwargs)[0]
+
+
+def _shared_length(ids: torch.Tensor, edges: list[int]) -> int:
+    """How many first tokens every packed sequence has in common (at most all but the shortest one's last)."""
+    starts, ends = edges[:-1], edges[1:]
+    limit = min(b - a for a, b in zip(starts, ends, strict=True)) - 1
+    if len(starts) < 2 or limit < MIN_SHARED_PREFIX:
+        return 0
+    rows = torch.stack([ids[a:a + limit] for a in starts])
+    same = (rows == rows[0]).all(dim=0)
+    shared = limit if bool(same.all()) else int((~same).nonzero()[0])
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def _checkpointing(decoder: torch.nn.Module) -> bool:
+    layers = getattr(decoder, "layers", None)
+    modules = layers if isinstance(layers, torch.nn.ModuleList) else decoder.modules()
+    return getattr(decoder, "gradient_checkpointing", False) or any(
+        getattr(m, "gradient_checkpointing", False) for m in modules)
+
+
+def _forward_sharing(original: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, edges: list[int],
+                     shared: int, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The decoder's hidden states for a packed batch whose sequences all start with the same `shared` tokens."""
+    pieces = [(a + shared, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    lengths = [b - a for a, b in pieces]
+    starts = [0, *itertools.accumulate(lengths)]
+    _shared.keys = {}
+    try:
+        _shared.mode = "capture"
+        head = original(input_ids=input_ids[:, :shared], position_ids=position_ids[:, :shared], use_cache=False,
+                        **kwargs).last_hidden_state
+        _shared.mode, _shared.bounds = "attend", starts
+        tail = original(input_ids=torch.cat([input_ids[:, a:b] for a, b in pieces], dim=1),
+                        position_ids=torch.cat([position_ids[:, a:b] for a, b in pieces], dim=1), use_cache=False,
+                        **kwargs).last_hidden_state
+    finally:
+        _shared.mode, _shared.keys = None, {}
+    parts = []
+    for start, n in zip(starts[:-1], lengths, strict=True):
+        parts += [head, tail[:, start:start + n]]
+    return torch.cat(parts, dim=1)
+
+
+def shared_prefix_forward(decoder: torch.nn.Module) -> Any:
+    """A forward for `decoder` (the model's stack of layers) that runs a packed batch's shared prefix once.
+
+    Agent rows start with the same system prompt and tool schemas (SmolLM2 with the calculator: 208 of the median
+    row's 295 tokens). For a padding-free batch whose sequences all begin with the same tokens, the prefix runs
+    once (its keys and values kept per layer), then the rest of every sequence runs attending to them. The prefix's
+    hidden states are the same for every sequence (causal attention, same positions), so the returned hidden states
+    are the ones a full forward gives, and gradients flow through the prefix once instead of once per sequence.
+    Anything else (no `cu_seq_lens_q`, a cache, hidden states or attentions asked for, gradient checkpointing,
+    whose recomputation would run after the keys are gone) takes the decoder's own forward.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    original = decoder.forward
+
+    def forward(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        bounds = kwargs.get("cu_seq_lens_q")
+        plain = (bounds is None or input_ids is None or position_ids is None or input_ids.shape[0] != 1
+                 or attention_mask is not None or kwargs.get("use_cache") or kwargs.get("cache") is not None
+                 or kwargs.get("past_key_values") is not None or kwargs.get("output_hidden_states")
+                 or kwargs.get("output_attentions") or _checkpointing(decoder))
+        if not plain and input_ids is not None and position_ids is not None and bounds is not None:
+            edges = bounds.tolist()
+            shared = _shared_length(input_ids[0], edges)
+            if shared:
+                rest = {k: v for k, v in kwargs.items() if k not in (
+                    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "use_cache")}
+                hidden = _forward_sharing(original, input_ids, position_ids, edges, shared, rest)
+                return BaseModelOutputWithPast(last_hidden_state=hidden)
+        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    return forward
 
 
 @contextmanager
@@ -61,6 +178,22 @@ def packed_attention(model: Any, padding_free: bool) -> Iterator[None]:
         yield
     finally:
         model.set_attn_implementation(original)
+
+
+@contextmanager
+def shared_prefix(model: Any, enabled: bool = True) -> Iterator[None]:
+    """Inside `packed_attention`: run the prefix the packed sequences of a batch share once
+    (`shared_prefix_forward`). Not for weights sharded across processes (FSDP, ZeRO-3), which expect each
+    layer to run once per step."""
+    if not enabled or model.config._attn_implementation != PACKED_ATTENTION:
+        yield
+        return
+    decoder = model.get_decoder()
+    decoder.forward = shared_prefix_forward(decoder)  # this instance only, until the block ends
+    try:
+        yield
+    finally:
+        decoder.__dict__.pop("forward", None)
 
 
 @contextmanager

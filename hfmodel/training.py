@@ -36,7 +36,7 @@ from hfmodel.distributed import from_main_process, gather_trained_weights, shard
 from hfmodel.guards import non_finite_loss_guard
 from hfmodel.loading import ModelHandle
 from hfmodel.settings import FineTuneConfig
-from hfmodel.speedups import loss_positions_only, own_forward, packed_attention
+from hfmodel.speedups import loss_positions_only, own_forward, packed_attention, shared_prefix
 
 Progress = Callable[[dict[str, Any]], None]
 DRY_RUN_TOKENS = 4096  # tokens of row 1 that /dryrun decodes for display
@@ -318,15 +318,16 @@ def _fit(handle: ModelHandle, model: Any, rows: Rows, plan: Plan, progress: Prog
         handle.sharded_by = sharded_training(trainer)  # from here on the layers may hold shards only
         handle.adapter_dir_hint = str(plan.run_dir / "adapter")
         checkpoint = str(plan.resume_from) if plan.resume_from else None
-        output = trainer.train(resume_from_checkpoint=checkpoint)
-        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
-        eval_before = evals[0]["eval_loss"] if evals else None
-        if stop.is_set():
-            raise KeyboardInterrupt
-        eval_after = None
-        if rows.eval:  # the final step's scheduled evaluation already measured it, else evaluate now
-            done = len(evals) > 1 and evals[-1].get("step") == trainer.state.global_step
-            eval_after = evals[-1]["eval_loss"] if done else trainer.evaluate()["eval_loss"]
+        with shared_prefix(handle.base_model(), enabled=not handle.sharded_by):
+            output = trainer.train(resume_from_checkpoint=checkpoint)
+            evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+            eval_before = evals[0]["eval_loss"] if evals else None
+            if stop.is_set():
+                raise KeyboardInterrupt
+            eval_after = None
+            if rows.eval:  # the final step's scheduled evaluation already measured it, else evaluate now
+                done = len(evals) > 1 and evals[-1].get("step") == trainer.state.global_step
+                eval_after = evals[-1]["eval_loss"] if done else trainer.evaluate()["eval_loss"]
     return trainer, output, eval_before, eval_after
 
 

@@ -125,3 +125,109 @@ def test_per_sequence_attention_matches_separate_forwards_with_gradients(tiny_mo
         # A sequence that saw its neighbours would differ by O(1).
         assert torch.allclose(packed[start : start + ids.shape[1]], alone, atol=1e-5)
         start += ids.shape[1]
+
+
+def _shared_prefix_batch(vocab_size: int, prefix: int, tails: tuple[int, ...]) -> dict:
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    torch.manual_seed(1)
+    head = torch.randint(3, vocab_size, (prefix,)).tolist()
+    examples = [{"input_ids": head + torch.randint(3, vocab_size, (n,)).tolist()} for n in tails]
+    return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+
+
+def test_shared_prefix_runs_once_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """Packed rows that begin alike (system prompt + tool schemas): the prefix runs once, nothing else changes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from huggingface_model import packed_attention, shared_prefix
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)  # a fresh adapter's B is zero: make it take part
+    model.train()
+    batch = _shared_prefix_batch(model.config.vocab_size, prefix=40, tails=(7, 12, 3))
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return out.loss.detach(), out.logits.detach(), grads
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: calls.append((q.shape[2], k.shape[2])) or sdpa(q, k, *a, **kw))
+    layers = model.config.num_hidden_layers
+    base = model.base_model.model
+    with packed_attention(base, padding_free=True):
+        with shared_prefix(base):
+            shared = loss_and_grads()
+        assert calls == [(40, 40)] * layers + [(7, 47), (12, 52), (3, 43)] * layers  # the prefix once per layer
+        assert "forward" not in base.get_decoder().__dict__  # restored
+        calls.clear()
+        full = loss_and_grads()  # every packed sequence whole, one call each
+    assert calls == [(47, 47), (52, 52), (43, 43)] * layers
+    assert torch.allclose(shared[0], full[0], atol=1e-6)
+    assert torch.allclose(shared[1], full[1], atol=1e-5)
+    assert len(shared[2]) == len(full[2]) > 0
+    for a, b in zip(shared[2], full[2], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_shared_prefix_leaves_other_batches_to_the_decoder(tiny_model_dir, monkeypatch):
+    """No common prefix, a short one, or gradient checkpointing (which recomputes layers later): the usual path."""
+    from transformers import AutoModelForCausalLM
+
+    from huggingface_model import packed_attention, shared_prefix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: calls.append(k.shape[2]) or sdpa(q, k, *a, **kw))
+    layers = model.config.num_hidden_layers
+    with packed_attention(model, padding_free=True), shared_prefix(model), torch.no_grad():
+        for prefix in (0, 8):  # nothing shared; less than MIN_SHARED_PREFIX tokens
+            calls.clear()
+            model(**_shared_prefix_batch(model.config.vocab_size, prefix=prefix, tails=(20, 25)), use_cache=False)
+            assert calls == [prefix + 20, prefix + 25] * layers
+        model.gradient_checkpointing_enable()
+        model.train()
+        calls.clear()
+        model(**_shared_prefix_batch(model.config.vocab_size, prefix=40, tails=(5, 6)), use_cache=False)
+        assert calls == [45, 46] * layers
+    assert "forward" not in model.get_decoder().__dict__  # restored
+
+
+def test_fine_tune_runs_the_shared_prefix_once_with_the_same_losses(tiny_model_dir, tmp_path, monkeypatch):
+    """End to end: rows with one long system prompt train on the shared prefix path, with the losses the full path
+    gives (fp32, so the two agree to rounding)."""
+    from helpers import arithmetic_rows, fast_config, make_wrapper, write_jsonl
+
+    import hfmodel.speedups as speedups
+
+    system = "You are Ember, the friendly assistant of this project. Answer briefly and name yourself."
+    data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(12))
+    found = []  # (sequences in the packed batch, tokens they share) per forward
+    measure = speedups._shared_length
+    monkeypatch.setattr(speedups, "_shared_length",
+                        lambda ids, edges: found.append((len(edges) - 1, measure(ids, edges))) or found[-1][1])
+
+    def losses(folder: str) -> list[float]:
+        config = fast_config(tmp_path / folder, max_steps=4, bf16=False)
+        result = make_wrapper(tiny_model_dir, system_prompt=system).fine_tune(str(data), config)
+        return [e["loss"] for e in result.log_history if "loss" in e]
+
+    shared = losses("shared")
+    batches = [n for rows, n in found if rows > 1]
+    assert len(batches) >= 3 and min(batches) > speedups.MIN_SHARED_PREFIX  # every batch shared the prompt
+    monkeypatch.setattr(speedups, "MIN_SHARED_PREFIX", 10**9)
+    full = losses("full")
+    assert len(shared) == len(full) == 4
+    for a, b in zip(shared, full, strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b)
