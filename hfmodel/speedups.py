@@ -80,8 +80,8 @@ def _attend_after(module: torch.nn.Module, shared_k: torch.Tensor, shared_v: tor
     n, shared = q.shape[2], shared_k.shape[2]
     mask = torch.ones(n, shared + n, dtype=torch.bool, device=q.device)
     mask[:, shared:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    return sdpa_attention_forward(module, q, torch.cat([shared_k, k], dim=2), torch.cat([shared_v, v], dim=2), mask,
-                                  **kwargs)[0]
+    return sdpa_attention_forward(module, q, torch.cat([shared_k, k], dim=2), torch.cat([shared_v, v], dim=2),
+                                  mask[None, None], **kwargs)[0]  # 4-d: one query token takes a GQA shortcut
 
 
 def _shared_length(ids: torch.Tensor, edges: list[int]) -> int:
