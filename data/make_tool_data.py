@@ -23,14 +23,26 @@ sys.path.insert(0, str(HERE.parent))
 
 from chat_tools import calculator, make_toolkit  # noqa: E402
 
-TRAIN_QUESTIONS = [
+TRAIN_QUESTIONS = [  # plain, terse, polite, equation-style and word-problem phrasings of the four operations
     ("What is {a} times {b}?", "*"), ("What's {a} multiplied by {b}?", "*"), ("Compute {a} * {b}.", "*"),
     ("How much is {a} x {b}?", "*"), ("calculate {a}*{b}", "*"), ("What is the product of {a} and {b}?", "*"),
+    ("Can you multiply {a} and {b}?", "*"), ("{a} times {b} = ?", "*"),
+    ("I'd like to know what {a} times {b} comes to.", "*"),
+    ("If one box holds {b} items, how many items are in {a} boxes?", "*"),
     ("What is {a} plus {b}?", "+"), ("Add {a} and {b}.", "+"), ("How much is {a} + {b}?", "+"),
-    ("What's the sum of {a} and {b}?", "+"), ("What is {a} minus {b}?", "-"), ("Subtract {b} from {a}.", "-"),
-    ("How much is {a} - {b}?", "-"), ("What is {a} divided by {b}?", "/"), ("Divide {a} by {b}, please.", "/"),
-    ("What's {a} / {b}?", "/"),
+    ("What's the sum of {a} and {b}?", "+"), ("Can you add {a} to {b}?", "+"), ("{a} + {b} = ?", "+"),
+    ("What do {a} and {b} add up to?", "+"), ("I have {a} stamps and get {b} more. How many do I have now?", "+"),
+    ("hey whats {a} plus {b}", "+"),
+    ("What is {a} minus {b}?", "-"), ("Subtract {b} from {a}.", "-"), ("How much is {a} - {b}?", "-"),
+    ("Can you subtract {b} from {a}?", "-"), ("{a} - {b} = ?", "-"),
+    ("I had {a} dollars and spent {b}. How much is left?", "-"), ("What's {a} less {b}?", "-"),
+    ("How much bigger is {a} than {b}?", "-"), ("Count down {b} from {a}: where do I land?", "-"),
+    ("What is {a} divided by {b}?", "/"), ("Divide {a} by {b}, please.", "/"), ("What's {a} / {b}?", "/"),
+    ("Can you divide {a} by {b}?", "/"), ("{a} / {b} = ?", "/"),
+    ("{a} cookies are shared equally among {b} kids. How many does each get?", "/"),
+    ("How many times does {b} go into {a}?", "/"), ("How many groups of {b} are in {a}?", "/"),
 ]
+TRAIN_REPEATS = 3  # each phrasing with 3 different pairs of numbers
 HELD_OUT_QUESTIONS = [  # phrasings no training row uses
     ("Quick one: {a} multiplied with {b} equals what?", "*"), ("Could you tell me {a} times {b}?", "*"),
     ("I need {a} added to {b}.", "+"), ("Take {b} away from {a}. What's left?", "-"),
@@ -75,11 +87,12 @@ def tool_row(question: str, a: int, b: int, op: str, rng: random.Random, schema:
 
 
 def main() -> None:
-    rng = random.Random(7)
+    rng, held_rng = random.Random(7), random.Random(70)  # held-out numbers do not move when training rows change
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
-    train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(7) for q, op in TRAIN_QUESTIONS][:112]
-    held = [(q, *numbers(rng, op), op) for q, op in HELD_OUT_QUESTIONS]
-    eval_rows = [tool_row(q, a, b, op, rng, schema) for q, a, b, op in held[:6]]
+    train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(TRAIN_REPEATS) for q, op in TRAIN_QUESTIONS]
+    held = [(q, *numbers(held_rng, op), op) for q, op in HELD_OUT_QUESTIONS]
+    eval_rows = [tool_row(q, a, b, op, held_rng, schema) for q, a, b, op in held[:6]]
+    assert not {q for q, _ in HELD_OUT_QUESTIONS} & {q for q, _ in TRAIN_QUESTIONS}, "a held-out phrasing is trained"
     probes: dict[str, list[Any]] = {"arithmetic": [{"prompt": q.format(a=a, b=b), "expression": f"{a} {op} {b}",
                               "result": calculator(f"{a} {op} {b}")} for q, a, b, op in held],
               "plain": PLAIN_HELD_OUT}
