@@ -723,7 +723,7 @@ def _finetune_plain_trl(folder: str, steps: int, out_dir: Path, train_rows: list
 
 def _finetune_wrapper(folder: str, steps: int, out_dir: Path, eval_rows: list,
                       need_base: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """HuggingFaceWrapper.fine_tune with the chat script's fine_tune_config (max_steps set by the bench)."""
+    """HuggingFaceWrapper.fine_tune with the bench's hyperparameters (those of (b); max_steps set by the bench)."""
     from huggingface_model import HuggingFaceWrapper
 
     started = time.perf_counter()
@@ -911,9 +911,10 @@ def bench_finetune(model: str, folder: str, cfg: dict[str, Any], threads: int | 
              f"{LORA_ALPHA}, all-linear, batch {BATCH}); trl defaults otherwise: padded batches, full-sequence "
              "loss, activation checkpointing ON (trl's default, kept), adamw_torch_fused, bf16 autocast where the "
              "CPU has bf16 instructions (trl's default)",
-        "c": "HuggingFaceWrapper.fine_tune with the chat script's fine_tune_config (r 8/alpha 16, lr 1e-3, "
-             "batch 8) over DEFAULT_TRAINING_ARGS: assistant-only loss (only those positions go through the LM "
-             "head), padding-free, no activation checkpointing, bf16 autocast where the CPU has bf16 "
+        "c": f"HuggingFaceWrapper.fine_tune with (b)'s hyperparameters (r {LORA_R}/alpha {LORA_ALPHA}, lr "
+             f"{LEARNING_RATE} decaying linearly, batch {BATCH}) over DEFAULT_TRAINING_ARGS: assistant-only loss "
+             "(only those positions go through the LM head), padding-free, the prefix a batch's rows share (the "
+             "system prompt) run once, no activation checkpointing, bf16 autocast where the CPU has bf16 "
              "instructions, eval at the start, halfway and the end, checkpoints halfway and at the end (all inside "
              "train_runtime)",
         "common": "same 102 training rows with the chat's system prompt, same optimiser steps, same seed (42); "
