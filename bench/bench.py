@@ -15,6 +15,8 @@ Sections (each model):
             (b) plain trl SFTTrainer with our hyperparameters, (c) HuggingFaceWrapper.fine_tune.
   team      several agents on one loaded base model (team.py), each with its own LoRA adapter: peak RSS of 3 agents
             vs 1, the time of one adapter switch, decode tokens/s per agent vs a single agent's.
+  demo      (SmolLM2, full mode) the chat script's own start-up fine-tune (identity + calculator rows, its settings):
+            seconds, eval loss; then a few steps on the same rows with the shared-prefix forward on and off.
   memory    peak RSS of the chat and fine-tune processes.
 
 Every measurement that needs its own peak RSS runs in a child process (this file, `--worker NAME`).
@@ -760,8 +762,34 @@ def _finetune_wrapper(folder: str, steps: int, out_dir: Path, eval_rows: list,
     }, base
 
 
+def worker_demo(params: dict[str, Any]) -> dict[str, Any]:
+    """The chat script's start-up fine-tune on `folder` (its data, settings and system prompt), with `overrides`
+    merged into its training_args; `shared: false` switches the shared-prefix forward off."""
+    import copy
+
+    import torch
+
+    import hfmodel.speedups as speedups
+    import load_finetune_huggingface_model as script
+    from huggingface_model import HuggingFaceWrapper
+
+    if not params["shared"]:
+        speedups.MIN_SHARED_PREFIX = 10**9
+    config = copy.deepcopy(script.model_configs[0])
+    config["local_model_path"], config["device"] = params["folder"], "cpu"
+    fine_tune = config["fine_tune_config"]
+    fine_tune["training_args"].update({**params["overrides"], "output_dir": params["tmp"]})
+    fine_tune["force_retrain"] = True
+    wrapper = HuggingFaceWrapper.from_config(config, data_path=None, system_prompt=script.sys_prompt)
+    result = wrapper.fine_tune(config["data_path"], fine_tune)
+    return {"seconds": result.seconds, "steps": result.steps, "train_loss": result.train_loss,
+            "eval_loss_before": result.eval_loss_before, "eval_loss_after": result.eval_loss_after,
+            "tokens_per_s": result.tokens_per_second, "train_tokens": result.train_tokens,
+            "training_args": fine_tune["training_args"], "torch_threads": torch.get_num_threads()}
+
+
 WORKERS = {"prepare": worker_prepare, "chat": worker_chat, "imports": worker_imports, "finetune": worker_finetune,
-           "team_adapters": worker_team_adapters, "team": worker_team}
+           "team_adapters": worker_team_adapters, "team": worker_team, "demo": worker_demo}
 
 
 # =============================================================================================
@@ -952,6 +980,18 @@ def bench_team(folder: str, cfg: dict[str, Any], threads: int | None, tmp: str) 
     }
 
 
+def bench_demo(folder: str, threads: int | None, tmp: str) -> dict[str, Any]:
+    out_dir = str(Path(tmp) / "demo")
+    run = run_worker("demo", {"folder": folder, "tmp": out_dir, "shared": True, "overrides": {}}, threads)
+    quick = {"max_steps": 6, "eval_strategy": "no", "save_strategy": "no"}
+    on, off = (run_worker("demo", {"folder": folder, "tmp": out_dir, "shared": shared, "overrides": quick}, threads)
+               for shared in (True, False))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"start_up": run, "shared_on": on, "shared_off": off,
+            "shared_speedup": ratio(on["tokens_per_s"], off["tokens_per_s"]),
+            "train_loss_difference": abs(on["train_loss"] - off["train_loss"])}
+
+
 def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
 
@@ -1002,6 +1042,12 @@ def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
         add("team: peak RSS 3 agents / 1 agent (one base, an adapter each)", team["rss_ratio"], "<=", 1.1)
         add("team: adapter switch per reply, ms", team["switch_ms"], "<=", 5.0)
         add("team: decode tok/s per agent, 3 agents / 1 agent", team["decode_ratio"], ">=", 0.97)
+    demo = s.get("demo")
+    if demo:
+        add("demo: start-up fine-tune of the chat script (identity + calculator), s", demo["start_up"]["seconds"],
+            "<=", 75.0)
+        add("demo: tokens/s, shared prefix on / off (same rows, same steps)", demo["shared_speedup"], ">=", 1.0,
+            f"train loss differs by {demo['train_loss_difference']:.4f}")
     return targets
 
 
@@ -1110,6 +1156,17 @@ def render(results: dict[str, Any]) -> str:
                          f" MB (3 agents): {fmt(team['rss_ratio'])} x. Decode {fmt(team['decode_tok_s']['one'])} -> "
                          f"{fmt(team['decode_tok_s']['three'])} tok/s per agent: {fmt(team['decode_ratio'])} x. "
                          f"Adapter switch: {fmt(team['switch_ms'])} ms.")
+        demo = s.get("demo")
+        if demo:
+            run, on, off = demo["start_up"], demo["shared_on"], demo["shared_off"]
+            lines.append("")
+            lines.append(f"### The chat script's start-up fine-tune ({run['steps']} steps)")
+            lines.append("")
+            lines.append(f"{fmt(run['seconds'])} s, {fmt(run['tokens_per_s'])} tokens/s, eval loss "
+                         f"{fmt(run['eval_loss_before'])} -> {fmt(run['eval_loss_after'])}. Same rows, "
+                         f"{on['steps']} steps: {fmt(on['tokens_per_s'])} tokens/s with the shared prefix run once "
+                         f"per batch, {fmt(off['tokens_per_s'])} without ({fmt(demo['shared_speedup'])} x); train "
+                         f"loss {fmt(on['train_loss'], 4)} against {fmt(off['train_loss'], 4)}.")
         ft = s.get("finetune")
         if ft:
             lines.append("")
@@ -1197,7 +1254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats/steps; tiny model unless --model")
     parser.add_argument("--model", choices=["tiny", "smollm2", "both"], help="default: both (full), tiny (--quick)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
-    parser.add_argument("--sections", default="chat,startup,team,finetune", help="comma list (default: all)")
+    parser.add_argument("--sections", default="chat,startup,team,demo,finetune",
+                        help="comma list (default: all; demo runs on SmolLM2 in the full mode only)")
     parser.add_argument("--repeats", type=int, help="override every repeat count")
     parser.add_argument("--threads", default="auto",
                         help="torch/OpenMP threads in every child: N, 0 = torch's default, auto (default) = 1 when "
@@ -1258,6 +1316,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{model}: several agents on one base")
                 sec["team"] = bench_team(folder, cfg, args.threads, tmp)
                 sec["team"]["load_average"] = load_average()
+            if "demo" in sections_wanted and model == "smollm2" and not args.quick:
+                log(f"{model}: the chat script's start-up fine-tune")
+                sec["demo"] = bench_demo(folder, args.threads, tmp)
+                sec["demo"]["load_average"] = load_average()
             if "finetune" in sections_wanted:
                 log(f"{model}: fine-tuning (a, b, c)")
                 sec["finetune"] = bench_finetune(model, folder, cfg, args.threads, tmp)

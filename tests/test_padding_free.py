@@ -167,7 +167,7 @@ def test_shared_prefix_runs_once_with_the_same_loss_and_gradients(tiny_model_dir
     with packed_attention(base, padding_free=True):
         with shared_prefix(base):
             shared = loss_and_grads()
-        assert calls == [40] * layers + [47, 52, 41] * layers  # the prefix once per layer, then each tail after it
+        assert calls == [40, 47, 52, 41] * layers  # per layer: the prefix once, then each rest after its keys
         assert "forward" not in base.get_decoder().__dict__  # restored
         calls.clear()
         full = loss_and_grads()  # every packed sequence whole, one call each
