@@ -23,10 +23,12 @@ MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix saves too little to be
 
 
 class _SharedPrefix(threading.local):
-    """Set by `shared_prefix_forward` for one decoder forward: the packed row is the shared prefix, then each
-    sequence's rest, cut at `bounds`; every rest attends to the prefix's keys and values before its own."""
+    """Set by `shared_prefix_forward` for one decoder forward: the packed row is cut into pieces at `bounds` (each
+    shared prefix once, then each sequence's rest); `after[i]` is the (start, end) of the prefix piece i attends to
+    before itself, or None."""
 
     bounds: list[int] | None = None
+    after: list[tuple[int, int] | None] = []
 
 
 _shared = _SharedPrefix()
@@ -54,16 +56,18 @@ def sdpa_per_sequence(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     for packing_key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "is_causal"):
         kwargs.pop(packing_key, None)
     edges = shared if shared is not None else bounds.tolist() if bounds is not None else []
+    after = _shared.after if shared is not None else [None] * (len(edges) - 1)
     with torch.autocast(query.device.type, enabled=False):
         q, k, v = query.float(), key.float(), value.float()
         parts = []
-        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
-            if shared is None or i == 0:
+        for (a, b), prefix in zip(zip(edges[:-1], edges[1:], strict=True), after, strict=True):
+            if prefix is None:
                 parts.append(sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None,
                                                     is_causal=True, **kwargs)[0])
             else:
-                parts.append(_attend_after(module, edges[1], q[:, :, a:b], torch.cat([k[:, :, :edges[1]], k[:, :, a:b]],
-                             dim=2), torch.cat([v[:, :, :edges[1]], v[:, :, a:b]], dim=2), **kwargs))
+                (c, d), span = prefix, slice(a, b)
+                parts.append(_attend_after(module, d - c, q[:, :, span], torch.cat([k[:, :, c:d], k[:, :, span]], dim=2),
+                                           torch.cat([v[:, :, c:d], v[:, :, span]], dim=2), **kwargs))
     return torch.cat(parts, dim=1).to(query.dtype), None
 
 
@@ -78,16 +82,41 @@ def _attend_after(module: torch.nn.Module, shared: int, q: torch.Tensor, k: torc
     return sdpa_attention_forward(module, q, k, v, mask[None, None], **kwargs)[0]  # 4-d: GQA's 1-query shortcut
 
 
+def _common_length(ids: torch.Tensor, start: int, others: list[int], limit: int) -> list[int]:
+    """For each start in `others`: how many first tokens (at most `limit`) it has in common with `start`'s."""
+    rows = torch.stack([ids[a:a + limit] for a in others])
+    differ = rows != ids[start:start + limit]
+    first = torch.where(differ.any(dim=1), differ.float().argmax(dim=1), torch.full_like(differ[:, 0], limit,
+                                                                                        dtype=torch.long))
+    return [int(n) for n in first]
+
+
+def _shared_prefixes(ids: torch.Tensor, edges: list[int]) -> list[tuple[int, int]]:
+    """Group the packed sequences by the prefix they share (at least MIN_SHARED_PREFIX tokens, at most all but a
+    member's last token): per sequence, (index of its group's first sequence, tokens shared), or (i, 0) alone.
+    Greedy in order: each sequence joins the first group whose first sequence starts like it."""
+    spans = list(zip(edges[:-1], edges[1:], strict=True))
+    plan: list[tuple[int, int]] = []
+    for i, (a, b) in enumerate(spans):
+        leaders = [j for j, (lead, _) in enumerate(plan) if lead == j]
+        limit = b - a - 1
+        common = _common_length(ids, a, [spans[j][0] for j in leaders], limit) if leaders and limit > 0 else []
+        match = next((j for j, n in zip(leaders, common, strict=True) if n >= MIN_SHARED_PREFIX), None)
+        plan.append((i, limit) if match is None else (match, min(common[leaders.index(match)], limit)))
+    # A group's prefix: the shortest any member shares with its first sequence, and never all of the first one
+    # (whose own entry holds its length - 1).
+    for lead in [i for i, (g, _) in enumerate(plan) if g == i]:
+        group = [m for m, (g, _) in enumerate(plan) if g == lead]
+        shared = min(plan[m][1] for m in group) if len(group) > 1 else 0
+        for m in group:
+            plan[m] = (lead, shared)
+    return [(lead, n if n >= MIN_SHARED_PREFIX else 0) for lead, n in plan]
+
+
 def _shared_length(ids: torch.Tensor, edges: list[int]) -> int:
-    """How many first tokens every packed sequence has in common (at most all but the shortest one's last)."""
-    starts, ends = edges[:-1], edges[1:]
-    limit = min(b - a for a, b in zip(starts, ends, strict=True)) - 1
-    if len(starts) < 2 or limit < MIN_SHARED_PREFIX:
-        return 0
-    rows = torch.stack([ids[a:a + limit] for a in starts])
-    same = (rows == rows[0]).all(dim=0)
-    shared = limit if bool(same.all()) else int((~same).nonzero()[0])
-    return shared if shared >= MIN_SHARED_PREFIX else 0
+    """How many packed tokens running each shared prefix once saves (0: nothing to share)."""
+    plan = _shared_prefixes(ids, edges) if len(edges) > 2 else []
+    return sum(n for i, (lead, n) in enumerate(plan) if lead != i)
 
 
 def _checkpointing(decoder: torch.nn.Module) -> bool:
@@ -98,34 +127,42 @@ def _checkpointing(decoder: torch.nn.Module) -> bool:
 
 
 def _forward_sharing(original: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, edges: list[int],
-                     shared: int, kwargs: dict[str, Any]) -> torch.Tensor:
-    """The decoder's hidden states for a packed batch whose sequences all start with the same `shared` tokens:
-    one forward over the prefix followed by every sequence's rest, spread back to the batch's layout."""
-    pieces = [(0, shared)] + [(a + shared, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+                     kwargs: dict[str, Any]) -> torch.Tensor:
+    """The decoder's hidden states for a packed batch in which groups of sequences start with the same tokens: one
+    forward over each group's prefix once followed by every sequence's rest, spread back to the batch's layout."""
+    plan = _shared_prefixes(input_ids[0], edges)
     device = input_ids.device
-    keep = torch.cat([torch.arange(a, b, device=device) for a, b in pieces])
+    leaders = sorted({lead for lead, n in plan if n})
+    pieces = [(edges[lead], edges[lead] + plan[lead][1]) for lead in leaders]
+    pieces += [(a + n, b) for (a, b), (_, n) in zip(zip(edges[:-1], edges[1:], strict=True), plan, strict=True)]
     bounds = [0, *itertools.accumulate(b - a for a, b in pieces)]
-    _shared.bounds = bounds
+    prefix_piece = {lead: (bounds[k], bounds[k + 1]) for k, lead in enumerate(leaders)}
+    after = [None] * len(leaders) + [prefix_piece[lead] if n else None for lead, n in plan]
+    keep = torch.cat([torch.arange(a, b, device=device) for a, b in pieces])
+    _shared.bounds, _shared.after = bounds, after
     try:
         hidden = original(input_ids=input_ids[:, keep], position_ids=position_ids[:, keep], use_cache=False,
                           **kwargs).last_hidden_state
     finally:
-        _shared.bounds = None
-    prefix = torch.arange(shared, device=device)
-    spread = [part for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
-              for part in (prefix, torch.arange(a, b, device=device))]
-    return hidden[:, torch.cat(spread)]  # the prefix's states once per sequence; gradients add up over them
+        _shared.bounds, _shared.after = None, []
+    spread = []
+    for k, (lead, n) in enumerate(plan):
+        if n:
+            spread.append(torch.arange(*prefix_piece[lead], device=device))
+        spread.append(torch.arange(bounds[len(leaders) + k], bounds[len(leaders) + k + 1], device=device))
+    return hidden[:, torch.cat(spread)]  # each prefix's states once per sequence; gradients add up over them
 
 
 def shared_prefix_forward(decoder: torch.nn.Module) -> Any:
     """A forward for `decoder` (the model's stack of layers) that runs a packed batch's shared prefix once.
 
     Agent rows start with the same system prompt and tool schemas (SmolLM2 with the calculator: 211 of about 276
-    tokens). For a padding-free batch whose sequences all begin with the same tokens, the packed row becomes the
-    prefix once followed by the rest of every sequence, and `sdpa_per_sequence` lets each rest attend to the
-    prefix's keys and values before its own. The prefix's hidden states are the same for every sequence (causal
-    attention, same positions), so the hidden states spread back to the batch's layout are the ones a full forward
-    gives, and the prefix's gradients add up as they would over its copies. Anything else (no `cu_seq_lens_q`, a
+    tokens); a log of several agents has one such start per agent. In a padding-free batch, sequences that begin
+    with the same tokens (at least MIN_SHARED_PREFIX) form a group; the packed row becomes each group's prefix once
+    followed by the rest of every sequence, and `sdpa_per_sequence` lets each rest attend to its group's prefix
+    keys and values before its own. A prefix's hidden states are the same for every member (causal attention, same
+    positions), so the hidden states spread back to the batch's layout are the ones a full forward gives, and the
+    prefix's gradients add up as they would over its copies. Anything else (no `cu_seq_lens_q`, a
     cache, hidden states or attentions asked for, gradient checkpointing, whose recomputation would run outside
     this forward) takes the decoder's own forward. Demo rows, SmolLM2, 2 cores: 2.1x the tokens/s, same losses.
     """
@@ -142,11 +179,10 @@ def shared_prefix_forward(decoder: torch.nn.Module) -> Any:
                  or kwargs.get("output_attentions") or _checkpointing(decoder))
         if not plain and input_ids is not None and position_ids is not None and bounds is not None:
             edges = bounds.tolist()
-            shared = _shared_length(input_ids[0], edges)
-            if shared:
+            if _shared_length(input_ids[0], edges):
                 rest = {k: v for k, v in kwargs.items() if k not in (
                     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "use_cache")}
-                hidden = _forward_sharing(original, input_ids, position_ids, edges, shared, rest)
+                hidden = _forward_sharing(original, input_ids, position_ids, edges, rest)
                 return BaseModelOutputWithPast(last_hidden_state=hidden)
         return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
@@ -174,7 +210,7 @@ def packed_attention(model: Any, padding_free: bool) -> Iterator[None]:
 
 @contextmanager
 def shared_prefix(model: Any, enabled: bool = True) -> Iterator[None]:
-    """Inside `packed_attention`: run the prefix the packed sequences of a batch share once
+    """Inside `packed_attention`: run each prefix that packed sequences of a batch share once
     (`shared_prefix_forward`). Not for weights sharded across processes (FSDP, ZeRO-3), which expect each
     layer to run once per step."""
     if not enabled or model.config._attn_implementation != PACKED_ATTENTION:

@@ -231,3 +231,56 @@ def test_fine_tune_runs_the_shared_prefix_once_with_the_same_losses(tiny_model_d
     assert len(shared) == len(full) == 4
     for a, b in zip(shared, full, strict=True):
         assert abs(a - b) <= 1e-4 * abs(b)
+
+
+def test_groups_of_rows_with_different_prefixes_each_run_theirs_once(tiny_model_dir, monkeypatch):
+    """Two agents' rows in one batch (two system prompts), plus one row alike neither and a short row whose start is
+    another group's: each group's prefix runs once, with the full forward's losses and gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from huggingface_model import packed_attention, shared_prefix
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    model.train()
+    torch.manual_seed(2)
+    vocab = model.config.vocab_size
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,)).tolist()
+
+    ember, critic = tokens(30), tokens(25)
+    short = ember[:20]  # a row shorter than Ember's prompt: the group shares only 19 tokens then
+    examples = [ember + tokens(6), critic + tokens(9), tokens(12), ember + tokens(4), critic + tokens(3), short]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": ids} for ids in examples])
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: calls.append(k.shape[2]) or sdpa(q, k, *a, **kw))
+    layers = model.config.num_hidden_layers
+    base = model.base_model.model
+    with packed_attention(base, padding_free=True):
+        with shared_prefix(base):
+            shared = loss_and_grads()
+        # Ember's group shares 19 tokens (its shortest member has 20), Critic's 25; the odd row runs alone.
+        assert calls == [19, 25, 36, 34, 12, 34, 28, 20] * layers
+        calls.clear()
+        full = loss_and_grads()
+    assert calls == [36, 34, 12, 34, 28, 20] * layers
+    assert torch.allclose(shared[0], full[0], atol=1e-6)
+    assert torch.allclose(shared[1], full[1], atol=1e-5)
+    for a, b in zip(shared[2], full[2], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
