@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 PACKED_ATTENTION = "sdpa_per_sequence"
+PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # trl's padding-free batch keys
 
 
 MIN_SHARED_PREFIX = 16  # tokens; a shorter common prefix saves too little to be worth the bookkeeping
@@ -44,8 +45,8 @@ def sdpa_per_sequence(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     forward + backward). Each sequence on its own with `is_causal` gives the same result from the diagonal
     blocks only (5.5 ms; in fp32, because this CPU kernel is slower in bf16): fine-tuning SmolLM2 on 2 cores
     went from 240 to 268 tokens/s. Batches without `cu_seq_lens_q` (generation, padded batches) go to the
-    usual SDPA unchanged. Inside `shared_prefix_forward` the first piece is the prefix the sequences share, and
-    every later piece attends to its keys and values first.
+    usual SDPA unchanged. Inside `shared_prefix_forward` the pieces are those it cut (`_shared`): each shared
+    prefix, then every sequence's rest, which attends to its prefix's keys and values first.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -53,7 +54,7 @@ def sdpa_per_sequence(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     bounds = kwargs.get("cu_seq_lens_q")
     if shared is None and (bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    for packing_key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids", "is_causal"):
+    for packing_key in (*PACKING_KEYS, "position_ids", "is_causal"):
         kwargs.pop(packing_key, None)
     edges = shared if shared is not None else bounds.tolist() if bounds is not None else []
     after = _shared.after if shared is not None else [None] * (len(edges) - 1)
@@ -113,9 +114,8 @@ def _shared_prefixes(ids: torch.Tensor, edges: list[int]) -> list[tuple[int, int
     return [(lead, n if n >= MIN_SHARED_PREFIX else 0) for lead, n in plan]
 
 
-def _shared_length(ids: torch.Tensor, edges: list[int]) -> int:
-    """How many packed tokens running each shared prefix once saves (0: nothing to share)."""
-    plan = _shared_prefixes(ids, edges) if len(edges) > 2 else []
+def _saved_tokens(plan: list[tuple[int, int]]) -> int:
+    """How many packed tokens running each shared prefix of `_shared_prefixes`' plan once saves."""
     return sum(n for i, (lead, n) in enumerate(plan) if lead != i)
 
 
@@ -127,10 +127,10 @@ def _checkpointing(decoder: torch.nn.Module) -> bool:
 
 
 def _forward_sharing(original: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, edges: list[int],
-                     kwargs: dict[str, Any]) -> torch.Tensor:
-    """The decoder's hidden states for a packed batch in which groups of sequences start with the same tokens: one
-    forward over each group's prefix once followed by every sequence's rest, spread back to the batch's layout."""
-    plan = _shared_prefixes(input_ids[0], edges)
+                     plan: list[tuple[int, int]], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The decoder's hidden states for a packed batch in which groups of sequences start with the same tokens
+    (`plan`): one forward over each group's prefix once followed by every sequence's rest, spread back to the
+    batch's layout."""
     device = input_ids.device
     leaders = sorted({lead for lead, n in plan if n})
     pieces = [(edges[lead], edges[lead] + plan[lead][1]) for lead in leaders]
@@ -164,7 +164,8 @@ def shared_prefix_forward(decoder: torch.nn.Module) -> Any:
     positions), so the hidden states spread back to the batch's layout are the ones a full forward gives, and the
     prefix's gradients add up as they would over its copies. Anything else (no `cu_seq_lens_q`, a
     cache, hidden states or attentions asked for, gradient checkpointing, whose recomputation would run outside
-    this forward) takes the decoder's own forward. Demo rows, SmolLM2, 2 cores: 2.1x the tokens/s, same losses.
+    this forward) takes the decoder's own forward. Demo rows, SmolLM2, 2 cores: 2.26x the tokens/s (`make bench`'s
+    demo section), same losses.
     """
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -173,18 +174,18 @@ def shared_prefix_forward(decoder: torch.nn.Module) -> Any:
     def forward(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         bounds = kwargs.get("cu_seq_lens_q")
-        plain = (bounds is None or input_ids is None or position_ids is None or input_ids.shape[0] != 1
-                 or attention_mask is not None or kwargs.get("use_cache") or kwargs.get("cache") is not None
-                 or kwargs.get("past_key_values") is not None or kwargs.get("output_hidden_states")
-                 or kwargs.get("output_attentions") or _checkpointing(decoder))
-        if not plain and input_ids is not None and position_ids is not None and bounds is not None:
-            edges = bounds.tolist()
-            if _shared_length(input_ids[0], edges):
-                rest = {k: v for k, v in kwargs.items() if k not in (
-                    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "use_cache")}
-                hidden = _forward_sharing(original, input_ids, position_ids, edges, rest)
-                return BaseModelOutputWithPast(last_hidden_state=hidden)
-        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        if (bounds is None or input_ids is None or position_ids is None or input_ids.shape[0] != 1
+                or attention_mask is not None or kwargs.get("use_cache") or kwargs.get("cache") is not None
+                or kwargs.get("past_key_values") is not None or kwargs.get("output_hidden_states")
+                or kwargs.get("output_attentions") or _checkpointing(decoder)):
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        edges = bounds.tolist()
+        plan = _shared_prefixes(input_ids[0], edges)
+        if not _saved_tokens(plan):
+            return original(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        rest = {k: v for k, v in kwargs.items() if k not in (*PACKING_KEYS, "use_cache")}
+        hidden = _forward_sharing(original, input_ids, position_ids, edges, plan, rest)
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
 
     return forward
 

@@ -136,47 +136,62 @@ def _shared_prefix_batch(vocab_size: int, prefix: int, tails: tuple[int, ...]) -
     return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
 
 
-def test_shared_prefix_runs_once_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
-    """Packed rows that begin alike (system prompt + tool schemas): the prefix runs once, nothing else changes."""
+def _lora_model(tiny_model_dir):
+    """The tiny model with a LoRA adapter whose B is non-zero (a fresh one is zero and would not take part)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from huggingface_model import packed_attention, shared_prefix
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
     for name, param in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)  # a fresh adapter's B is zero: make it take part
+            torch.nn.init.normal_(param, std=0.05)
     model.train()
-    batch = _shared_prefix_batch(model.config.vocab_size, prefix=40, tails=(7, 12, 1))  # 1: a one-token tail
+    return model
 
-    def loss_and_grads():
-        model.zero_grad()
-        out = model(**batch, use_cache=False)
-        out.loss.backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        return out.loss.detach(), out.logits.detach(), grads
 
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, *a, **kw: calls.append(k.shape[2]) or sdpa(q, k, *a, **kw))
-    layers = model.config.num_hidden_layers
-    base = model.base_model.model
-    with packed_attention(base, padding_free=True):
-        with shared_prefix(base):
-            shared = loss_and_grads()
-        assert calls == [40, 47, 52, 41] * layers  # per layer: the prefix once, then each rest after its keys
-        assert "forward" not in base.get_decoder().__dict__  # restored
-        calls.clear()
-        full = loss_and_grads()  # every packed sequence whole, one call each
-    assert calls == [47, 52, 41] * layers
+def _loss_logits_grads(model, batch: dict) -> tuple:
+    model.zero_grad()
+    out = model(**batch, use_cache=False)
+    out.loss.backward()
+    return out.loss.detach(), out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _assert_same(shared: tuple, full: tuple) -> None:
     assert torch.allclose(shared[0], full[0], atol=1e-6)
     assert torch.allclose(shared[1], full[1], atol=1e-5)
     assert len(shared[2]) == len(full[2]) > 0
     for a, b in zip(shared[2], full[2], strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def _key_lengths(monkeypatch) -> list[int]:
+    """The key length of every SDPA call from now on."""
+    calls: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: calls.append(k.shape[2]) or sdpa(q, k, *a, **kw))
+    return calls
+
+
+def test_shared_prefix_runs_once_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """Packed rows that begin alike (system prompt + tool schemas): the prefix runs once, nothing else changes."""
+    from huggingface_model import packed_attention, shared_prefix
+
+    model = _lora_model(tiny_model_dir)
+    batch = _shared_prefix_batch(model.config.vocab_size, prefix=40, tails=(7, 12, 1))  # 1: a one-token tail
+    calls = _key_lengths(monkeypatch)
+    layers = model.config.num_hidden_layers
+    base = model.base_model.model
+    with packed_attention(base, padding_free=True):
+        with shared_prefix(base):
+            shared = _loss_logits_grads(model, batch)
+        assert calls == [40, 47, 52, 41] * layers  # per layer: the prefix once, then each rest after its keys
+        assert "forward" not in base.get_decoder().__dict__  # restored
+        calls.clear()
+        full = _loss_logits_grads(model, batch)  # every packed sequence whole, one call each
+    assert calls == [47, 52, 41] * layers
+    _assert_same(shared, full)
 
 
 def test_shared_prefix_leaves_other_batches_to_the_decoder(tiny_model_dir, monkeypatch):
@@ -186,10 +201,7 @@ def test_shared_prefix_leaves_other_batches_to_the_decoder(tiny_model_dir, monke
     from huggingface_model import packed_attention, shared_prefix
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, *a, **kw: calls.append(k.shape[2]) or sdpa(q, k, *a, **kw))
+    calls = _key_lengths(monkeypatch)
     layers = model.config.num_hidden_layers
     with packed_attention(model, padding_free=True), shared_prefix(model), torch.no_grad():
         for prefix in (0, 8):  # nothing shared; less than MIN_SHARED_PREFIX tokens
@@ -213,10 +225,10 @@ def test_fine_tune_runs_the_shared_prefix_once_with_the_same_losses(tiny_model_d
 
     system = "You are Ember, the friendly assistant of this project. Answer briefly and name yourself."
     data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(12))
-    found = []  # (sequences in the packed batch, tokens they share) per forward
-    measure = speedups._shared_length
-    monkeypatch.setattr(speedups, "_shared_length",
-                        lambda ids, edges: found.append((len(edges) - 1, measure(ids, edges))) or found[-1][1])
+    found = []  # (sequences in the packed batch, tokens sharing saves) per forward
+    plan_of = speedups._shared_prefixes
+    monkeypatch.setattr(speedups, "_shared_prefixes", lambda ids, edges: found.append(
+        (len(edges) - 1, speedups._saved_tokens(plan_of(ids, edges)))) or plan_of(ids, edges))
 
     def losses(folder: str) -> list[float]:
         config = fast_config(tmp_path / folder, max_steps=4, bf16=False)
@@ -236,18 +248,11 @@ def test_fine_tune_runs_the_shared_prefix_once_with_the_same_losses(tiny_model_d
 def test_groups_of_rows_with_different_prefixes_each_run_theirs_once(tiny_model_dir, monkeypatch):
     """Two agents' rows in one batch (two system prompts), plus one row alike neither and a short row whose start is
     another group's: each group's prefix runs once, with the full forward's losses and gradients."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from huggingface_model import packed_attention, shared_prefix
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    model.train()
+    model = _lora_model(tiny_model_dir)
     torch.manual_seed(2)
     vocab = model.config.vocab_size
 
@@ -259,28 +264,15 @@ def test_groups_of_rows_with_different_prefixes_each_run_theirs_once(tiny_model_
     examples = [ember + tokens(6), critic + tokens(9), tokens(12), ember + tokens(4), critic + tokens(3), short]
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
         [{"input_ids": ids} for ids in examples])
-
-    def loss_and_grads():
-        model.zero_grad()
-        out = model(**batch, use_cache=False)
-        out.loss.backward()
-        return out.loss.detach(), out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, *a, **kw: calls.append(k.shape[2]) or sdpa(q, k, *a, **kw))
+    calls = _key_lengths(monkeypatch)
     layers = model.config.num_hidden_layers
     base = model.base_model.model
     with packed_attention(base, padding_free=True):
         with shared_prefix(base):
-            shared = loss_and_grads()
+            shared = _loss_logits_grads(model, batch)
         # Ember's group shares 19 tokens (its shortest member has 20), Critic's 25; the odd row runs alone.
         assert calls == [19, 25, 36, 34, 12, 34, 28, 20] * layers
         calls.clear()
-        full = loss_and_grads()
+        full = _loss_logits_grads(model, batch)
     assert calls == [36, 34, 12, 34, 28, 20] * layers
-    assert torch.allclose(shared[0], full[0], atol=1e-6)
-    assert torch.allclose(shared[1], full[1], atol=1e-5)
-    for a, b in zip(shared[2], full[2], strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+    _assert_same(shared, full)
