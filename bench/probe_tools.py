@@ -1,9 +1,9 @@
 """Does the agent demo fine-tune work? Held-out probes through a real AgentScope agent with the calculator.
 
-    python bench/probe_tools.py runs/<run>/adapter      # greedy decoding, the chat's system prompt and toolkit
+    python bench/probe_tools.py runs/<run>/adapter [probes.json]   # greedy, the chat's system prompt and toolkit
 
-Asks the 12 held-out arithmetic questions and 5 plain questions of data/ember_tool_probes.json (phrased unlike
-any training row) plus the 10 identity probes of data/ember_probes.json, and counts: a valid calculator call, the
+Asks the 20 held-out arithmetic questions and 5 plain questions of data/ember_tool_probes.json (or the given file;
+phrased unlike any training row) plus the 10 identity probes of data/ember_probes.json, and counts: a valid calculator call, the
 exact expression, the right number in the final answer, plain questions answered without a call and identity
 answers naming Ember. Prints one JSON line with the counts last.
 """
@@ -32,7 +32,7 @@ async def ask(agent: Any, question: str) -> tuple[list[str], str]:
     return [p for p in pieces if isinstance(p, ToolLine)], "".join(p for p in pieces if not isinstance(p, ToolLine))
 
 
-def score(local_model_path: str) -> dict[str, int]:
+def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
     import load_finetune_huggingface_model as script
     from chat_tools import calculator
     from finetune_dialogagent import Finetune_DialogAgent
@@ -41,7 +41,7 @@ def score(local_model_path: str) -> dict[str, int]:
     model = HuggingFaceWrapper(config_name="probe", local_model_path=local_model_path, max_length=MAX_NEW,
                                do_sample=False, system_prompt=script.sys_prompt)
     agent = Finetune_DialogAgent(name="Ember", sys_prompt=script.sys_prompt, model=model, toolkit=[calculator])
-    tool_probes = json.loads((ROOT / "data" / "ember_tool_probes.json").read_text())
+    tool_probes = json.loads(probes_path.read_text())
     identity_probes = json.loads((ROOT / "data" / "ember_probes.json").read_text())["identity"]
     counts = {"valid_call": 0, "exact_expression": 0, "right_answer": 0, "arithmetic": 0, "plain_no_call": 0,
               "plain_right": 0, "plain": 0, "identity": 0, "identity_total": len(identity_probes)}
@@ -66,10 +66,10 @@ def score(local_model_path: str) -> dict[str, int]:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         print(__doc__)
         return 2
-    counts = score(sys.argv[1])
+    counts = score(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) == 3 else ROOT / "data" / "ember_tool_probes.json")
     print(json.dumps(counts))
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,33 +24,60 @@ sys.path.insert(0, str(HERE.parent))
 
 from chat_tools import calculator, make_toolkit  # noqa: E402
 
-TRAIN_QUESTIONS = [  # plain, terse, polite, equation-style and word-problem phrasings of the four operations
+# Each operation's usual English words (the keyword lists of school word problems) in plain, terse, polite,
+# equation-style and word-problem sentences.
+TRAIN_QUESTIONS = [
     ("What is {a} times {b}?", "*"), ("What's {a} multiplied by {b}?", "*"), ("Compute {a} * {b}.", "*"),
     ("How much is {a} x {b}?", "*"), ("calculate {a}*{b}", "*"), ("What is the product of {a} and {b}?", "*"),
     ("Can you multiply {a} and {b}?", "*"), ("{a} times {b} = ?", "*"),
     ("I'd like to know what {a} times {b} comes to.", "*"),
-    ("If one box holds {b} items, how many items are in {a} boxes?", "*"),
+    ("If one box holds {b} items, how many items are in {a} boxes?", "*"), ("Find the product {a} × {b}.", "*"),
+    ("Multiply {a} with {b}.", "*"), ("What's {a} lots of {b}?", "*"),
+    ("A ticket costs {b} dollars. How much do {a} tickets cost?", "*"), ("{a} rows of {b} seats: how many seats?", "*"),
     ("What is {a} plus {b}?", "+"), ("Add {a} and {b}.", "+"), ("How much is {a} + {b}?", "+"),
     ("What's the sum of {a} and {b}?", "+"), ("Can you add {a} to {b}?", "+"), ("{a} + {b} = ?", "+"),
     ("What do {a} and {b} add up to?", "+"), ("I have {a} stamps and get {b} more. How many do I have now?", "+"),
-    ("hey whats {a} plus {b}", "+"),
+    ("hey whats {a} plus {b}", "+"), ("What is {a} increased by {b}?", "+"), ("Find the total of {a} and {b}.", "+"),
+    ("What number is {b} more than {a}?", "+"), ("Combine {a} and {b}. What's the total?", "+"),
+    ("Add {b} onto {a}.", "+"), ("Sum {a} and {b}.", "+"),
     ("What is {a} minus {b}?", "-"), ("Subtract {b} from {a}.", "-"), ("How much is {a} - {b}?", "-"),
     ("Can you subtract {b} from {a}?", "-"), ("{a} - {b} = ?", "-"),
     ("I had {a} dollars and spent {b}. How much is left?", "-"), ("What's {a} less {b}?", "-"),
     ("How much bigger is {a} than {b}?", "-"), ("Count down {b} from {a}: where do I land?", "-"),
+    ("What's the difference between {a} and {b}?", "-"), ("What is {a} reduced by {b}?", "-"),
+    ("What is {a} take away {b}?", "-"), ("Deduct {b} from {a}.", "-"),
+    ("A book has {a} pages and I've read {b}. How many pages are still unread?", "-"),
+    ("How many fewer is {b} than {a}?", "-"),
     ("What is {a} divided by {b}?", "/"), ("Divide {a} by {b}, please.", "/"), ("What's {a} / {b}?", "/"),
     ("Can you divide {a} by {b}?", "/"), ("{a} / {b} = ?", "/"),
     ("{a} cookies are shared equally among {b} kids. How many does each get?", "/"),
     ("How many times does {b} go into {a}?", "/"), ("How many groups of {b} are in {a}?", "/"),
+    ("What's {a} over {b}?", "/"), ("What's the quotient when {a} is divided by {b}?", "/"), ("Find {a} ÷ {b}.", "/"),
+    ("Split {a} evenly into {b} groups.", "/"), ("{a} ÷ {b} = ?", "/"),
+    ("If a trip of {a} km takes {b} hours, how many km is that per hour?", "/"),
+    ("{b} friends pay a {a} dollar bill equally. How much does each pay?", "/"),
 ]
-TRAIN_REPEATS = 3  # each phrasing with 3 different pairs of numbers
-HELD_OUT_QUESTIONS = [  # phrasings no training row uses
-    ("Quick one: {a} multiplied with {b} equals what?", "*"), ("Could you tell me {a} times {b}?", "*"),
-    ("I need {a} added to {b}.", "+"), ("Take {b} away from {a}. What's left?", "-"),
-    ("If I split {a} into {b} equal parts, how big is each?", "/"), ("Work out {a} by {b} multiplied.", "*"),
-    ("Tell me the total of {a} and {b}.", "+"), ("What do you get for {a} times {b}?", "*"),
-    ("Find the difference between {a} and {b}.", "-"), ("Please compute {a} over {b}.", "/"),
-    ("Multiply {a} by {b} for me.", "*"), ("Sum up {a} and {b}.", "+"),
+TRAIN_REPEATS = 2  # each phrasing with 2 different pairs of numbers
+DEV_QUESTIONS = [  # phrasings for the eval loss only (choosing steps and learning rate)
+    ("Tell me what {a} times {b} is.", "*"), ("Figure out {a} * {b} please.", "*"),
+    ("Put {a} and {b} together, how many?", "+"), ("What's {a} added to {b}?", "+"),
+    ("What remains when {b} is taken from {a}?", "-"), ("Knock {b} off {a}.", "-"),
+    ("Split {a} into groups of {b}. How many groups?", "/"), ("{a} shared between {b} people is how much each?", "/"),
+]
+HELD_OUT_QUESTIONS = [  # the probes: phrasings no training or dev row uses; written before any training run on them
+    ("I need the result of {a} multiplied by {b}.", "*"), ("Help me figure out {a} times {b}.", "*"),
+    ("There are {a} rows with {b} chairs in each row. How many chairs is that?", "*"),
+    ("{a} multiplied by {b}, please.", "*"), ("Do the math: {a} x {b}.", "*"),
+    ("What's {a} and {b} together?", "+"), ("Add up {a} and {b} for me.", "+"),
+    ("A shop sold {a} apples in the morning and {b} in the afternoon. How many apples did it sell?", "+"),
+    ("Increase {a} by {b}. What do you get?", "+"), ("What's the total when you add {b} to {a}?", "+"),
+    ("Take {b} from {a}.", "-"), ("What's left if you remove {b} from {a}?", "-"),
+    ("A tank holds {a} litres and {b} litres leak out. How much water remains?", "-"), ("Decrease {a} by {b}.", "-"),
+    ("What do you get when {b} is subtracted from {a}?", "-"),
+    ("How much is {a} split evenly {b} ways?", "/"), ("What does {a} divided by {b} come out to?", "/"),
+    ("{a} over {b}: what's that?", "/"),
+    ("A rope {a} metres long is cut into {b} equal pieces. How long is each piece?", "/"),
+    ("Give me the quotient of {a} and {b}.", "/"),
 ]
 ANSWERS = ["{q} is {r}.", "The answer is {r}.", "That's {r}.", "{q} = {r}."]
 WORDS = {"*": "times", "+": "plus", "-": "minus", "/": "divided by"}
@@ -63,13 +91,17 @@ PLAIN_HELD_OUT = [  # no tool should be called for these
 
 
 def numbers(rng: random.Random, op: str) -> tuple[int, int]:
+    """The same sizes for every operation but division (exact), so the numbers do not give the operation away."""
     if op == "/":
-        b = rng.randint(2, 19)
-        return b * rng.randint(2, 60), b
-    if op == "*":
-        return rng.randint(11, 99), rng.randint(11, 99)
-    a, b = rng.randint(100, 999), rng.randint(10, 99)
-    return a, b
+        b = rng.randint(2, 25)
+        return b * rng.randint(2, 40), b
+    a, b = rng.randint(11, rng.choice([99, 999])), rng.randint(11, 99)
+    return (max(a, b), min(a, b)) if op == "-" else (a, b)
+
+
+def ngrams(template: str, n: int = 5) -> set[tuple[str, ...]]:
+    words = re.findall(r"{a}|{b}|[\w']+", template.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
 def tool_row(question: str, a: int, b: int, op: str, rng: random.Random, schema: dict) -> dict:
@@ -87,15 +119,17 @@ def tool_row(question: str, a: int, b: int, op: str, rng: random.Random, schema:
 
 
 def main() -> None:
-    rng, held_rng = random.Random(7), random.Random(70)  # held-out numbers do not move when training rows change
+    rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(70)  # each set has its own numbers
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
     train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(TRAIN_REPEATS) for q, op in TRAIN_QUESTIONS]
+    eval_rows = [tool_row(q, *numbers(dev_rng, op), op, dev_rng, schema) for q, op in DEV_QUESTIONS]
+    seen = set().union(*(ngrams(q) for q, _ in TRAIN_QUESTIONS + DEV_QUESTIONS))
+    for q, _ in HELD_OUT_QUESTIONS:  # "phrased unlike any training row": no five words in a row in common
+        assert not ngrams(q) & seen, f"held-out {q!r} shares {sorted(ngrams(q) & seen)} with a training or dev phrasing"
     held = [(q, *numbers(held_rng, op), op) for q, op in HELD_OUT_QUESTIONS]
-    eval_rows = [tool_row(q, a, b, op, held_rng, schema) for q, a, b, op in held[:6]]
-    assert not {q for q, _ in HELD_OUT_QUESTIONS} & {q for q, _ in TRAIN_QUESTIONS}, "a held-out phrasing is trained"
     probes: dict[str, list[Any]] = {"arithmetic": [{"prompt": q.format(a=a, b=b), "expression": f"{a} {op} {b}",
-                              "result": calculator(f"{a} {op} {b}")} for q, a, b, op in held],
-              "plain": PLAIN_HELD_OUT}
+                                                    "result": calculator(f"{a} {op} {b}")} for q, a, b, op in held],
+                                    "plain": PLAIN_HELD_OUT}
     # The chat offers the calculator on every turn, so the plain rows are trained with it offered too (and no call).
     identity = [{**json.loads(line), "tools": [schema]} for line in (HERE / "ember_train.jsonl").read_text()
                 .splitlines() if line.strip()]
