@@ -2,9 +2,10 @@
 
     python bench/probe_tools.py runs/<run>/adapter [probes.json]   # greedy, the chat's system prompt and toolkit
 
-Asks the 20 held-out arithmetic questions and 5 plain questions of data/ember_tool_probes.json (or the given file;
-phrased unlike any training row) plus the 10 identity probes of data/ember_probes.json, and counts: a valid calculator call, the
-exact expression, the right number in the final answer, plain questions answered without a call and identity
+Asks the 20 held-out arithmetic questions and 5 plain questions of data/ember_tool_probes.json (or the given
+file; phrased unlike any training row) plus the 10 identity probes of data/ember_probes.json, and counts: a valid
+calculator call, the exact expression, a call that computes the right number, that number in the final answer after
+such a call ("right through the tool"), plain questions answered without a call (nor call-shaped text) and identity
 answers naming Ember. Prints one JSON line with the counts last.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MAX_NEW = 64
+CALL_TEXT = re.compile(r'<tool_call>|"arguments"\s*:')  # a call attempt that was not parsed is still an attempt
+
+
+def says(text: str, number: str) -> bool:
+    """`number` appears in `text` as a whole number: not part of a longer one, not negated ("-16" is not "16");
+    thousands separators are allowed ("1,246")."""
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
+    return re.search(rf"(?<![\d.\-]){re.escape(number)}(?![\d]|\.\d)", text) is not None
 
 
 async def ask(agent: Any, question: str) -> tuple[list[str], str]:
@@ -43,19 +53,21 @@ def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
     agent = Finetune_DialogAgent(name="Ember", sys_prompt=script.sys_prompt, model=model, toolkit=[calculator])
     tool_probes = json.loads(probes_path.read_text())
     identity_probes = json.loads((ROOT / "data" / "ember_probes.json").read_text())["identity"]
-    counts = {"valid_call": 0, "exact_expression": 0, "right_answer": 0, "arithmetic": 0, "plain_no_call": 0,
+    counts = {"valid_call": 0, "exact_expression": 0, "right_call": 0, "right_answer": 0, "arithmetic": 0, "plain_no_call": 0,
               "plain_right": 0, "plain": 0, "identity": 0, "identity_total": len(identity_probes)}
     for item in tool_probes["arithmetic"]:
         lines, text = asyncio.run(ask(agent, item["prompt"]))
         counts["arithmetic"] += 1
         counts["valid_call"] += any(line.startswith("-> calculator(") for line in lines)
         counts["exact_expression"] += any(f'"{item["expression"]}"' in line for line in lines)
-        counts["right_answer"] += item["result"] in text
+        right_call = any(line.endswith(f" = {item['result']}") for line in lines)
+        counts["right_call"] += right_call
+        counts["right_answer"] += right_call and says(text, item["result"])
         print(f"  arithmetic | {item['prompt']} | {' '.join(lines)} | {text}")
     for item in tool_probes["plain"]:
         lines, text = asyncio.run(ask(agent, item["prompt"]))
         counts["plain"] += 1
-        counts["plain_no_call"] += not lines
+        counts["plain_no_call"] += not lines and not CALL_TEXT.search(text)
         counts["plain_right"] += any(w in text.lower() for w in item["expect_any"])
         print(f"  plain      | {item['prompt']} | {' '.join(lines)} | {text}")
     for question in identity_probes:

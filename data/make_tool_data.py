@@ -4,7 +4,8 @@ phrasings, plus held-out questions phrased unlike any training row. Deterministi
     python data/make_tool_data.py
 
 Writes data/ember_tools_train.jsonl (tool rows), data/ember_agent_train.jsonl (the start-up demo: the identity rows
-of ember_train.jsonl plus the tool rows), data/ember_agent_eval.jsonl and data/ember_tool_probes.json.
+of ember_train.jsonl plus the tool rows), data/ember_agent_eval.jsonl, data/ember_tool_probes.json (the held-out
+probes) and data/ember_tool_dev_probes.json (24 questions in the dev phrasings).
 The tool schema is the one the chat's Toolkit sends for `chat_tools.calculator`, so training sees exactly the
 tools the chat offers.
 """
@@ -17,7 +18,6 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -127,9 +127,11 @@ def main() -> None:
     for q, _ in HELD_OUT_QUESTIONS:  # "phrased unlike any training row": no five words in a row in common
         assert not ngrams(q) & seen, f"held-out {q!r} shares {sorted(ngrams(q) & seen)} with a training or dev phrasing"
     held = [(q, *numbers(held_rng, op), op) for q, op in HELD_OUT_QUESTIONS]
-    probes: dict[str, list[Any]] = {"arithmetic": [{"prompt": q.format(a=a, b=b), "expression": f"{a} {op} {b}",
-                                                    "result": calculator(f"{a} {op} {b}")} for q, a, b, op in held],
-                                    "plain": PLAIN_HELD_OUT}
+    dev_probe_rng = random.Random(72)  # dev probes: generated answers on the dev phrasings, also for choosing settings
+    dev = [(q, *numbers(dev_probe_rng, op), op) for _ in range(3) for q, op in DEV_QUESTIONS]
+    probes, dev_probes = ({"arithmetic": [{"prompt": q.format(a=a, b=b), "expression": f"{a} {op} {b}",
+                                           "result": calculator(f"{a} {op} {b}")} for q, a, b, op in questions],
+                           "plain": plain} for questions, plain in ((held, PLAIN_HELD_OUT), (dev, [])))
     # The chat offers the calculator on every turn, so the plain rows are trained with it offered too (and no call).
     identity = [{**json.loads(line), "tools": [schema]} for line in (HERE / "ember_train.jsonl").read_text()
                 .splitlines() if line.strip()]
@@ -142,9 +144,10 @@ def main() -> None:
     write("ember_tools_train.jsonl", train)
     write("ember_agent_train.jsonl", identity + train)
     write("ember_agent_eval.jsonl", identity_eval + eval_rows)
-    (HERE / "ember_tool_probes.json").write_text(json.dumps(probes, indent=2, ensure_ascii=False) + "\n")
+    for name, content in (("ember_tool_probes.json", probes), ("ember_tool_dev_probes.json", dev_probes)):
+        (HERE / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
     print(f"{len(train)} tool rows, {len(identity)} identity rows, {len(identity_eval) + len(eval_rows)} eval rows, "
-          f"{len(probes['arithmetic'])} held-out arithmetic probes")
+          f"{len(held)} held-out arithmetic probes, {len(dev)} dev probes")
 
 
 if __name__ == "__main__":
