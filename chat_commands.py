@@ -234,7 +234,13 @@ class ChatSession(TeachingCommands):
             self.out.flush()
         self.out.write((shown.flush() if started else prefix) + "\n")
         self.out.flush()
-        if self.session_log:
+        if getattr(self.assistant, "reply_cut", False):
+            limit = self.assistant.model.parameters.max_length
+            kept = " It is not saved to the session log: training on it would teach replies that stop mid-sentence." \
+                if self.session_log else ""
+            self.print(f"[yellow](reply cut at max_length = {limit} new tokens; raise max_length in model_configs for "
+                       f"longer replies.{kept})[/]")
+        elif self.session_log:
             await self.session_log.record(self.assistant.sys_prompt, context[before:],
                                           await self._tool_schemas_async())
         return "".join(pieces)

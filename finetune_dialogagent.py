@@ -11,6 +11,7 @@ from typing import Any
 from agentscope.agent import Agent, ContextConfig, InjectionConfig, ModelConfig, ReActConfig
 from agentscope.event import (
     ConfirmResult,
+    ModelCallEndEvent,
     RequireUserConfirmEvent,
     TextBlockDeltaEvent,
     ToolCallDeltaEvent,
@@ -75,6 +76,7 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
             model_config=ModelConfig(max_retries=0),
         )
         self.sys_prompt = sys_prompt
+        self.reply_cut = False  # the last stream_reply: a model turn stopped at max_length, not at its own end
 
     @property
     def sys_prompt(self) -> str:
@@ -127,8 +129,11 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
                            ) -> AsyncIterator[str]:
         """Reply to `msg`, yielding text pieces as they are generated, and a `ToolLine` for each tool call once its
         result is in. A tool that needs permission is run only if `confirm(call)` says yes (no `confirm`: refused).
+        Afterwards `reply_cut` says whether a model turn was cut at the model's `max_length` new tokens.
         """
         inputs: Any = msg
+        self.reply_cut = False
+        limit = getattr(getattr(self.model, "parameters", None), "max_length", None)
         calls: dict[str, dict[str, str]] = {}  # by call id: name, arguments, result (a confirmation may come between)
         while inputs is not None:
             current, inputs, pending = inputs, None, None
@@ -145,6 +150,8 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
                     yield ToolLine.of(calls.pop(event.tool_call_id))
                 elif isinstance(event, RequireUserConfirmEvent):
                     pending = event
+                elif isinstance(event, ModelCallEndEvent) and limit and event.output_tokens >= limit:
+                    self.reply_cut = True
             if pending is not None:
                 answers = [ConfirmResult(confirmed=bool(confirm and await asyncio.to_thread(confirm, call)),
                                          tool_call=call) for call in pending.tool_calls]

@@ -7,7 +7,8 @@ OpenAI `messages` form with a `tools` column when tools were offered:
                   {"role": "tool", "name": "calculator", "content": "8827"}, {"role": "assistant", ...}],
      "tools": [{"type": "function", "function": {...}}]}
 
-`/finetune runs/session-<stamp>-<id>.jsonl` trains on it as it is. The file is created exclusively with a unique id
+`/finetune runs/session-<stamp>-<id>.jsonl` trains on it as it is. The chat leaves out an exchange whose reply was cut
+at `max_length` (it would teach replies that stop mid-sentence). The file is created exclusively with a unique id
 (two chats started in the same second never share one) and appended line by line (a crash loses at most the
 exchange in progress).
 """

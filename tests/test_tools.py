@@ -55,7 +55,7 @@ def tool_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def agent(tool_model_dir):
-    wrapper = make_wrapper(tool_model_dir, max_length=64, do_sample=False)
+    wrapper = make_wrapper(tool_model_dir, max_length=256, do_sample=False)  # a call is ~80 byte-level tokens
     return Finetune_DialogAgent(name="Ember", sys_prompt="You are Ember.", model=wrapper, toolkit=[calculator])
 
 
@@ -127,7 +127,7 @@ def test_a_tool_that_needs_permission_asks_and_a_refusal_is_respected(tool_model
         ran.append(text)
         return text.upper()
 
-    wrapper = make_wrapper(tool_model_dir, max_length=64, do_sample=False)
+    wrapper = make_wrapper(tool_model_dir, max_length=256, do_sample=False)
     agent = Finetune_DialogAgent(name="Ember", sys_prompt="You are Ember.", model=wrapper, toolkit=[shout])
     call = '<tool_call>\n{"name": "shout", "arguments": {"text": "hi"}}\n</tool_call>'
     asked = []
@@ -303,7 +303,7 @@ def test_a_session_log_round_trips_into_fine_tune(agent, tmp_path):
 # ------------------------------------------------------------------------------------------ in the chat
 
 
-def tool_chat(tool_model_dir, tmp_path, lines, replies, session_log=True):
+def tool_chat(tool_model_dir, tmp_path, lines, replies, session_log=True, max_length=256):
     import io
 
     from rich.console import Console
@@ -311,7 +311,7 @@ def tool_chat(tool_model_dir, tmp_path, lines, replies, session_log=True):
     from chat_commands import ChatSession
     from finetune_dialogagent import UserAgent
 
-    wrapper = make_wrapper(tool_model_dir, max_length=64, do_sample=False)
+    wrapper = make_wrapper(tool_model_dir, max_length=max_length, do_sample=False)
     scripted_generate(wrapper, replies, [])
     agent = Finetune_DialogAgent(name="Assistant", sys_prompt="You are Ember.", model=wrapper, toolkit=[calculator])
     feed = iter(lines)
@@ -336,6 +336,17 @@ def test_the_chat_shows_a_call_as_one_line_then_streams_the_reply_and_logs_the_s
     assert row["tools"][0]["function"]["name"] == "calculator"
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
     assert "= 8827" in console  # /history shows the call's result
+
+
+def test_a_reply_cut_at_max_length_is_flagged_and_kept_out_of_the_session_log(tool_model_dir, tmp_path):
+    long_reply = "Once upon a time there was a tiny model. " * 6  # over 128 tokens: stopped by the limit
+    session, out, console = tool_chat(tool_model_dir, tmp_path, ["Tell me a story.", "What is 97 times 91?", "exit"],
+                                      [long_reply, CALL, "8827."], max_length=128)
+    assert "Once upon a time" in out  # the user still sees what was generated
+    assert "reply cut at max_length = 128 new tokens" in console and "not saved to the session log" in console
+    rows = [json.loads(line) for line in session.session_log.path.read_text().splitlines()]
+    assert [r["messages"][1]["content"] for r in rows] == ["What is 97 times 91?"]  # the finished exchange only
+    assert not session.assistant.reply_cut
 
 
 def test_no_session_log_writes_nothing(tool_model_dir, tmp_path):
