@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, TextStreamer
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 
 from hfmodel.common import logger
 from hfmodel.loading import ModelHandle
@@ -39,6 +46,7 @@ class TransformersEngine:
         # Called under the generation lock right before generate(): agents sharing one base switch to their own
         # adapter there, so the switch and the reply are one step (see team.py).
         self.before_run = before_run
+        self._digits: tuple[Any, torch.Tensor] | None = None  # (tokenizer, its digit token ids), for the penalty
 
     # ------------------------------------------------------------------------------------ prompt
 
@@ -105,7 +113,17 @@ class TransformersEngine:
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         kwargs = self.generation_kwargs(parameters, **overrides)
         enc = self.encode(messages, kwargs["max_new_tokens"], tools)
-        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.handle.context_size - enc["input_ids"].shape[1])
+        n_in = int(enc["input_ids"].shape[1])
+        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self.handle.context_size - n_in)
+        # Our own repetition penalty (see ReplyRepetitionPenalty); 1.0 also turns off one in the generation_config.
+        penalty = kwargs.pop("repetition_penalty", None)
+        kwargs["repetition_penalty"] = 1.0
+        if penalty is not None and penalty != 1.0:
+            tokenizer = self.handle.tokenizer
+            if self._digits is None or self._digits[0] is not tokenizer:  # /load can bring another tokenizer
+                self._digits = (tokenizer, digit_tokens(tokenizer))
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [ReplyRepetitionPenalty(float(penalty), n_in, self._digits[1])])
         return enc, kwargs
 
     def _run(self, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], seed: int | None) -> torch.Tensor:
@@ -196,6 +214,33 @@ def create_engine(name: str, handle: ModelHandle) -> TransformersEngine:
 
         raise ModelLoadError(f"Unknown engine '{name}'. Available: {', '.join(ENGINES)}.")
     return ENGINES[name](handle)
+
+
+class ReplyRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
+    """transformers' repetition penalty, counting only the reply's own tokens and sparing digits.
+
+    transformers counts the prompt too, and the prompt holds what a reply has to copy: the question's numbers and
+    names, the tool results and the tool-call format. Digit tokens repeat inside any number ("6048" after "96 times
+    63"), so penalising them changes the number. Loops of words are still held back, which is what the penalty is for.
+    """
+
+    def __init__(self, penalty: float, prompt_length: int, spared: torch.Tensor) -> None:
+        super().__init__(penalty, prompt_ignore_length=prompt_length)
+        self.spared = spared
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        spared = self.spared.to(scores.device)
+        kept = scores[..., spared].clone()
+        out = super().__call__(input_ids, scores)
+        out[..., spared] = kept
+        return out
+
+
+def digit_tokens(tokenizer: Any) -> torch.Tensor:
+    """Ids of the tokens that are digits only (with or without a leading space marker)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([i for i, t in enumerate(pieces) if isinstance(t, str) and t.lstrip("Ġ▁ ").isdecimal()],
+                        dtype=torch.long)
 
 
 # =============================================================================================

@@ -79,6 +79,29 @@ def test_generation_settings_reach_generate(tiny_wrapper, monkeypatch):
     assert im_end in kwargs["eos_token_id"]
 
 
+def test_the_repetition_penalty_counts_the_reply_only_and_spares_digits(tiny_wrapper, monkeypatch):
+    """The prompt holds what a reply must copy (the question's numbers, tool results, the call format): only the
+    reply's own tokens are penalised, and digit tokens never (they repeat inside any number)."""
+    from hfmodel.generation import ReplyRepetitionPenalty, digit_tokens
+
+    penalty = ReplyRepetitionPenalty(2.0, prompt_length=4, spared=torch.tensor([3]))
+    scores = torch.full((1, 10), 2.0)
+    out = penalty(torch.tensor([[1, 2, 3, 5, 3, 6]]), scores.clone())  # prompt 1 2 3 5; reply so far 3 6
+    assert out[0, 6] == 1.0  # a token of the reply: penalised
+    assert out[0, 1] == 2.0 and out[0, 5] == 2.0  # tokens of the prompt only: not
+    assert out[0, 3] == 2.0  # a digit token in the reply: spared
+    tok = tiny_wrapper.tokenizer
+    digits = set(tok.convert_ids_to_tokens(digit_tokens(tok).tolist()))
+    assert set("0123456789") <= digits and not digits & {"a", "<|im_end|>"}
+
+    spy = GenerateSpy(tiny_wrapper, monkeypatch)
+    tiny_wrapper.generate(chat(), do_sample=False, max_new_tokens=3, repetition_penalty=1.3)
+    kwargs = spy.last["kwargs"]
+    assert kwargs["repetition_penalty"] == 1.0  # transformers' own (which counts the prompt) is off
+    [ours] = kwargs["logits_processor"]
+    assert ours.penalty == 1.3 and ours.prompt_ignore_length == spy.last["input_ids"].shape[1]
+
+
 def test_max_length_caps_new_tokens(tiny_wrapper, monkeypatch):
     spy = GenerateSpy(tiny_wrapper, monkeypatch)
     tiny_wrapper.generate(chat(), do_sample=False)
