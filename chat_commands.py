@@ -235,7 +235,7 @@ class ChatSession(TeachingCommands):
         self.out.write((shown.flush() if started else prefix) + "\n")
         self.out.flush()
         if getattr(self.assistant, "reply_cut", False):
-            limit = self.assistant.model.parameters.max_length
+            limit = getattr(self.assistant.model.parameters, "max_length", "?")
             kept = " It is not saved to the session log: training on it would teach replies that stop mid-sentence." \
                 if self.session_log else ""
             self.print(f"[yellow](reply cut at max_length = {limit} new tokens; raise max_length in model_configs for "

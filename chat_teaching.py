@@ -56,7 +56,7 @@ class Taught:
     answer: str
     rejected: str | None = None  # the reply /teach replaced (None: the reply was kept); DPO's rejected answer
     call: dict[str, Any] | None = None  # /teach call: the tool call to make instead ({"name", "arguments"})
-    tools: list[dict] | None = None  # the tool schemas offered when the call was taught
+    tools: list[dict] | None = None  # the tool schemas the agent offered when this was taught
 
 
 class TeachingCommands:
@@ -100,11 +100,11 @@ class TeachingCommands:
     @staticmethod
     def _taught_row(taught: Taught) -> dict[str, Any]:
         if taught.call is None:
-            return {"messages": [{"role": "user", "content": taught.prompt},
-                                 {"role": "assistant", "content": taught.answer}]}
-        call = {"type": "function", "function": taught.call}
-        return {"messages": [{"role": "user", "content": taught.prompt},
-                             {"role": "assistant", "content": "", "tool_calls": [call]}], "tools": taught.tools}
+            answer: dict[str, Any] = {"role": "assistant", "content": taught.answer}
+        else:
+            answer = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": taught.call}]}
+        row: dict[str, Any] = {"messages": [{"role": "user", "content": taught.prompt}, answer]}
+        return {**row, "tools": taught.tools} if taught.tools else row
 
     def cmd_teach(self, args: list[str]) -> None:
         if args[:1] == ["call"]:
@@ -125,7 +125,8 @@ class TeachingCommands:
             if reply_index is None:
                 raise CommandError("There is no reply to keep yet; give the better answer: /teach <answer>.")
             answer = context[reply_index].get_text_content() or ""
-        self.taught.append(Taught(prompt, answer, rejected))
+        # Trained as the chat renders it: with the tools the agent offers (none offered: none rendered).
+        self.taught.append(Taught(prompt, answer, rejected, tools=self._tool_schemas() or None))
         path = self._save_taught()
         self.print(f"Taught example {len(self.taught)}: [italic]{plain(prompt)}[/] -> "
                    f"[italic]{plain(answer)}[/] (saved to {plain(str(path))}; /train to learn it"

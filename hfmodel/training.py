@@ -22,7 +22,7 @@ import torch
 
 from chat_data import ChatDataset, Conversation, load_chat_dataset, with_system_prompt
 from hfmodel.adapters import AdapterSet
-from hfmodel.chat_format import MASK_SOURCES, MaskPlan
+from hfmodel.chat_format import MASK_SOURCES, MaskPlan, split_tools
 from hfmodel.common import (
     FineTuneError,
     FineTuneInterrupted,
@@ -363,11 +363,17 @@ def taught_mix(taught_path: Path, replay_path: str | None, min_repeats: int) -> 
     taught rows make up at least half of the mix (a few corrections are learned within one short run), plus the
     configured data replayed so the rest is not forgotten."""
     taught = [json.loads(line) for line in taught_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    replayed = [{"messages": r} for r in load_chat_dataset(replay_path).rows] if replay_path else []
+    replayed = [dataset_row(r) for r in load_chat_dataset(replay_path).rows] if replay_path else []
     repeats = max(min_repeats, -(-len(replayed) // len(taught)))
     mix = taught_path.with_name(taught_path.stem + "-train.jsonl")
     write_text_atomic(mix, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in taught * repeats + replayed))
     return mix
+
+
+def dataset_row(conversation: Conversation) -> dict[str, Any]:
+    """A loaded conversation as a `messages` row again, its tool schemas back in the `tools` column."""
+    messages, tools = split_tools(conversation)
+    return {"messages": messages, "tools": tools} if tools else {"messages": messages}
 
 
 def progress_callback(report: Progress | None, stop: threading.Event) -> Any:

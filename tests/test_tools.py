@@ -383,3 +383,29 @@ def test_report_probes_and_compare_answer_with_the_agents_tools(tool_model_dir, 
     assert answer == '-> calculator(expression="97 * 91") = 8827\n97 times 91 is 8827.'
     assert "calculator" in prompts[0] and "8827" in prompts[1]  # the tools were offered; the result came back
     assert session.assistant.state.context == [] and session.model.parameters.max_length == max_length
+
+
+def test_train_replays_tool_rows_with_their_tools_and_taught_answers_carry_the_offered_tools(tool_model_dir, tmp_path):
+    """/train's mix keeps every replayed row's `tools` (without them the tool rows were skipped and the model forgot
+    its calls), and a taught answer is trained with the tools the chat offered, as the chat renders it."""
+    from chat_data import load_chat_dataset
+    from hfmodel.chat_format import split_tools
+    from hfmodel.training import taught_mix
+
+    session, _, _ = tool_chat(tool_model_dir, tmp_path, ["Who are you?", "/teach I am Ember.", "exit"],
+                              ["I am a model."])
+    taught = json.loads(session.taught_path.read_text())
+    assert [t["function"]["name"] for t in taught["tools"]] == ["calculator"]
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "97 * 91"}}}
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"messages": [{"role": "user", "content": "What is 97 times 91?"},
+                      {"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "name": "calculator", "content": "8827"},
+                      {"role": "assistant", "content": "That's 8827."}], "tools": taught["tools"]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+         "tools": taught["tools"]}]))
+    mix = load_chat_dataset(str(taught_mix(session.taught_path, str(replay), 8)))
+    assert not mix.skipped and len(mix.rows) == 8 + 2
+    assert all(split_tools(row)[1] == taught["tools"] for row in mix.rows)
+    assert sum(any(m.get("tool_calls") for m in row) for row in mix.rows) == 1
