@@ -6,7 +6,8 @@ Asks the 20 held-out arithmetic questions and 5 plain questions of data/ember_to
 file; phrased unlike any training row) plus the 10 identity probes of data/ember_probes.json, and counts: a valid
 calculator call, the exact expression, a call that computes the right number, that number in the final answer after
 such a call ("right through the tool"), plain questions answered without a call (nor call-shaped text) and identity
-answers naming Ember. Prints one JSON line with the counts last.
+answers naming Ember. Then asks the arithmetic and plain questions again in ONE conversation, each after the
+earlier ones, as a chat goes (`conversation_*` counts). Prints one JSON line with the counts last.
 """
 
 from __future__ import annotations
@@ -32,14 +33,24 @@ def says(text: str, number: str) -> bool:
     return re.search(rf"(?<![\d.\-]){re.escape(number)}(?![\d]|\.\d)", text) is not None
 
 
-async def ask(agent: Any, question: str) -> tuple[list[str], str]:
+async def ask(agent: Any, question: str, fresh: bool = True) -> tuple[list[str], str]:
     from agentscope.message import UserMsg
 
     from finetune_dialogagent import ToolLine
 
-    agent.state.context.clear()
+    if fresh:
+        agent.state.context.clear()
     pieces = [p async for p in agent.stream_reply(UserMsg(name="User", content=question))]
     return [p for p in pieces if isinstance(p, ToolLine)], "".join(p for p in pieces if not isinstance(p, ToolLine))
+
+
+def judge(item: dict[str, str], lines: list[str], text: str) -> dict[str, bool]:
+    """One arithmetic probe's answer: a calculator call, the exact expression, a call that computes the right number,
+    and that number in the final answer after such a call ("right through the tool")."""
+    right_call = any(line.endswith(f" = {item['result']}") for line in lines)
+    return {"valid_call": any(line.startswith("-> calculator(") for line in lines),
+            "exact_expression": any(f'"{item["expression"]}"' in line for line in lines),
+            "right_call": right_call, "right_answer": right_call and says(text, item["result"])}
 
 
 def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
@@ -58,11 +69,8 @@ def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
     for item in tool_probes["arithmetic"]:
         lines, text = asyncio.run(ask(agent, item["prompt"]))
         counts["arithmetic"] += 1
-        counts["valid_call"] += any(line.startswith("-> calculator(") for line in lines)
-        counts["exact_expression"] += any(f'"{item["expression"]}"' in line for line in lines)
-        right_call = any(line.endswith(f" = {item['result']}") for line in lines)
-        counts["right_call"] += right_call
-        counts["right_answer"] += right_call and says(text, item["result"])
+        for key, ok in judge(item, lines, text).items():
+            counts[key] += ok
         print(f"  arithmetic | {item['prompt']} | {' '.join(lines)} | {text}")
     for item in tool_probes["plain"]:
         lines, text = asyncio.run(ask(agent, item["prompt"]))
@@ -74,6 +82,20 @@ def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
         lines, text = asyncio.run(ask(agent, question))
         counts["identity"] += "ember" in text.lower()
         print(f"  identity   | {question} | {' '.join(lines)} | {text}")
+    # The same questions in ONE conversation, as a chat goes: each after all the earlier ones (a plain question
+    # after every fourth arithmetic one).
+    agent.state.context.clear()
+    plain = iter(tool_probes["plain"])
+    counts.update(conversation_right_answer=0, conversation_plain_no_call=0, conversation_plain=0)
+    for i, item in enumerate(tool_probes["arithmetic"], 1):
+        lines, text = asyncio.run(ask(agent, item["prompt"], fresh=False))
+        counts["conversation_right_answer"] += judge(item, lines, text)["right_answer"]
+        print(f"  in chat    | {item['prompt']} | {' '.join(lines)} | {text}")
+        if i % 4 == 0 and (extra := next(plain, None)) is not None:
+            lines, text = asyncio.run(ask(agent, extra["prompt"], fresh=False))
+            counts["conversation_plain"] += 1
+            counts["conversation_plain_no_call"] += not lines and not CALL_TEXT.search(text)
+            print(f"  in chat    | {extra['prompt']} | {' '.join(lines)} | {text}")
     return counts
 
 

@@ -118,6 +118,18 @@ def tool_row(question: str, a: int, b: int, op: str, rng: random.Random, schema:
     ], "tools": [schema]}
 
 
+def in_conversations(rows: list[dict], plain: list[list[dict]], rng: random.Random, schema: dict) -> list[dict]:
+    """The chat is one conversation, so some exchanges come after others: one tool row in twelve follows another
+    calculator exchange, one follows a plain exchange, and one is followed by a plain question answered without a
+    call. Same tool exchanges, now also in later turns (a quarter of them: more made the demo too slow)."""
+    out = list(rows)
+    for i in range(0, len(rows), 12):
+        out[i] = {"messages": rows[(i + 1) % len(rows)]["messages"] + rows[i]["messages"], "tools": [schema]}
+        out[i + 6] = {"messages": rng.choice(plain) + rows[i + 6]["messages"], "tools": [schema]}
+        out[i + 1] = {"messages": rows[i + 1]["messages"] + rng.choice(plain), "tools": [schema]}
+    return out
+
+
 def main() -> None:
     rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(70)  # each set has its own numbers
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
@@ -137,6 +149,7 @@ def main() -> None:
                 .splitlines() if line.strip()]
     identity_eval = [{**json.loads(line), "tools": [schema]} for line in (HERE / "ember_eval.jsonl").read_text()
                      .splitlines() if line.strip()]
+    train = in_conversations(train, [row["messages"][:2] for row in identity], random.Random(73), schema)
 
     def write(name: str, rows: list[dict]) -> None:
         (HERE / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
