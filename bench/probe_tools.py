@@ -53,6 +53,11 @@ def judge(item: dict[str, str], lines: list[str], text: str) -> dict[str, bool]:
             "right_call": right_call, "right_answer": right_call and says(text, item["result"])}
 
 
+def no_call(lines: list[str], text: str) -> bool:
+    """Answered without a tool call, and without call-shaped text (a call attempt that was not parsed)."""
+    return not lines and not CALL_TEXT.search(text)
+
+
 def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
     import load_finetune_huggingface_model as script
     from chat_tools import calculator
@@ -64,8 +69,8 @@ def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
     agent = Finetune_DialogAgent(name="Ember", sys_prompt=script.sys_prompt, model=model, toolkit=[calculator])
     tool_probes = json.loads(probes_path.read_text())
     identity_probes = json.loads((ROOT / "data" / "ember_probes.json").read_text())["identity"]
-    counts = {"valid_call": 0, "exact_expression": 0, "right_call": 0, "right_answer": 0, "arithmetic": 0, "plain_no_call": 0,
-              "plain_right": 0, "plain": 0, "identity": 0, "identity_total": len(identity_probes)}
+    counts = {"valid_call": 0, "exact_expression": 0, "right_call": 0, "right_answer": 0, "arithmetic": 0,
+              "plain_no_call": 0, "plain_right": 0, "plain": 0, "identity": 0, "identity_total": len(identity_probes)}
     for item in tool_probes["arithmetic"]:
         lines, text = asyncio.run(ask(agent, item["prompt"]))
         counts["arithmetic"] += 1
@@ -75,7 +80,7 @@ def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
     for item in tool_probes["plain"]:
         lines, text = asyncio.run(ask(agent, item["prompt"]))
         counts["plain"] += 1
-        counts["plain_no_call"] += not lines and not CALL_TEXT.search(text)
+        counts["plain_no_call"] += no_call(lines, text)
         counts["plain_right"] += any(w in text.lower() for w in item["expect_any"])
         print(f"  plain      | {item['prompt']} | {' '.join(lines)} | {text}")
     for question in identity_probes:
@@ -94,7 +99,7 @@ def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
         if i % 4 == 0 and (extra := next(plain, None)) is not None:
             lines, text = asyncio.run(ask(agent, extra["prompt"], fresh=False))
             counts["conversation_plain"] += 1
-            counts["conversation_plain_no_call"] += not lines and not CALL_TEXT.search(text)
+            counts["conversation_plain_no_call"] += no_call(lines, text)
             print(f"  in chat    | {extra['prompt']} | {' '.join(lines)} | {text}")
     return counts
 

@@ -174,23 +174,31 @@ def _key_lengths(monkeypatch) -> list[int]:
     return calls
 
 
-def test_shared_prefix_runs_once_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
-    """Packed rows that begin alike (system prompt + tool schemas): the prefix runs once, nothing else changes."""
+def _shared_then_full(model, batch, monkeypatch):
+    """Loss, logits and gradients of one packed batch with the shared prefix, then with every sequence whole, and
+    the key lengths SDPA saw in each pass."""
     from huggingface_model import packed_attention, shared_prefix
 
-    model = _lora_model(tiny_model_dir)
-    batch = _shared_prefix_batch(model.config.vocab_size, prefix=40, tails=(7, 12, 1))  # 1: a one-token tail
     calls = _key_lengths(monkeypatch)
-    layers = model.config.num_hidden_layers
     base = model.base_model.model
     with packed_attention(base, padding_free=True):
         with shared_prefix(base):
             shared = _loss_logits_grads(model, batch)
-        assert calls == [40, 47, 52, 41] * layers  # per layer: the prefix once, then each rest after its keys
         assert "forward" not in base.get_decoder().__dict__  # restored
+        shared_calls = list(calls)
         calls.clear()
-        full = _loss_logits_grads(model, batch)  # every packed sequence whole, one call each
-    assert calls == [47, 52, 41] * layers
+        full = _loss_logits_grads(model, batch)
+    return shared_calls, list(calls), shared, full
+
+
+def test_shared_prefix_runs_once_with_the_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """Packed rows that begin alike (system prompt + tool schemas): the prefix runs once, nothing else changes."""
+    model = _lora_model(tiny_model_dir)
+    batch = _shared_prefix_batch(model.config.vocab_size, prefix=40, tails=(7, 12, 1))  # 1: a one-token tail
+    layers = model.config.num_hidden_layers
+    shared_calls, full_calls, shared, full = _shared_then_full(model, batch, monkeypatch)
+    assert shared_calls == [40, 47, 52, 41] * layers  # per layer: the prefix once, then each rest after its keys
+    assert full_calls == [47, 52, 41] * layers  # every packed sequence whole, one call each
     _assert_same(shared, full)
 
 
@@ -250,8 +258,6 @@ def test_groups_of_rows_with_different_prefixes_each_run_theirs_once(tiny_model_
     another group's: each group's prefix runs once, with the full forward's losses and gradients."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from huggingface_model import packed_attention, shared_prefix
-
     model = _lora_model(tiny_model_dir)
     torch.manual_seed(2)
     vocab = model.config.vocab_size
@@ -264,15 +270,9 @@ def test_groups_of_rows_with_different_prefixes_each_run_theirs_once(tiny_model_
     examples = [ember + tokens(6), critic + tokens(9), tokens(12), ember + tokens(4), critic + tokens(3), short]
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
         [{"input_ids": ids} for ids in examples])
-    calls = _key_lengths(monkeypatch)
     layers = model.config.num_hidden_layers
-    base = model.base_model.model
-    with packed_attention(base, padding_free=True):
-        with shared_prefix(base):
-            shared = _loss_logits_grads(model, batch)
-        # Ember's group shares 19 tokens (its shortest member has 20), Critic's 25; the odd row runs alone.
-        assert calls == [19, 25, 36, 34, 12, 34, 28, 20] * layers
-        calls.clear()
-        full = _loss_logits_grads(model, batch)
-    assert calls == [36, 34, 12, 34, 28, 20] * layers
+    shared_calls, full_calls, shared, full = _shared_then_full(model, batch, monkeypatch)
+    # Ember's group shares 19 tokens (its shortest member has 20), Critic's 25; the odd row runs alone.
+    assert shared_calls == [19, 25, 36, 34, 12, 34, 28, 20] * layers
+    assert full_calls == [36, 34, 12, 34, 28, 20] * layers
     _assert_same(shared, full)
