@@ -240,6 +240,11 @@ class ChatSession(TeachingCommands):
                 if self.session_log else ""
             self.print(f"[yellow](reply cut at max_length = {limit} new tokens; raise max_length in model_configs for "
                        f"longer replies.{kept})[/]")
+        elif getattr(self.assistant, "reply_unread", False):
+            kept = " It is not saved to the session log: training on it would teach broken calls." \
+                if self.session_log else ""
+            self.print("[yellow](the model wrote a tool call that could not be read, shown above as text; "
+                       f"/teach call <tool> <json arguments> teaches the right call.{kept})[/]")
         elif self.session_log:
             await self.session_log.record(self.assistant.sys_prompt, context[before:],
                                           await self._tool_schemas_async())

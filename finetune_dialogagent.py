@@ -77,6 +77,7 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
         )
         self.sys_prompt = sys_prompt
         self.reply_cut = False  # the last stream_reply: a model turn stopped at max_length, not at its own end
+        self.reply_unread = False  # the last stream_reply: a model turn's tool-call markup could not be read
 
     @property
     def sys_prompt(self) -> str:
@@ -129,10 +130,12 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
                            ) -> AsyncIterator[str]:
         """Reply to `msg`, yielding text pieces as they are generated, and a `ToolLine` for each tool call once its
         result is in. A tool that needs permission is run only if `confirm(call)` says yes (no `confirm`: refused).
-        Afterwards `reply_cut` says whether a model turn was cut at the model's `max_length` new tokens.
+        Afterwards `reply_cut` says whether a model turn was cut at the model's `max_length` new tokens, and
+        `reply_unread` whether a model turn wrote a tool call that could not be read (it was shown as text).
         """
         inputs: Any = msg
         self.reply_cut = False
+        unread = getattr(self.model, "unread_calls", 0)
         limit = getattr(getattr(self.model, "parameters", None), "max_length", None)
         calls: dict[str, dict[str, str]] = {}  # by call id: name, arguments, result (a confirmation may come between)
         while inputs is not None:
@@ -156,6 +159,7 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
                 answers = [ConfirmResult(confirmed=bool(confirm and await asyncio.to_thread(confirm, call)),
                                          tool_call=call) for call in pending.tool_calls]
                 inputs = UserConfirmResultEvent(reply_id=pending.reply_id, confirm_results=answers)
+        self.reply_unread = getattr(self.model, "unread_calls", 0) > unread
 
 
 class ToolLine(str):

@@ -183,6 +183,7 @@ class HuggingFaceWrapper(ChatModelBase):
         self.engine = create_engine(engine, self.handle)
         self.adapter_set = AdapterSet(self.handle)
         self.last_result: FineTuneResult | None = None
+        self.unread_calls = 0  # replies whose tool-call markup could not be read (they stayed text)
 
         self.load_model(model_id, local_model_path)
         self.load_tokenizer(model_id, local_tokenizer_path)
@@ -290,9 +291,14 @@ class HuggingFaceWrapper(ChatModelBase):
         if not self.stream:
             started = time.perf_counter()
             reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, offered)
-            return ChatResponse(content=replies.whole_reply(self.handle.format, reply.text, chat, offered),
+            return ChatResponse(content=replies.whole_reply(self.handle.format, reply.text, chat, offered,
+                                                            self._count_unread),
                                 is_last=True, usage=replies.usage(reply, started))
-        return replies.stream_responses(self.engine, self.handle.format, self.parameters, chat, kwargs, offered)
+        return replies.stream_responses(self.engine, self.handle.format, self.parameters, chat, kwargs, offered,
+                                        self._count_unread)
+
+    def _count_unread(self) -> None:
+        self.unread_calls += 1
 
     async def count_tokens(self, messages: list[Msg], tools: list[dict] | None = None) -> int:
         return self.engine.count_tokens(await self._format(messages), replies.offered_tools(tools, None,

@@ -13,6 +13,7 @@ tools the chat offers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import re
@@ -81,6 +82,20 @@ HELD_OUT_QUESTIONS = [  # the probes: phrasings no training or dev row uses; wri
 ]
 ANSWERS = ["{q} is {r}.", "The answer is {r}.", "That's {r}.", "{q} = {r}."]
 WORDS = {"*": "times", "+": "plus", "-": "minus", "/": "divided by"}
+# Arithmetic in the identity data (written for the chat without tools): with the calculator offered, these go
+# through it too, or the mix would teach both answering sums from memory and calling the tool.
+ARITHMETIC_IN_IDENTITY = {
+    "What is 100 divided by 4?": "100 / 4", "What is 2 plus 2?": "2 + 2", "What is 9 times 6?": "9 * 6",
+    "What is 12 squared?": "12 ** 2", "What is 15 plus 27?": "15 + 27", "What is 7 times 8?": "7 * 8",
+    "Great. What's 9 minus 4?": "9 - 4", "What is 6 times 7?": "6 * 7", "What is 3 times 3?": "3 * 3",
+}
+PLAIN_DEV = [  # dev plain questions (choosing settings): no call expected
+    {"prompt": "Which planet is called the Red Planet?", "expect_any": ["mars"]},
+    {"prompt": "What is the opposite of cold?", "expect_any": ["hot", "warm"]},
+    {"prompt": "What language do people speak in Spain?", "expect_any": ["spanish"]},
+    {"prompt": "Name a yellow fruit.", "expect_any": ["banana", "lemon", "pineapple", "mango"]},
+    {"prompt": "What should I call you?", "expect_any": ["ember"]},
+]
 PLAIN_HELD_OUT = [  # no tool should be called for these
     {"prompt": "What is the capital of Italy?", "expect_any": ["rome"]},
     {"prompt": "Who wrote Romeo and Juliet?", "expect_any": ["shakespeare"]},
@@ -104,37 +119,72 @@ def ngrams(template: str, n: int = 5) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def tool_row(question: str, a: int, b: int, op: str, rng: random.Random, schema: dict) -> dict:
-    expression = f"{a} {op} {b}"
-    result = calculator(expression)
-    answer = rng.choice(ANSWERS).format(q=f"{a} {WORDS[op]} {b}", r=result)
-    answer = answer[0].upper() + answer[1:]
-    return {"messages": [
-        {"role": "user", "content": question.format(a=a, b=b)},
+def exchange(question: str, expression: str, answer: str) -> list[dict]:
+    """One question answered through the calculator: the call, its result, the answer."""
+    return [
+        {"role": "user", "content": question},
         {"role": "assistant", "content": "", "tool_calls": [
             {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}]},
-        {"role": "tool", "name": "calculator", "content": result},
+        {"role": "tool", "name": "calculator", "content": calculator(expression)},
         {"role": "assistant", "content": answer},
-    ], "tools": [schema]}
+    ]
+
+
+def tool_row(question: str, a: int, b: int, op: str, rng: random.Random, schema: dict) -> dict:
+    expression = f"{a} {op} {b}"
+    answer = rng.choice(ANSWERS).format(q=f"{a} {WORDS[op]} {b}", r=calculator(expression))
+    return {"messages": exchange(question.format(a=a, b=b), expression, answer[0].upper() + answer[1:]),
+            "tools": [schema], "op": op}
+
+
+def with_calculator(row: dict, schema: dict, found: set[str]) -> dict:
+    """An identity row with the calculator offered; its arithmetic questions (ARITHMETIC_IN_IDENTITY) answered
+    through it, keeping the row's own answer."""
+    messages: list[dict] = []
+    for i, message in enumerate(row["messages"]):
+        question = row["messages"][i - 1]["content"] if i else ""
+        if message["role"] == "assistant" and question in ARITHMETIC_IN_IDENTITY:
+            expression = ARITHMETIC_IN_IDENTITY[question]
+            assert calculator(expression) in message["content"], (question, message["content"])
+            messages[-1:] = exchange(question, expression, message["content"])
+            found.add(question)
+        else:
+            messages.append(message)
+    return {**row, "messages": messages, "tools": [schema]}
+
+
+CONVERSATION_SIZES = (1, 2)  # calculator exchanges per row, in turn: 120 exchanges -> 80 rows
 
 
 def in_conversations(rows: list[dict], plain: list[list[dict]], rng: random.Random, schema: dict) -> list[dict]:
-    """The chat is one conversation, so some exchanges come after others: one tool row in twelve follows another
-    calculator exchange, one follows a plain exchange, and one is followed by a plain question answered without a
-    call. Same tool exchanges, now also in later turns (a quarter of them: more made the demo too slow)."""
-    out = list(rows)
-    for i in range(0, len(rows), 12):
-        out[i] = {"messages": rows[(i + 1) % len(rows)]["messages"] + rows[i]["messages"], "tools": [schema]}
-        out[i + 6] = {"messages": rng.choice(plain) + rows[i + 6]["messages"], "tools": [schema]}
-        out[i + 1] = {"messages": rows[i + 1]["messages"] + rng.choice(plain), "tools": [schema]}
+    """The chat is one conversation, so the calculator exchanges come in rows of 1-3 (CONVERSATION_SIZES), each
+    after one of another operation (so an earlier call's operator is not copied), and every other row has a plain
+    question answered without a call after one of its calculator exchanges."""
+    left = rows[:]
+    rng.shuffle(left)
+    out = []
+    for n, size in enumerate(itertools.cycle(CONVERSATION_SIZES)):
+        if not left:
+            break
+        chosen = [left.pop()]
+        while len(chosen) < size and left:
+            other = next((r for r in left if r["op"] != chosen[-1]["op"]), left[0])
+            left.remove(other)
+            chosen.append(other)
+        exchanges = [r["messages"] for r in chosen]
+        if n % 2:
+            exchanges.insert(rng.randint(1, len(exchanges)), rng.choice(plain))
+        out.append({"messages": [m for e in exchanges for m in e], "tools": [schema]})
     return out
 
 
-def main() -> None:
+def main(out: Path = HERE) -> None:
+    """Write the files into `out` (this folder by default)."""
     rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(70)  # each set has its own numbers
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
     train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(TRAIN_REPEATS) for q, op in TRAIN_QUESTIONS]
-    eval_rows = [tool_row(q, *numbers(dev_rng, op), op, dev_rng, schema) for q, op in DEV_QUESTIONS]
+    eval_rows = [{k: v for k, v in tool_row(q, *numbers(dev_rng, op), op, dev_rng, schema).items() if k != "op"}
+                 for q, op in DEV_QUESTIONS]
     seen = set().union(*(ngrams(q) for q, _ in TRAIN_QUESTIONS + DEV_QUESTIONS))
     for q, _ in HELD_OUT_QUESTIONS:  # "phrased unlike any training row": no five words in a row in common
         assert not ngrams(q) & seen, f"held-out {q!r} shares {sorted(ngrams(q) & seen)} with a training or dev phrasing"
@@ -143,22 +193,25 @@ def main() -> None:
     dev = [(q, *numbers(dev_probe_rng, op), op) for _ in range(3) for q, op in DEV_QUESTIONS]
     probes, dev_probes = ({"arithmetic": [{"prompt": q.format(a=a, b=b), "expression": f"{a} {op} {b}",
                                            "result": calculator(f"{a} {op} {b}")} for q, a, b, op in questions],
-                           "plain": plain} for questions, plain in ((held, PLAIN_HELD_OUT), (dev, [])))
-    # The chat offers the calculator on every turn, so the plain rows are trained with it offered too (and no call).
-    identity = [{**json.loads(line), "tools": [schema]} for line in (HERE / "ember_train.jsonl").read_text()
-                .splitlines() if line.strip()]
-    identity_eval = [{**json.loads(line), "tools": [schema]} for line in (HERE / "ember_eval.jsonl").read_text()
-                     .splitlines() if line.strip()]
-    train = in_conversations(train, [row["messages"][:2] for row in identity], random.Random(73), schema)
+                           "plain": plain} for questions, plain in ((held, PLAIN_HELD_OUT), (dev, PLAIN_DEV)))
+    # The chat offers the calculator on every turn, so the identity rows are trained with it offered too: no call,
+    # but for their few arithmetic questions.
+    found: set[str] = set()
+    identity, identity_eval = ([with_calculator(json.loads(line), schema, found) for line in
+                                (HERE / name).read_text().splitlines() if line.strip()]
+                               for name in ("ember_train.jsonl", "ember_eval.jsonl"))
+    assert found == set(ARITHMETIC_IN_IDENTITY), f"not in the identity data: {set(ARITHMETIC_IN_IDENTITY) - found}"
+    plain = [row["messages"][:2] for row in identity if "tool_calls" not in row["messages"][1]]
+    train = in_conversations(train, plain, random.Random(73), schema)
 
     def write(name: str, rows: list[dict]) -> None:
-        (HERE / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     write("ember_tools_train.jsonl", train)
     write("ember_agent_train.jsonl", identity + train)
     write("ember_agent_eval.jsonl", identity_eval + eval_rows)
     for name, content in (("ember_tool_probes.json", probes), ("ember_tool_dev_probes.json", dev_probes)):
-        (HERE / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+        (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
     print(f"{len(train)} tool rows, {len(identity)} identity rows, {len(identity_eval) + len(eval_rows)} eval rows, "
           f"{len(held)} held-out arithmetic probes, {len(dev)} dev probes")
 

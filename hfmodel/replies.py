@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from agentscope.message import TextBlock, ToolCallBlock
@@ -97,13 +97,17 @@ def call_blocks(calls: list[dict], tools: list[dict] | None) -> list[ToolCallBlo
     return blocks
 
 
-def whole_reply(fmt: ChatFormat, text: str, chat: Chat, tools: list[dict] | None) -> list[Any]:
-    """A complete reply as content blocks: the text, then any tool calls."""
+def whole_reply(fmt: ChatFormat, text: str, chat: Chat, tools: list[dict] | None,
+                on_unread: Callable[[], None] | None = None) -> list[Any]:
+    """A complete reply as content blocks: the text, then any tool calls. `on_unread` is called when call markup
+    could not be read (the reply then stays text)."""
     if not tools:
         return [TextBlock(text=text)]
     content, calls, problem = fmt.parse_reply(text, fmt.prompt_text(chat, tools), tools)
     if problem:
         logger.warning("A tool call in the reply could not be read (%s); kept as text.", problem[:200])
+        if on_unread:
+            on_unread()
     blocks: list[Any] = [TextBlock(text=content.strip())] if content.strip() or not calls else []
     return blocks + call_blocks(calls, tools)
 
@@ -178,15 +182,20 @@ def _calls_of(value: Any) -> list[dict]:
 
 
 async def stream_responses(engine: Any, fmt: ChatFormat, parameters: Any, chat: Chat, overrides: dict[str, Any],
-                           tools: list[dict] | None) -> AsyncGenerator[ChatResponse, None]:
+                           tools: list[dict] | None, on_unread: Callable[[], None] | None = None
+                           ) -> AsyncGenerator[ChatResponse, None]:
     """The engine's stream as AgentScope chunks: text as it comes (call markup held back), then the tool calls and
-    the usage. Every text chunk carries the same block id, so AgentScope joins them into one text block."""
+    the usage. Every text chunk carries the same block id, so AgentScope joins them into one text block.
+    `on_unread` is called when call markup could not be read (shown as text instead)."""
     started = time.perf_counter()
     block_id, response_id = f"hf-{time.time_ns()}", f"reply-{time.time_ns()}"
     reader = StreamReader(fmt, chat, tools)
     async for item in engine.stream(chat, parameters, overrides, tools):
         if isinstance(item, Generated):
-            for block in reader.finish():
+            blocks = reader.finish()
+            if reader.failed and on_unread:
+                on_unread()
+            for block in blocks:
                 if isinstance(block, TextBlock):
                     block = TextBlock(text=block.text, id=block_id)
                 yield ChatResponse(content=[block], is_last=False, id=response_id)

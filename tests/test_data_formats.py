@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -202,6 +203,37 @@ def test_bundled_demo_data_loads():
     train = load_chat_dataset(str(root / "ember_train.jsonl"))
     assert train.format == "messages" and len(train) >= 50 and not train.skipped
     assert load_chat_dataset(str(root / "ember_eval.jsonl")).rows
+
+
+ARITHMETIC = re.compile(r"\d+ (plus|minus|times|divided by|squared)|\d+ ?[-+*/x] ?\d+|\d+ (and|from|by) \d+")
+
+
+def test_agent_demo_data_is_what_its_script_writes_and_sends_arithmetic_through_the_calculator(tmp_path):
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent / "data"
+    spec = importlib.util.spec_from_file_location("make_tool_data", root / "make_tool_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(tmp_path)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert len(written) == 5
+    for name in written:  # the committed files are the script's output (rerun it after editing)
+        assert (tmp_path / name).read_text() == (root / name).read_text(), name
+    train = load_chat_dataset(str(root / "ember_agent_train.jsonl"))
+    assert not train.skipped and len(train) == len(list(open(root / "ember_agent_train.jsonl")))
+    calls = 0
+    for row in [json.loads(line) for line in open(root / "ember_agent_train.jsonl")]:
+        assert row["tools"][0]["function"]["name"] == "calculator"  # offered on every row, as in the chat
+        for i, m in enumerate(row["messages"]):
+            if m["role"] == "user" and ARITHMETIC.search(m["content"]):  # never answered from memory
+                assert row["messages"][i + 1]["tool_calls"], m["content"]
+        ops = [re.sub(r"[\d\s.]", "", m["tool_calls"][0]["function"]["arguments"]["expression"])
+               for m in row["messages"] if m.get("tool_calls")]
+        calls += len(ops)
+        # In one conversation, each calculator exchange follows one of another operation.
+        assert all(a != b for a, b in zip(ops, ops[1:])), row["messages"]
+    assert calls >= 120 + len(script.ARITHMETIC_IN_IDENTITY) - 2  # the two eval rows are in the eval file
 
 
 @pytest.mark.parametrize(("fmt", "ext"), [("sharegpt", ".csv"), ("alpaca", ".parquet")])

@@ -349,6 +349,17 @@ def test_a_reply_cut_at_max_length_is_flagged_and_kept_out_of_the_session_log(to
     assert not session.assistant.reply_cut
 
 
+def test_a_call_that_could_not_be_read_is_flagged_and_kept_out_of_the_session_log(tool_model_dir, tmp_path):
+    broken = '<tool_call>\n{"name": "calculator", "arguments": "97 * 91"}}\n</tool_call>'  # seen from SmolLM2
+    session, out, console = tool_chat(tool_model_dir, tmp_path, ["What is 97 times 91?", "What is 97 times 91?",
+                                                                 "exit"], [broken, CALL, "8827."])
+    assert '"arguments": "97 * 91"' in out  # the user still sees what was generated
+    assert "could not be read" in console and "/teach call" in console and "not saved to the session log" in console
+    rows = [json.loads(line) for line in session.session_log.path.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["messages"][2]["tool_calls"][0]["function"]["name"] == "calculator"
+    assert not session.assistant.reply_unread and session.assistant.model.unread_calls == 1
+
+
 def test_no_session_log_writes_nothing(tool_model_dir, tmp_path):
     session, _, _ = tool_chat(tool_model_dir, tmp_path, ["What is 97 times 91?", "exit"],
                               [CALL, "8827."], session_log=False)
