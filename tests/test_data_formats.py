@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -232,7 +233,7 @@ def test_agent_demo_data_is_what_its_script_writes_and_sends_arithmetic_through_
                for m in row["messages"] if m.get("tool_calls")]
         calls += len(ops)
         # In one conversation, each calculator exchange follows one of another operation.
-        assert all(a != b for a, b in zip(ops, ops[1:])), row["messages"]
+        assert all(a != b for a, b in itertools.pairwise(ops)), row["messages"]
     assert calls >= 120 + len(script.ARITHMETIC_IN_IDENTITY) - 2  # the two eval rows are in the eval file
 
 
