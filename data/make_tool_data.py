@@ -170,8 +170,10 @@ def in_conversations(rows: list[dict], plain: list[list[dict]], rng: random.Rand
         if not left:
             break
         chosen = [left.pop()]
-        while len(chosen) < size and left:
-            other = next((r for r in left if r["op"] != chosen[-1]["op"]), left[0])
+        while len(chosen) < size:
+            other = next((r for r in left if r["op"] != chosen[-1]["op"]), None)
+            if other is None:  # only rows of the same operation are left: they go one to a row
+                break
             left.remove(other)
             chosen.append(other)
         exchanges = [r["messages"] for r in chosen]
