@@ -243,8 +243,9 @@ class ChatSession(TeachingCommands):
         elif getattr(self.assistant, "reply_unread", False):
             kept = " It is not saved to the session log: training on it would teach broken calls." \
                 if self.session_log else ""
-            self.print("[yellow](the model wrote a tool call that could not be read, shown above as text; "
-                       f"/teach call <tool> <json arguments> teaches the right call.{kept})[/]")
+            self.print("[yellow](the model wrote a tool call that could not be read, shown above as text and left out "
+                       "of the conversation, so that the model does not copy it; /teach call <tool> <json arguments> "
+                       f"teaches the right call.{kept})[/]")
         elif self.session_log:
             await self.session_log.record(self.assistant.sys_prompt, context[before:],
                                           await self._tool_schemas_async())

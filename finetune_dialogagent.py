@@ -131,7 +131,8 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
         """Reply to `msg`, yielding text pieces as they are generated, and a `ToolLine` for each tool call once its
         result is in. A tool that needs permission is run only if `confirm(call)` says yes (no `confirm`: refused).
         Afterwards `reply_cut` says whether a model turn was cut at the model's `max_length` new tokens, and
-        `reply_unread` whether a model turn wrote a tool call that could not be read (it was shown as text).
+        `reply_unread` whether a model turn wrote a tool call that could not be read (it was shown as text, and is
+        left out of the conversation).
         """
         inputs: Any = msg
         self.reply_cut = False
@@ -160,6 +161,17 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
                                          tool_call=call) for call in pending.tool_calls]
                 inputs = UserConfirmResultEvent(reply_id=pending.reply_id, confirm_results=answers)
         self.reply_unread = getattr(self.model, "unread_calls", 0) > unread
+        if self.reply_unread:
+            self._forget_unread_reply()
+
+    def _forget_unread_reply(self) -> None:
+        """Leave a reply whose tool-call markup could not be read out of the conversation the model sees next (the
+        user has seen it). Kept, the model copies the broken markup: in a 29-question SmolLM2 chat, one such reply
+        was followed by broken calls on every later arithmetic question."""
+        context = self.state.context
+        if context and context[-1].role == "assistant" and all(
+                b.type == "text" for b in context[-1].get_content_blocks()):
+            context.pop()
 
 
 class ToolLine(str):

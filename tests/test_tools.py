@@ -360,6 +360,19 @@ def test_a_call_that_could_not_be_read_is_flagged_and_kept_out_of_the_session_lo
     assert not session.assistant.reply_unread and session.assistant.model.unread_calls == 1
 
 
+def test_a_call_that_could_not_be_read_is_left_out_of_what_the_model_sees_next(agent):
+    prompts: list[str] = []
+    scripted_generate(agent.model, ['<tool_call>\n{"name": "calculator", "arguments": "97 * 91"}}\n</tool_call>',
+                                    CALL, "8827."], prompts)
+    run_reply(agent, "What is 97 times 91?")
+    assert agent.reply_unread
+    run_reply(agent, "And 97 times 91 again?")
+    assert '"arguments": "97 * 91"' not in prompts[1]  # the broken markup is not in the next prompt
+    assert "What is 97 times 91?" in prompts[1]  # the question is
+    assert [(m.role, [b.type for b in m.get_content_blocks()]) for m in agent.state.context] == [
+        ("user", ["text"]), ("user", ["text"]), ("assistant", ["tool_call", "tool_result", "text"])]
+
+
 def test_no_session_log_writes_nothing(tool_model_dir, tmp_path):
     session, _, _ = tool_chat(tool_model_dir, tmp_path, ["What is 97 times 91?", "exit"],
                               [CALL, "8827."], session_log=False)
