@@ -1,13 +1,14 @@
 """Does the agent demo fine-tune work? Held-out probes through a real AgentScope agent with the calculator.
 
-    python bench/probe_tools.py runs/<run>/adapter [probes.json]   # greedy, the chat's system prompt and toolkit
+    python bench/probe_tools.py runs/<run>/adapter [probes.json] [--fresh]   # greedy, the chat's prompt and toolkit
 
 Asks the 20 held-out arithmetic questions and 5 plain questions of data/ember_tool_probes.json (or the given
 file; phrased unlike any training row) plus the 10 identity probes of data/ember_probes.json, and counts: a valid
 calculator call, the exact expression, a call that computes the right number, that number in the final answer after
 such a call ("right through the tool"), plain questions answered without a call (nor call-shaped text) and identity
 answers naming Ember. Then asks the arithmetic and plain questions again in ONE conversation, each after the
-earlier ones, as a chat goes (`conversation_*` counts). Prints one JSON line with the counts last.
+earlier ones, as a chat goes (`conversation_*` counts; `--fresh` skips this pass, which takes most of the time).
+Prints one JSON line with the counts last.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def no_call(lines: list[str], text: str) -> bool:
     return not lines and not CALL_TEXT.search(text)
 
 
-def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
+def score(local_model_path: str, probes_path: Path, conversation: bool = True) -> dict[str, int]:
     import load_finetune_huggingface_model as script
     from chat_tools import calculator
     from finetune_dialogagent import Finetune_DialogAgent
@@ -87,6 +88,8 @@ def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
         lines, text = asyncio.run(ask(agent, question))
         counts["identity"] += "ember" in text.lower()
         print(f"  identity   | {question} | {' '.join(lines)} | {text}")
+    if not conversation:
+        return counts
     # The same questions in ONE conversation, as a chat goes: each after all the earlier ones (a plain question
     # after every fourth arithmetic one).
     agent.state.context.clear()
@@ -105,10 +108,12 @@ def score(local_model_path: str, probes_path: Path) -> dict[str, int]:
 
 
 def main() -> int:
-    if len(sys.argv) not in (2, 3):
+    args = [a for a in sys.argv[1:] if a != "--fresh"]
+    if len(args) not in (1, 2):
         print(__doc__)
         return 2
-    counts = score(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) == 3 else ROOT / "data" / "ember_tool_probes.json")
+    counts = score(args[0], Path(args[1]) if len(args) == 2 else ROOT / "data" / "ember_tool_probes.json",
+                   conversation="--fresh" not in sys.argv)
     print(json.dumps(counts))
     return 0
 
