@@ -108,12 +108,13 @@ def score(local_model_path: str, probes_path: Path, conversation: bool = True) -
 
 
 def main() -> int:
+    fresh = "--fresh" in sys.argv[1:]
     args = [a for a in sys.argv[1:] if a != "--fresh"]
     if len(args) not in (1, 2):
         print(__doc__)
         return 2
     counts = score(args[0], Path(args[1]) if len(args) == 2 else ROOT / "data" / "ember_tool_probes.json",
-                   conversation="--fresh" not in sys.argv)
+                   conversation=not fresh)
     print(json.dumps(counts))
     return 0
 

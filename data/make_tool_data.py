@@ -134,7 +134,12 @@ def tool_row(question: str, a: int, b: int, op: str, rng: random.Random, schema:
     expression = f"{a} {op} {b}"
     answer = rng.choice(ANSWERS).format(q=f"{a} {WORDS[op]} {b}", r=calculator(expression))
     return {"messages": exchange(question.format(a=a, b=b), expression, answer[0].upper() + answer[1:]),
-            "tools": [schema], "op": op}
+            "tools": [schema]}
+
+
+def operation(row: dict) -> str:
+    """The operator of a one-exchange calculator row's call ("97 * 91" -> "*")."""
+    return row["messages"][1]["tool_calls"][0]["function"]["arguments"]["expression"].split()[1]
 
 
 def with_calculator(row: dict, schema: dict, found: set[str]) -> dict:
@@ -171,7 +176,7 @@ def in_conversations(rows: list[dict], plain: list[list[dict]], rng: random.Rand
             break
         chosen = [left.pop()]
         while len(chosen) < size:
-            other = next((r for r in left if r["op"] != chosen[-1]["op"]), None)
+            other = next((r for r in left if operation(r) != operation(chosen[-1])), None)
             if other is None:  # only rows of the same operation are left: they go one to a row
                 break
             left.remove(other)
@@ -188,8 +193,7 @@ def main(out: Path = HERE) -> None:
     rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(70)  # each set has its own numbers
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
     train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(TRAIN_REPEATS) for q, op in TRAIN_QUESTIONS]
-    eval_rows = [{k: v for k, v in tool_row(q, *numbers(dev_rng, op), op, dev_rng, schema).items() if k != "op"}
-                 for q, op in DEV_QUESTIONS]
+    eval_rows = [tool_row(q, *numbers(dev_rng, op), op, dev_rng, schema) for q, op in DEV_QUESTIONS]
     seen = set().union(*(ngrams(q) for q, _ in TRAIN_QUESTIONS + DEV_QUESTIONS))
     for q, _ in HELD_OUT_QUESTIONS:  # "phrased unlike any training row": no five words in a row in common
         assert not ngrams(q) & seen, f"held-out {q!r} shares {sorted(ngrams(q) & seen)} with a training or dev phrasing"
