@@ -242,20 +242,102 @@ def own_forward(model: torch.nn.Module) -> Iterator[None]:
         model.__dict__.update(saved)
 
 
+LOG_PROBS_SAVE_LIMIT = 2**27  # positions x vocabulary: above this (512 MB of fp32 log-probabilities), trl's own head
+
+
+class _CpuLogProbs(torch.autograd.Function):
+    """trl's `ChunkedLogProbFunction` for one CPU batch of loss positions, in whole-vocabulary torch ops.
+
+    Checked against trl 1.16 (`trl.kernels.chunked_logprob`). Without Triton, trl folds each vocabulary tile in
+    about a dozen elementwise torch passes, recomputes the projection in the backward and accumulates the
+    gradients through fp32 copies of the tile and the weight. Here the forward projects once (in the autocast
+    dtype, as trl does), takes `log_softmax` and keeps the log-probabilities for the backward, which multiplies
+    their softmax by the head in the same dtype. Same outputs (log-probabilities, entropy, log of the summed
+    squared probabilities, mean logit, target is the first argmax). 320 loss positions x 49152 vocabulary,
+    forward + backward on 2 cores: 0.59 s -> 0.29 s; the demo fine-tune went from 68.3 to 64.2 s with the same
+    losses (train 0.6426 / 0.6425, eval 1.641 -> 0.362 both).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
+                outputs: tuple[str, ...]) -> tuple[torch.Tensor | None, ...]:
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+        with torch.autocast("cpu", enabled=False):
+            head = weight.to(dtype)
+            logits = (hidden.to(dtype) @ head.t()).float()
+            if scale != 1.0:
+                logits.mul_(scale)
+            mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
+            is_top1 = logits.argmax(-1) == targets if "is_top1" in outputs else None
+            log_p = torch.log_softmax(logits, dim=-1)
+            del logits
+            entropy = -torch.linalg.vecdot(log_p.exp(), log_p) if "entropy" in outputs else None
+            log_sum_sq = torch.logsumexp(2 * log_p, dim=-1) if "log_sum_sq_probs" in outputs else None
+            log_probs = log_p.gather(-1, targets[:, None]).squeeze(-1)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(hidden, head, targets, log_p, entropy if entropy is not None else log_probs)
+        ctx.scale, ctx.weight_dtype = scale, weight.dtype
+        ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
+        return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+    @staticmethod
+    def backward(ctx: Any, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None,
+                 *_: Any) -> tuple[torch.Tensor | None, ...]:
+        hidden, head, targets, log_p, entropy = ctx.saved_tensors
+        with torch.autocast("cpu", enabled=False):
+            p = log_p.exp()
+            if grad_log_probs is not None:  # d log p_target / dz_j = 1[j = target] - p_j
+                g = grad_log_probs.float()[:, None] * ctx.scale
+                grad = p * -g if grad_entropy is not None else p.mul_(-g)
+                grad.scatter_add_(-1, targets[:, None], g)
+            else:
+                grad = torch.zeros_like(p)
+            if grad_entropy is not None:  # d entropy / dz_j = -p_j (log p_j + entropy)
+                grad -= (grad_entropy.float()[:, None] * ctx.scale) * p * (log_p + entropy[:, None])
+            # In the projection's dtype, as the backward of a plain LM head under autocast (one vocabulary-wide
+            # product per position, so no rounding of partial sums)
+            grad = grad.to(head.dtype)
+            grad_hidden = (grad @ head).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (grad.t() @ hidden.to(head.dtype)).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+class _LogProbsOnCpu:
+    """Stands in for trl's `ChunkedLogProbFunction` (same `apply` arguments): `_CpuLogProbs` for CPU batches
+    with a bias-free, uncapped head whose log-probabilities fit LOG_PROBS_SAVE_LIMIT; trl's otherwise."""
+
+    def __init__(self, trl_function: Any) -> None:
+        self.trl_function = trl_function
+
+    def apply(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+              temperature: float, chunk_size: int, final_logit_softcapping: float | None = None,
+              logit_scale: float = 1.0, outputs: tuple[str, ...] | None = None) -> Any:
+        from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS
+
+        outputs = OPTIONAL_OUTPUTS if outputs is None else outputs
+        if (hidden.device.type != "cpu" or bias is not None or final_logit_softcapping is not None
+                or hidden.shape[0] * weight.shape[0] > LOG_PROBS_SAVE_LIMIT):
+            return self.trl_function.apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                           final_logit_softcapping, logit_scale, outputs)
+        return _CpuLogProbs.apply(hidden, weight, targets, logit_scale / temperature, tuple(outputs))
+
+
 @contextmanager
 def loss_positions_only(device: torch.device) -> Iterator[None]:
-    """Make trl's fused LM head score only the positions that carry loss on CPU, as it already does on CUDA.
+    """Make trl's fused LM head score only the positions that carry loss on CPU, as it already does on CUDA, and
+    score them with `_CpuLogProbs`.
 
-    Checked against trl 1.16 (`trl.trainer.utils._use_triton`). trl projects every position through the LM
-    head except on Triton devices (fixed tile shapes keep compilers such as Neuron from recompiling). Eager
-    CPU has nothing to recompile, and with assistant-only loss most positions are prompt tokens: scoring only
-    the answers gives the same loss and gradients (SmolLM2-135M, 2 cores: 224 instead of 135 tokens/s,
-    identical losses). trl's kernel keeps its own reference to the check, so only this decision changes;
-    restored on exit.
+    Checked against trl 1.16 (`trl.trainer.utils._use_triton`, `_ChunkedLogProbFunction`). trl projects every
+    position through the LM head except on Triton devices (fixed tile shapes keep compilers such as Neuron from
+    recompiling). Eager CPU has nothing to recompile, and with assistant-only loss most positions are prompt
+    tokens: scoring only the answers gives the same loss and gradients (SmolLM2-135M, 2 cores: 224 instead of
+    135 tokens/s, identical losses). trl's kernel keeps its own reference to the check, so only this decision
+    changes; both are restored on exit.
     """
     import trl.trainer.utils as trl_utils
 
     original = getattr(trl_utils, "_use_triton", None)
+    function = getattr(trl_utils, "_ChunkedLogProbFunction", None)
     if device.type != "cpu" or original is None:
         yield
         return
@@ -264,10 +346,14 @@ def loss_positions_only(device: torch.device) -> Iterator[None]:
         return device.type == "cpu" or bool(original(device))
 
     trl_utils._use_triton = cpu_or_triton
+    if function is not None:
+        setattr(trl_utils, "_ChunkedLogProbFunction", _LogProbsOnCpu(function))  # noqa: B010 - a stand-in, not a type
     try:
         yield
     finally:
         trl_utils._use_triton = original
+        if function is not None:
+            setattr(trl_utils, "_ChunkedLogProbFunction", function)  # noqa: B010
 
 
 # =============================================================================================

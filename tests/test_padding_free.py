@@ -49,6 +49,7 @@ def test_loss_positions_only_scores_answers_with_the_same_loss_and_gradients(tin
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
+    from hfmodel.speedups import _CpuLogProbs
     from huggingface_model import loss_positions_only
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -58,13 +59,17 @@ def test_loss_positions_only_scores_answers_with_the_same_loss_and_gradients(tin
     labels = ids.clone()
     labels[:, :18] = -100  # a prompt of 18 tokens, an answer of 6: 2 x 6 labelled positions after the shift
     rows_scored = []
-    original_apply = trl_utils._ChunkedLogProbFunction.apply
 
-    def spy(hidden, *args):
-        rows_scored.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
-        return original_apply(hidden, *args)
+    def spy(function):
+        original_apply = function.apply
 
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+        def apply(hidden, *args):
+            rows_scored.append((function.__name__, hidden.reshape(-1, hidden.shape[-1]).shape[0]))
+            return original_apply(hidden, *args)
+        return apply
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy(trl_utils._ChunkedLogProbFunction))
+    monkeypatch.setattr(_CpuLogProbs, "apply", spy(_CpuLogProbs))
 
     def loss_and_grad():
         model.zero_grad()
@@ -72,14 +77,48 @@ def test_loss_positions_only_scores_answers_with_the_same_loss_and_gradients(tin
         loss.backward()
         return loss.detach(), model.get_output_embeddings().weight.grad.clone()
 
-    before = trl_utils._use_triton
+    before = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
     loss_all, grad_all = loss_and_grad()
     with loss_positions_only(torch.device("cpu")):
         loss_compact, grad_compact = loss_and_grad()
-    assert trl_utils._use_triton is before  # restored
-    assert rows_scored == [2 * 23, 2 * 6]  # every shifted position, then only the labelled ones
+    assert (trl_utils._use_triton, trl_utils._ChunkedLogProbFunction) == before  # restored
+    # trl's kernel on every shifted position, then ours on the labelled ones only
+    assert rows_scored == [("ChunkedLogProbFunction", 2 * 23), ("_CpuLogProbs", 2 * 6)]
     assert torch.allclose(loss_all, loss_compact, atol=1e-6)
     assert torch.allclose(grad_all, grad_compact, atol=1e-6)
+
+
+def test_cpu_log_probs_match_trls_fused_head_in_outputs_and_gradients(monkeypatch):
+    """`_CpuLogProbs` (what `loss_positions_only` scores CPU batches with) against trl's own kernel: every output
+    and both gradients, in fp32 and under bf16 autocast; a head it does not cover (a bias) goes to trl's."""
+    from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS, ChunkedLogProbFunction
+
+    from hfmodel.speedups import _LogProbsOnCpu
+
+    torch.manual_seed(0)
+    hidden0, weight0 = torch.randn(9, 16), torch.randn(70, 16) * 0.5
+    targets = torch.randint(0, 70, (9,))
+
+    def run(function, autocast):
+        hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = function.apply(hidden, weight, None, targets, 0.7, 32, None, 1.3, OPTIONAL_OUTPUTS)
+        log_probs, entropy = out[0], out[1]
+        (-log_probs.sum() + 0.3 * entropy.sum()).backward()  # a gradient through both differentiable outputs
+        return [x.detach() for x in out] + [hidden.grad, weight.grad]
+
+    for autocast, tolerance in ((False, 1e-5), (True, 3e-2)):
+        theirs, ours = run(ChunkedLogProbFunction, autocast), run(_LogProbsOnCpu(ChunkedLogProbFunction), autocast)
+        names = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "grad hidden", "grad weight")
+        for name, a, b in zip(names, theirs, ours, strict=True):
+            if a.dtype == torch.bool:
+                assert torch.equal(a, b), name
+            else:
+                assert torch.allclose(a, b, atol=tolerance, rtol=tolerance), (name, autocast, (a - b).abs().max())
+
+    monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda *args: "trl's")
+    bias = torch.zeros(70)
+    assert _LogProbsOnCpu(ChunkedLogProbFunction).apply(hidden0, weight0, bias, targets, 1.0, 32) == "trl's"
 
 
 def test_per_sequence_attention_matches_separate_forwards_with_gradients(tiny_model_dir, monkeypatch):
