@@ -167,11 +167,19 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
     def _forget_unread_reply(self) -> None:
         """Leave a reply whose tool-call markup could not be read out of the conversation the model sees next (the
         user has seen it). Kept, the model copies the broken markup: in a 29-question SmolLM2 chat, one such reply
-        was followed by broken calls on every later arithmetic question."""
+        was followed by broken calls on every later arithmetic question. An unread call ends the turn as text, so
+        it is the text at the end of the turn's message; calls that worked before it in the turn stay."""
         context = self.state.context
-        if context and context[-1].role == "assistant" and all(
-                b.type == "text" for b in context[-1].get_content_blocks()):
+        if not context or context[-1].role != "assistant":
+            return
+        blocks = context[-1].get_content_blocks()
+        keep = len(blocks)
+        while keep and blocks[keep - 1].type == "text":
+            keep -= 1
+        if keep == 0:
             context.pop()
+        else:
+            context[-1].content = blocks[:keep]
 
 
 class ToolLine(str):

@@ -25,7 +25,7 @@ from typing import Any
 
 from agentscope.credential import CredentialBase
 from agentscope.formatter import OllamaChatFormatter
-from agentscope.message import Msg
+from agentscope.message import Msg, TextBlock
 from agentscope.model import ChatModelBase, ChatResponse
 from pydantic import BaseModel, Field, ValidationError
 
@@ -288,14 +288,20 @@ class HuggingFaceWrapper(ChatModelBase):
         """Format the messages (tool calls and results included), generate, read the reply (text + tool calls)."""
         chat = await self._format(messages)
         offered = replies.offered_tools(tools, tool_choice, self.handle.format)
+        failed = replies.failed_calls(messages) if offered else set()
         if not self.stream:
             started = time.perf_counter()
             reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, offered)
-            return ChatResponse(content=replies.whole_reply(self.handle.format, reply.text, chat, offered,
-                                                            self._count_unread),
-                                is_last=True, usage=replies.usage(reply, started))
+            content, only_repeats = replies.without_repeats(
+                replies.whole_reply(self.handle.format, reply.text, chat, offered, self._count_unread), failed)
+            spent = (0, 0)
+            if only_repeats:  # answer from the results it has
+                spent = (reply.input_tokens, reply.output_tokens)
+                reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, None)
+                content = [b for b in content if b.type == "text"] + [TextBlock(text=reply.text)]
+            return ChatResponse(content=content, is_last=True, usage=replies.usage(reply, started, spent))
         return replies.stream_responses(self.engine, self.handle.format, self.parameters, chat, kwargs, offered,
-                                        self._count_unread)
+                                        self._count_unread, failed)
 
     def _count_unread(self) -> None:
         self.unread_calls += 1

@@ -1,6 +1,7 @@
 """Between AgentScope and the engine: AgentScope messages (with tool calls and results) as the chat template's
 messages, which tools to offer (`tool_choice`), and replies read back into text and `ToolCallBlock`s, streamed or
-whole, with transformers' response parser. A reply whose call markup does not parse stays text, with a warning."""
+whole, with transformers' response parser. A reply whose call markup does not parse stays text, with a warning.
+A call that repeats one that failed earlier in the same turn is not run again: the model answers without tools."""
 
 from __future__ import annotations
 
@@ -80,6 +81,43 @@ def offered_tools(tools: list[dict] | None, tool_choice: Any, fmt: ChatFormat) -
 
 def _name(schema: dict) -> str:
     return str(schema.get("function", schema).get("name", ""))
+
+
+CallKey = tuple[str, str]  # a call's tool name and its arguments as canonical JSON
+
+
+def _key(name: str, arguments: Any) -> CallKey:
+    return name, json.dumps(_arguments(arguments), sort_keys=True, ensure_ascii=False)
+
+
+def failed_calls(messages: list[Any]) -> set[CallKey]:
+    """The calls of the current turn (the messages after the last user message) that failed: a tool that raised or
+    that the user refused (AgentScope's ERROR and DENIED states), or a result text that starts with "error" (the
+    calculator's answer to bad input)."""
+    start = max((i for i, m in enumerate(messages) if getattr(m, "role", None) == "user"), default=-1) + 1
+    made: dict[str, CallKey] = {}
+    failed: set[CallKey] = set()
+    for message in messages[start:]:
+        for block in message.get_content_blocks():
+            if block.type == "tool_call":
+                made[block.id] = _key(block.name, block.input)
+            elif block.type == "tool_result" and block.id in made:
+                output = block.output if isinstance(block.output, str) else " ".join(
+                    getattr(b, "text", "") for b in block.output)
+                if block.state in ("error", "denied") or output.lstrip().lower().startswith("error"):
+                    failed.add(made[block.id])
+    return failed
+
+
+def without_repeats(blocks: list[Any], failed: set[CallKey]) -> tuple[list[Any], bool]:
+    """`blocks` less the calls that repeat a failed call of this turn (the same tool, the same arguments: it would
+    fail again, and small models repeat it until the agent's round limit), and whether only repeats were called."""
+    calls = [b for b in blocks if isinstance(b, ToolCallBlock)]
+    repeats = [b for b in calls if _key(b.name, b.input) in failed]
+    for call in repeats:
+        logger.info("%s(%s) failed earlier in this turn; not run again.", call.name, call.input)
+    kept = [b for b in blocks if not any(b is r for r in repeats)]
+    return kept, bool(repeats) and len(repeats) == len(calls)
 
 
 def call_blocks(calls: list[dict], tools: list[dict] | None) -> list[ToolCallBlock | TextBlock]:
@@ -182,28 +220,40 @@ def _calls_of(value: Any) -> list[dict]:
 
 
 async def stream_responses(engine: Any, fmt: ChatFormat, parameters: Any, chat: Chat, overrides: dict[str, Any],
-                           tools: list[dict] | None, on_unread: Callable[[], None] | None = None
-                           ) -> AsyncGenerator[ChatResponse, None]:
+                           tools: list[dict] | None, on_unread: Callable[[], None] | None = None,
+                           failed: set[CallKey] | None = None) -> AsyncGenerator[ChatResponse, None]:
     """The engine's stream as AgentScope chunks: text as it comes (call markup held back), then the tool calls and
     the usage. Every text chunk carries the same block id, so AgentScope joins them into one text block.
-    `on_unread` is called when call markup could not be read (shown as text instead)."""
+    `on_unread` is called when call markup could not be read (shown as text instead). When the reply only repeats
+    calls in `failed` (see `failed_calls`), the model is asked again without tools and that answer streams on."""
     started = time.perf_counter()
     block_id, response_id = f"hf-{time.time_ns()}", f"reply-{time.time_ns()}"
     reader = StreamReader(fmt, chat, tools)
+    spent = (0, 0)
     async for item in engine.stream(chat, parameters, overrides, tools):
         if isinstance(item, Generated):
             blocks = reader.finish()
             if reader.failed and on_unread:
                 on_unread()
+            blocks, only_repeats = without_repeats(blocks, failed or set())
             for block in blocks:
                 if isinstance(block, TextBlock):
                     block = TextBlock(text=block.text, id=block_id)
                 yield ChatResponse(content=[block], is_last=False, id=response_id)
-            yield ChatResponse(content=[], is_last=False, id=response_id, usage=usage(item, started))
+            if only_repeats:
+                spent = (item.input_tokens, item.output_tokens)
+                async for again in engine.stream(chat, parameters, overrides, None):
+                    if isinstance(again, Generated):
+                        item = again
+                    elif again:
+                        yield ChatResponse(content=[TextBlock(text=again, id=block_id)], is_last=False,
+                                           id=response_id)
+            yield ChatResponse(content=[], is_last=False, id=response_id, usage=usage(item, started, spent))
         elif text := reader.feed(item):
             yield ChatResponse(content=[TextBlock(text=text, id=block_id)], is_last=False, id=response_id)
 
 
-def usage(reply: Generated, started: float) -> ChatUsage:
-    return ChatUsage(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
+def usage(reply: Generated, started: float, spent: tuple[int, int] = (0, 0)) -> ChatUsage:
+    """Tokens of `reply` (plus `spent` by an earlier generation of the same reply) and the time since `started`."""
+    return ChatUsage(input_tokens=reply.input_tokens + spent[0], output_tokens=reply.output_tokens + spent[1],
                      time=time.perf_counter() - started)

@@ -373,6 +373,40 @@ def test_a_call_that_could_not_be_read_is_left_out_of_what_the_model_sees_next(a
         ("user", ["text"]), ("user", ["text"]), ("assistant", ["tool_call", "tool_result", "text"])]
 
 
+def test_an_unread_call_after_a_call_that_worked_leaves_only_its_own_text_out(agent):
+    prompts: list[str] = []
+    broken = '<tool_call>\n{"name": "calculator", "arguments": "8827 + 1"}}\n</tool_call>'
+    scripted_generate(agent.model, [CALL, broken, "It is 8828."], prompts)
+    run_reply(agent, "What is 97 times 91, plus one?")
+    assert agent.reply_unread
+    assert [b.type for b in agent.state.context[-1].get_content_blocks()] == ["tool_call", "tool_result"]
+    run_reply(agent, "Say it again.")
+    assert '"arguments": "8827 + 1"' not in prompts[2]  # the broken markup is not in the next prompt
+    assert "<tool_response>\n8827\n</tool_response>" in prompts[2]  # the call that worked and its result are
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_call_that_failed_is_not_run_again_in_the_same_turn(tool_model_dir, stream):
+    """A small model repeats a failing call until the agent's round limit (SmolLM2: calculator("cold") five times in
+    one turn); the repeat is not run, and the model answers without tools instead."""
+    wrapper = make_wrapper(tool_model_dir, max_length=256, do_sample=False, stream=stream)
+    agent = Finetune_DialogAgent(name="Ember", sys_prompt="You are Ember.", model=wrapper, toolkit=[calculator])
+    cold = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "cold"}}\n</tool_call>'
+    prompts: list[str] = []
+    scripted_generate(wrapper, [cold, cold, "The opposite of cold is hot."], prompts)
+    pieces = run_reply(agent, "What is the opposite of cold?")
+    lines = [p for p in pieces if isinstance(p, ToolLine)]
+    assert len(lines) == 1 and lines[0].startswith('-> calculator(expression="cold") = error')
+    assert "".join(p for p in pieces if not isinstance(p, ToolLine)) == "The opposite of cold is hot."
+    assert len(prompts) == 3 and "<tools>" in prompts[1] and "<tools>" not in prompts[2]  # asked again, no tools
+    assert [b.type for b in agent.state.context[-1].get_content_blocks()] == ["tool_call", "tool_result", "text"]
+
+    # In the next turn the same call may run again, and a call that worked may be repeated within a turn
+    scripted_generate(wrapper, [cold, "Not a number.", CALL, CALL, "8827."], prompts)
+    assert sum(isinstance(p, ToolLine) for p in run_reply(agent, "And cold?")) == 1
+    assert sum(isinstance(p, ToolLine) for p in run_reply(agent, "What is 97 times 91?")) == 2
+
+
 def test_no_session_log_writes_nothing(tool_model_dir, tmp_path):
     session, _, _ = tool_chat(tool_model_dir, tmp_path, ["What is 97 times 91?", "exit"],
                               [CALL, "8827."], session_log=False)
