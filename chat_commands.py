@@ -248,7 +248,7 @@ class ChatSession(TeachingCommands):
                        f"teaches the right call.{kept})[/]")
         elif self.session_log:
             await self.session_log.record(self.assistant.sys_prompt, context[before:],
-                                          await self._tool_schemas_async())
+                                          await self._tool_schemas_async(), agent=self.assistant.name)
         return "".join(pieces)
 
     def _confirm(self, call: ToolCallBlock) -> bool:
@@ -513,6 +513,8 @@ class ChatSession(TeachingCommands):
 
     def cmd_reset(self, args: list[str]) -> None:
         self.assistant.state.context.clear()
+        if self.session_log:
+            self.session_log.reset(self.assistant.name)
         self.print("Conversation cleared.")
 
     def cmd_history(self, args: list[str]) -> None:

@@ -17,6 +17,10 @@ call's JSON) and `observation` turns. A `tools` column (JSON schemas, as a list 
 JSON text) lists the tools offered; a call to a tool missing from it, or arguments
 that are not a JSON object, skip the row.
 
+An assistant message of a `messages` row may carry `"weight": 0` (OpenAI's fine-tuning
+format): it stays in the conversation as context but is not trained on (1, the
+default, trains it). The session logs give earlier exchanges this way.
+
 Every format becomes a list of chat messages that starts with an optional
 system message, alternates user/assistant (a tool-calling turn followed by its
 results and the assistant again) and ends on an assistant turn.
@@ -383,6 +387,11 @@ def _from_messages(raw: dict[str, Any]) -> Conversation:
             message["tool_calls"] = [_tool_call(c) for c in _json_column(m["tool_calls"], "tool_calls")]
         if message["role"] == "tool" and isinstance(m.get("name"), str):
             message["name"] = m["name"]
+        if message["role"] == "assistant" and "weight" in m:
+            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise _SkipRow("assistant 'weight' not 0 or 1")
+            if m["weight"] == 0:
+                message["weight"] = 0
         out.append(message)
     return out
 
@@ -516,6 +525,8 @@ def _validate_conversation(messages: Conversation) -> Conversation:
         if len(body) == 1:
             raise _SkipRow("no assistant turn")
         body = body[:-1]  # a trailing unanswered user turn carries no training signal
+    if all(m.get("weight", 1) == 0 for m in body if m["role"] == "assistant"):
+        raise _SkipRow("every assistant turn with weight 0")
     return system + body
 
 

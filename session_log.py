@@ -7,6 +7,10 @@ OpenAI `messages` form with a `tools` column when tools were offered:
                   {"role": "tool", "name": "calculator", "content": "8827"}, {"role": "assistant", ...}],
      "tools": [{"type": "function", "function": {...}}]}
 
+Before the exchange come the chat's previous CONTEXT_EXCHANGES logged exchanges, their assistant turns with
+`"weight": 0`: the model learns each exchange once, in the conversation it answered in (trained only on single
+exchanges, SmolLM2 stopped calling the calculator after a chat's first question). `/reset` starts afresh.
+
 `/finetune runs/session-<stamp>-<id>.jsonl` trains on it as it is. The chat leaves out an exchange whose reply was cut
 at `max_length` (it would teach replies that stop mid-sentence). The file is created exclusively with a unique id
 (two chats started in the same second never share one) and appended line by line (a crash loses at most the
@@ -22,6 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+CONTEXT_EXCHANGES = 2  # earlier exchanges written before each one as context (the demo's rows hold one to three)
+
 
 class SessionLog:
     """Appends each finished exchange of one chat session to `folder/session-<stamp>-<id>.jsonl`."""
@@ -30,6 +36,11 @@ class SessionLog:
         self.folder = folder
         self._path: Path | None = None  # created when the chat starts: a start that fails leaves nothing behind
         self.exchanges = 0
+        self._recent: dict[str, list[list[dict[str, Any]]]] = {}  # per agent: its last CONTEXT_EXCHANGES exchanges
+
+    def reset(self, agent: str = "") -> None:
+        """`agent`'s conversation was cleared: its next exchange has no context."""
+        self._recent.pop(agent, None)
 
     @property
     def path(self) -> Path:
@@ -42,8 +53,9 @@ class SessionLog:
             self._path = path
         return self._path
 
-    async def record(self, system_prompt: str, messages: list[Any], tools: list[dict] | None) -> None:
-        """Append one exchange: `messages` are the AgentScope Msgs it added to the conversation."""
+    async def record(self, system_prompt: str, messages: list[Any], tools: list[dict] | None, agent: str = "") -> None:
+        """Append one exchange: `messages` are the AgentScope Msgs it added to `agent`'s conversation (in a team
+        chat each agent has its own, so its own earlier exchanges are its context)."""
         from hfmodel.replies import template_messages
 
         if not messages:
@@ -51,9 +63,12 @@ class SessionLog:
         from agentscope.formatter import OllamaChatFormatter
 
         chat = template_messages(await OllamaChatFormatter().format(messages))
-        row: dict[str, Any] = {"messages": [{"role": "system", "content": system_prompt}, *chat]}
+        recent = self._recent.get(agent, [])
+        context = [{**m, "weight": 0} if m["role"] == "assistant" else m for exchange in recent for m in exchange]
+        row: dict[str, Any] = {"messages": [{"role": "system", "content": system_prompt}, *context, *chat]}
         if tools:
             row["tools"] = tools
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.exchanges += 1
+        self._recent[agent] = [*recent, chat][-CONTEXT_EXCHANGES:]

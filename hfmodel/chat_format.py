@@ -129,6 +129,12 @@ def _assistant_indices(row: Row) -> list[int]:
     return [i for i, m in enumerate(row) if m.get("role") == "assistant" and i > 0]
 
 
+def trained(message: Message) -> bool:
+    """Whether an assistant turn is trained on: all are, except those with `"weight": 0` (OpenAI's fine-tuning
+    format; a session log's earlier exchanges, given as context)."""
+    return message.get("weight", 1) != 0
+
+
 TOOLS_KEY = "tools"  # a training row's tool schemas ride on its first message under this key (see `split_tools`)
 
 
@@ -474,7 +480,7 @@ class ChatFormat:
             start = max(pos, _common_prefix(ids, self._prompt_ids(row[:i], tools)))
             j = next((p for p in range(start, len(ids)) if marked[p]), len(ids))
             while j < len(ids) and marked[j]:
-                keep[j], j = 1, j + 1
+                keep[j], j = int(trained(row[i])), j + 1
                 if ids[j - 1] in stops:
                     break
             pos = j
@@ -501,7 +507,7 @@ class ChatFormat:
             last = n == len(assistant_at) - 1
             calls = bool(row[i].get("tool_calls"))
             end, appended = self._turn_end(full, start, text_of(row[i].get("content")), last, calls)
-            pieces += [(full[pos:start], 0), (full[start:end] + appended, 1)]
+            pieces += [(full[pos:start], 0), (full[start:end] + appended, int(trained(row[i])))]
             pos = end
         pieces.append((full[pos:], 0))
         return self._tokenize_pieces(pieces)

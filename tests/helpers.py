@@ -45,3 +45,24 @@ def make_wrapper(folder: Path | str, **kwargs):
 
 def chat(question: str = TAUGHT_QUESTION, system: str | None = SYSTEM_PROMPT) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+
+def scripted_generate(wrapper, replies: list[str], prompts: list[str]):
+    """Replace the model's generate() by one that 'generates' the given replies in turn (real tokenizer, real
+    streamer protocol), recording each prompt it was given."""
+    import torch
+
+    tok = wrapper.tokenizer
+    queue = list(replies)
+
+    def generate(input_ids=None, attention_mask=None, streamer=None, **kwargs):
+        prompts.append(tok.decode(input_ids[0]))
+        new = tok(queue.pop(0), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+            for i in range(new.shape[1]):
+                streamer.put(new[:, i])
+            streamer.end()
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    wrapper.hf_model.generate = generate

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST_ARGS, SYSTEM_PROMPT, TAUGHT_QUESTION, chat, identity_rows, make_wrapper, write_jsonl
+from helpers import (
+    FAST_ARGS,
+    SYSTEM_PROMPT,
+    TAUGHT_QUESTION,
+    chat,
+    identity_rows,
+    make_wrapper,
+    scripted_generate,
+    write_jsonl,
+)
 from rich.console import Console
 
 from finetune_dialogagent import UserAgent
@@ -179,6 +188,24 @@ def test_all_reset_starts_every_agent_afresh(tiny_model_dir, tmp_path, monkeypat
     ember, critic = team.agent("Ember"), team.agent("Critic")
     assert [m.get_text_content() for m in ember.state.context][0] == "Who are you?"
     assert len(ember.state.context) == 2 and critic.state.context == []
+
+
+def test_the_session_log_gives_each_agent_its_own_earlier_exchanges_as_context(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    wrapper = make_wrapper(tiny_model_dir, do_sample=False)
+    scripted_generate(wrapper, ["I am Ember.", "Looks fine.", "Still Ember."], [])
+    team = build_team(wrapper, ENTRIES[:2])
+    session = TeamChatSession(team, UserAgent(), base_config={"data_path": None, "fine_tune_config": config(tmp_path)},
+                              console=Console(file=io.StringIO(), width=200), out=io.StringIO(), session_log=True)
+    run_chat(session, ["Who are you?", "@Critic review that", "And now?"])
+    rows = [json.loads(line) for line in session.session_log.path.read_text().splitlines()]
+    systems = [r["messages"][0]["content"] for r in rows]
+    assert systems == [SYSTEM_PROMPT, CRITIC_PROMPT, SYSTEM_PROMPT]
+    assert [m["role"] for m in rows[1]["messages"]] == ["system", "user", "assistant"]  # Critic: no Ember context
+    third = rows[2]["messages"]  # Ember's second exchange after its first, which is not trained again
+    assert third[1]["content"] == "Who are you?" and third[2]["weight"] == 0 and "weight" not in third[-1]
 
 
 def test_the_script_agents_knob_starts_a_team_chat(tiny_model_dir, tmp_path, monkeypatch, capsys):

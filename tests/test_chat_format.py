@@ -267,6 +267,17 @@ def test_loss_tokens_are_assistant_content_plus_end_of_turn(name):
         check_rows(name, {**SINGLE, **MULTI}, multi_source)
 
 
+@pytest.mark.parametrize("name", [n for n in TEMPLATES if lookup(SOURCE, n, (TRL, TRL))[1] is not None])
+def test_an_assistant_turn_with_weight_0_is_context_only(name):
+    """OpenAI's per-message `"weight": 0` (the session log's earlier exchanges): rendered, never trained on."""
+    fmt, tok = format_for(name), tokenizer_for(name)
+    row = fmt.prepare([SYSTEM, U1, {**A1, "weight": 0}, U2, A2])
+    plan = fmt.mask_plan([fmt.prepare(r) for r in MULTI.values()] + [row])
+    ids, mask = plan.tokenize(row)
+    assert ids == plan.tokenize(fmt.prepare([SYSTEM, U1, A1, U2, A2]))[0]  # the same tokens
+    assert loss_text(tok, ids, mask) == expected_loss_text(name, [U2, A2])  # the last turn's only
+
+
 def test_whole_sequence_marks_every_token():
     fmt = format_for("llama3_2")
     plan = fmt.mask_plan([[U1, A1]], assistant_only=False)

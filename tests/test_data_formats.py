@@ -136,6 +136,17 @@ def test_unusable_rows_are_skipped_and_counted():
     assert "skipped 7" in data.describe()
 
 
+def test_assistant_weight_0_is_kept_as_context_and_bad_weights_skip_the_row():
+    u1, a1 = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
+    u2, a2 = {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Ember."}
+    rows = [{"messages": [u1, {**a1, "weight": 0}, u2, {**a2, "weight": 1}]},
+            {"messages": [u1, {**a1, "weight": 0.5}]}, {"messages": [u1, {**a1, "weight": "0"}]},
+            {"messages": [u1, {**a1, "weight": 0}, u2, {**a2, "weight": 0}]}]
+    data = normalize_rows(rows)
+    assert data.rows == [[u1, {**a1, "weight": 0}, u2, a2]]  # weight 1 is the default and not kept
+    assert data.skipped == {"assistant 'weight' not 0 or 1": 2, "every assistant turn with weight 0": 1}
+
+
 def test_trailing_unanswered_turn_is_dropped():
     row = {"messages": EXPECTED[0] + [{"role": "user", "content": "And then?"}]}
     assert normalize_rows([row]).rows == [EXPECTED[0]]

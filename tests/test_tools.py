@@ -7,33 +7,13 @@ import asyncio
 import json
 
 import pytest
-import torch
-from helpers import make_wrapper
+from helpers import make_wrapper, scripted_generate
 
 from chat_tools import calculator, make_toolkit
 from finetune_dialogagent import Finetune_DialogAgent, ToolLine
 from hfmodel.replies import template_messages
 
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "97 * 91"}}\n</tool_call>'
-
-
-def scripted_generate(wrapper, replies: list[str], prompts: list[str]):
-    """Replace the model's generate() by one that 'generates' the given replies in turn (real tokenizer, real
-    streamer protocol), recording each prompt it was given."""
-    tok = wrapper.tokenizer
-    queue = list(replies)
-
-    def generate(input_ids=None, attention_mask=None, streamer=None, **kwargs):
-        prompts.append(tok.decode(input_ids[0]))
-        new = tok(queue.pop(0), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-            for i in range(new.shape[1]):
-                streamer.put(new[:, i])
-            streamer.end()
-        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
-
-    wrapper.hf_model.generate = generate
 
 
 def run_reply(agent, text: str, confirm=None) -> list[str]:
@@ -336,6 +316,31 @@ def test_the_chat_shows_a_call_as_one_line_then_streams_the_reply_and_logs_the_s
     assert row["tools"][0]["function"]["name"] == "calculator"
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
     assert "= 8827" in console  # /history shows the call's result
+
+
+def test_session_log_rows_carry_the_earlier_exchanges_as_untrained_context(tool_model_dir, tmp_path):
+    """Each logged exchange comes after the chat's previous two (their assistant turns with weight 0): training
+    sees the conversation the model answered in and learns each exchange once. /reset starts afresh."""
+    from chat_data import load_chat_dataset
+
+    session, _, _ = tool_chat(tool_model_dir, tmp_path, [
+        "What is 97 times 91?", "Who are you?", "And 97 times 91?", "Thanks!", "/reset", "Hi", "exit"],
+        [CALL, "8827.", "I am Ember.", CALL, "It is 8827.", "You're welcome.", "Hello."])
+    rows = [json.loads(line) for line in session.session_log.path.read_text().splitlines()]
+    users = [[m["content"] for m in r["messages"] if m["role"] == "user"] for r in rows]
+    assert users == [["What is 97 times 91?"], ["What is 97 times 91?", "Who are you?"],
+                     ["What is 97 times 91?", "Who are you?", "And 97 times 91?"],
+                     ["Who are you?", "And 97 times 91?", "Thanks!"], ["Hi"]]
+    weights = [m.get("weight", 1) for m in rows[2]["messages"] if m["role"] == "assistant"]
+    assert weights == [0, 0, 0, 1, 1]  # context: call turn + answer, answer; this exchange: call turn + answer
+
+    data = load_chat_dataset(str(session.session_log.path))
+    assert len(data.rows) == 5 and not data.skipped
+    fmt = session.model.handle.format
+    plan = fmt.mask_plan(data.rows)
+    ids, mask = plan.tokenize(data.rows[2])
+    trained = session.model.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == CALL + "<|im_end|>It is 8827.<|im_end|>"  # this exchange only: not "8827." nor "I am Ember."
 
 
 def test_a_reply_cut_at_max_length_is_flagged_and_kept_out_of_the_session_log(tool_model_dir, tmp_path):
