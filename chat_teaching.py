@@ -7,6 +7,7 @@ printing; keeping them apart keeps each file to one kind of work.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,12 @@ class Taught:
     rejected: str | None = None  # the reply /teach replaced (None: the reply was kept); DPO's rejected answer
     call: dict[str, Any] | None = None  # /teach call: the tool call to make instead ({"name", "arguments"})
     tools: list[dict] | None = None  # the tool schemas the agent offered when this was taught
+    steps: list[dict[str, Any]] | None = None  # a kept reply that called tools: its calls, results and answer
+
+    @property
+    def uses_tools(self) -> bool:
+        """A call is part of the taught answer (trained as SFT with its tools; the preference rows carry none)."""
+        return self.call is not None or bool(self.steps)
 
 
 class TeachingCommands:
@@ -69,6 +76,7 @@ class TeachingCommands:
     taught: list[Taught]
     taught_path: Path | None
     marks: list[Marked]
+    loop: asyncio.AbstractEventLoop
 
     if TYPE_CHECKING:
         def print(self, *renderables: Any) -> None: ...
@@ -99,12 +107,25 @@ class TeachingCommands:
 
     @staticmethod
     def _taught_row(taught: Taught) -> dict[str, Any]:
-        if taught.call is None:
-            answer: dict[str, Any] = {"role": "assistant", "content": taught.answer}
+        if taught.steps:
+            answer: list[dict[str, Any]] = taught.steps
+        elif taught.call is None:
+            answer = [{"role": "assistant", "content": taught.answer}]
         else:
-            answer = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": taught.call}]}
-        row: dict[str, Any] = {"messages": [{"role": "user", "content": taught.prompt}, answer]}
+            answer = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": taught.call}]}]
+        row: dict[str, Any] = {"messages": [{"role": "user", "content": taught.prompt}, *answer]}
         return {**row, "tools": taught.tools} if taught.tools else row
+
+    def _reply_steps(self, reply_index: int) -> list[dict[str, Any]] | None:
+        """The reply's tool calls, their results and its answer as training messages (None: it called no tool)."""
+        reply = self.assistant.state.context[reply_index]
+        if not any(b.type == "tool_call" for b in reply.get_content_blocks()):
+            return None
+        from agentscope.formatter import OllamaChatFormatter
+
+        from hfmodel.replies import template_messages
+
+        return template_messages(self.loop.run_until_complete(OllamaChatFormatter().format([reply])))
 
     def cmd_teach(self, args: list[str]) -> None:
         if args[:1] == ["call"]:
@@ -113,23 +134,27 @@ class TeachingCommands:
         user_index, prompt, reply_index = self._last_turn()
         context = self.assistant.state.context
         answer = " ".join(args)
-        rejected = None
+        rejected, steps = None, None
         if answer:
             corrected = AssistantMsg(name=self.assistant.name, content=answer)
             if reply_index is None:
                 context.append(corrected)
             else:
-                rejected = context[reply_index].get_text_content() or None
+                # A replaced reply that called tools is no DPO rejected answer: the pairs carry no tools.
+                if self._reply_steps(reply_index) is None:
+                    rejected = context[reply_index].get_text_content() or None
                 context[reply_index] = corrected
         else:
             if reply_index is None:
                 raise CommandError("There is no reply to keep yet; give the better answer: /teach <answer>.")
             answer = context[reply_index].get_text_content() or ""
+            steps = self._reply_steps(reply_index)  # kept with its calls: without them it would teach skipping them
         # Trained as the chat renders it: with the tools the agent offers (none offered: none rendered).
-        self.taught.append(Taught(prompt, answer, rejected, tools=self._tool_schemas() or None))
+        self.taught.append(Taught(prompt, answer, rejected, tools=self._tool_schemas() or None, steps=steps))
         path = self._save_taught()
+        calls = f" (with its {sum(bool(m.get('tool_calls')) for m in steps)} tool call turn(s))" if steps else ""
         self.print(f"Taught example {len(self.taught)}: [italic]{plain(prompt)}[/] -> "
-                   f"[italic]{plain(answer)}[/] (saved to {plain(str(path))}; /train to learn it"
+                   f"[italic]{plain(answer)}[/]{calls} (saved to {plain(str(path))}; /train to learn it"
                    + ("; the replaced reply is kept as the rejected answer for /train method=dpo)." if rejected
                       else ")."))
 
@@ -218,8 +243,9 @@ class TeachingCommands:
         if method in ("dpo", "orpo"):
             return [Pair(prompt(t.prompt), t.answer, t.rejected).to_row() for t in self.taught
                     if t.rejected and t.rejected.strip() != t.answer.strip()]
-        marked = [Marked(prompt(t.prompt), t.answer, True) for t in self.taught]
-        marked += [Marked(prompt(t.prompt), t.rejected, False) for t in self.taught if t.rejected]
+        texts = [t for t in self.taught if not t.uses_tools]  # a taught call's text alone would teach skipping it
+        marked = [Marked(prompt(t.prompt), t.answer, True) for t in texts]
+        marked += [Marked(prompt(t.prompt), t.rejected, False) for t in texts if t.rejected]
         return [m.to_row() for m in marked + self.marks]
 
     def _replay_preferences(self) -> PreferenceDataset | None:
@@ -248,6 +274,10 @@ class TeachingCommands:
         reply = self.assistant.state.context[reply_index].get_text_content() if reply_index is not None else None
         if not reply or not reply.strip():
             raise CommandError("There is no reply to mark yet: ask something first.")
+        if reply_index is not None and self._reply_steps(reply_index) is not None:
+            raise CommandError("That reply called a tool, and /good and /bad marks train without tools (KTO): the "
+                               "model would learn to answer without the call. /teach keeps the reply with its calls "
+                               "(SFT); /teach call <tool> <json arguments> teaches a different call.")
         self.marks.append(Marked([{"role": "user", "content": prompt}], reply, good))
         self.print(f"Marked the last reply {'good' if good else 'bad'} ({len(self.marks)} marked; "
                    "/train method=kto learns from the marks).")

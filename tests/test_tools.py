@@ -434,6 +434,31 @@ def test_teach_call_records_a_corrected_tool_call_that_training_reads(tool_model
     assert tools[0]["function"]["name"] == "calculator"
 
 
+def test_teach_keeps_a_tool_reply_with_its_calls_and_marks_refuse_one(tool_model_dir, tmp_path):
+    """/teach with no text keeps the reply as taught: for a reply that called a tool, the call, its result and the
+    answer (the answer alone would teach skipping the call). /good and /bad, which train without tools (KTO),
+    refuse such a reply; a reply it replaced is no DPO rejected answer; KTO rows leave tool examples out."""
+    from chat_data import load_chat_dataset
+
+    session, _, console = tool_chat(tool_model_dir, tmp_path, [
+        "What is 97 times 91?", "/teach", "/good", "/teach It is 8827.", "exit"], [CALL, "97 times 91 is 8827."])
+    assert "with its 1 tool call turn(s)" in console and "That reply called a tool" in console
+    assert "kept as the rejected answer" not in console and session.marks == []
+    kept, typed = session.taught
+    assert typed.rejected is None and typed.steps is None
+    data = load_chat_dataset(str(session.taught_path))
+    assert not data.skipped
+    row = data.rows[0]
+    assert [m["role"] for m in row] == ["user", "assistant", "tool", "assistant"]
+    assert row[1]["tool_calls"][0]["function"]["arguments"] == {"expression": "97 * 91"}
+    assert row[2]["content"] == "8827" and row[3]["content"] == "97 times 91 is 8827."
+    ids, mask = session.model.handle.format.mask_plan(data.rows).tokenize(data.rows[0])
+    trained = session.model.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == CALL + "<|im_end|>97 times 91 is 8827.<|im_end|>"
+    kto = session._preference_rows("kto")
+    assert [r["completion"][0]["content"] for r in kto] == ["It is 8827."]  # the kept tool reply is left out
+
+
 def test_report_probes_and_compare_answer_with_the_agents_tools(tool_model_dir, tmp_path):
     """A probe answers as the chat would: the call runs and shows as its line, then the reply; the conversation and
     the generation settings are untouched."""
