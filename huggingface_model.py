@@ -294,12 +294,10 @@ class HuggingFaceWrapper(ChatModelBase):
             reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, offered)
             content, only_repeats = replies.without_repeats(
                 replies.whole_reply(self.handle.format, reply.text, chat, offered, self._count_unread), failed)
-            spent = (0, 0)
-            if only_repeats:  # answer from the results it has
-                spent = (reply.input_tokens, reply.output_tokens)
+            if only_repeats:  # answer from the results it has (the usage is the answer's, as when streaming)
                 reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, None)
                 content = [b for b in content if b.type == "text"] + [TextBlock(text=reply.text)]
-            return ChatResponse(content=content, is_last=True, usage=replies.usage(reply, started, spent))
+            return ChatResponse(content=content, is_last=True, usage=replies.usage(reply, started))
         return replies.stream_responses(self.engine, self.handle.format, self.parameters, chat, kwargs, offered,
                                         self._count_unread, failed)
 

@@ -229,7 +229,6 @@ async def stream_responses(engine: Any, fmt: ChatFormat, parameters: Any, chat: 
     started = time.perf_counter()
     block_id, response_id = f"hf-{time.time_ns()}", f"reply-{time.time_ns()}"
     reader = StreamReader(fmt, chat, tools)
-    spent = (0, 0)
     async for item in engine.stream(chat, parameters, overrides, tools):
         if isinstance(item, Generated):
             blocks = reader.finish()
@@ -240,20 +239,18 @@ async def stream_responses(engine: Any, fmt: ChatFormat, parameters: Any, chat: 
                 if isinstance(block, TextBlock):
                     block = TextBlock(text=block.text, id=block_id)
                 yield ChatResponse(content=[block], is_last=False, id=response_id)
-            if only_repeats:
-                spent = (item.input_tokens, item.output_tokens)
+            if only_repeats:  # the usage is the answer's: its output tokens tell whether it was cut at max_length
                 async for again in engine.stream(chat, parameters, overrides, None):
                     if isinstance(again, Generated):
                         item = again
                     elif again:
                         yield ChatResponse(content=[TextBlock(text=again, id=block_id)], is_last=False,
                                            id=response_id)
-            yield ChatResponse(content=[], is_last=False, id=response_id, usage=usage(item, started, spent))
+            yield ChatResponse(content=[], is_last=False, id=response_id, usage=usage(item, started))
         elif text := reader.feed(item):
             yield ChatResponse(content=[TextBlock(text=text, id=block_id)], is_last=False, id=response_id)
 
 
-def usage(reply: Generated, started: float, spent: tuple[int, int] = (0, 0)) -> ChatUsage:
-    """Tokens of `reply` (plus `spent` by an earlier generation of the same reply) and the time since `started`."""
-    return ChatUsage(input_tokens=reply.input_tokens + spent[0], output_tokens=reply.output_tokens + spent[1],
+def usage(reply: Generated, started: float) -> ChatUsage:
+    return ChatUsage(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
                      time=time.perf_counter() - started)
