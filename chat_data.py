@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hfmodel.chat_format import TOOLS_KEY
+from hfmodel.chat_format import TOOLS_KEY, trained
 from hfmodel.common import UserError
 
 logger = logging.getLogger("huggingface_model")
@@ -525,7 +525,7 @@ def _validate_conversation(messages: Conversation) -> Conversation:
         if len(body) == 1:
             raise _SkipRow("no assistant turn")
         body = body[:-1]  # a trailing unanswered user turn carries no training signal
-    if all(m.get("weight", 1) == 0 for m in body if m["role"] == "assistant"):
+    if not any(trained(m) for m in body if m["role"] == "assistant"):
         raise _SkipRow("every assistant turn with weight 0")
     return system + body
 

@@ -116,16 +116,16 @@ class TeachingCommands:
         row: dict[str, Any] = {"messages": [{"role": "user", "content": taught.prompt}, *answer]}
         return {**row, "tools": taught.tools} if taught.tools else row
 
+    def _called_tools(self, reply_index: int) -> bool:
+        return any(b.type == "tool_call" for b in self.assistant.state.context[reply_index].get_content_blocks())
+
     def _reply_steps(self, reply_index: int) -> list[dict[str, Any]] | None:
         """The reply's tool calls, their results and its answer as training messages (None: it called no tool)."""
-        reply = self.assistant.state.context[reply_index]
-        if not any(b.type == "tool_call" for b in reply.get_content_blocks()):
+        if not self._called_tools(reply_index):
             return None
-        from agentscope.formatter import OllamaChatFormatter
+        from hfmodel.replies import chat_messages
 
-        from hfmodel.replies import template_messages
-
-        return template_messages(self.loop.run_until_complete(OllamaChatFormatter().format([reply])))
+        return self.loop.run_until_complete(chat_messages([self.assistant.state.context[reply_index]]))
 
     def cmd_teach(self, args: list[str]) -> None:
         if args[:1] == ["call"]:
@@ -141,7 +141,7 @@ class TeachingCommands:
                 context.append(corrected)
             else:
                 # A replaced reply that called tools is no DPO rejected answer: the pairs carry no tools.
-                if self._reply_steps(reply_index) is None:
+                if not self._called_tools(reply_index):
                     rejected = context[reply_index].get_text_content() or None
                 context[reply_index] = corrected
         else:
@@ -274,7 +274,7 @@ class TeachingCommands:
         reply = self.assistant.state.context[reply_index].get_text_content() if reply_index is not None else None
         if not reply or not reply.strip():
             raise CommandError("There is no reply to mark yet: ask something first.")
-        if reply_index is not None and self._reply_steps(reply_index) is not None:
+        if reply_index is not None and self._called_tools(reply_index):
             raise CommandError("That reply called a tool, and /good and /bad marks train without tools (KTO): the "
                                "model would learn to answer without the call. /teach keeps the reply with its calls "
                                "(SFT); /teach call <tool> <json arguments> teaches a different call.")

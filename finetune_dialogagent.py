@@ -22,6 +22,7 @@ from agentscope.event import (
 )
 from agentscope.message import Msg, ToolCallBlock, UserMsg
 
+from hfmodel.replies import result_text
 from huggingface_model import FineTuneError, FineTuneResult, HuggingFaceWrapper, ModelLoadError
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
@@ -120,9 +121,7 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
                 elif block.type == "tool_call":
                     parts.append(ToolLine.of({"name": block.name, "input": block.input, "output": ""}).rstrip(" ="))
                 elif block.type == "tool_result":
-                    output = block.output if isinstance(block.output, str) else " ".join(
-                        getattr(b, "text", "") for b in block.output)
-                    parts.append(f"= {' '.join(output.split())[:200]}")
+                    parts.append(f"= {' '.join(result_text(block).split())[:200]}")
             out.append({"role": m.role, "content": "\n".join(p for p in parts if p)})
         return out
 

@@ -56,13 +56,11 @@ class SessionLog:
     async def record(self, system_prompt: str, messages: list[Any], tools: list[dict] | None, agent: str = "") -> None:
         """Append one exchange: `messages` are the AgentScope Msgs it added to `agent`'s conversation (in a team
         chat each agent has its own, so its own earlier exchanges are its context)."""
-        from hfmodel.replies import template_messages
+        from hfmodel.replies import chat_messages
 
         if not messages:
             return
-        from agentscope.formatter import OllamaChatFormatter
-
-        chat = template_messages(await OllamaChatFormatter().format(messages))
+        chat = await chat_messages(messages)
         recent = self._recent.get(agent, [])
         context = [{**m, "weight": 0} if m["role"] == "assistant" else m for exchange in recent for m in exchange]
         row: dict[str, Any] = {"messages": [{"role": "system", "content": system_prompt}, *context, *chat]}

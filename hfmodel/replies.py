@@ -49,6 +49,18 @@ def template_messages(formatted: list[dict[str, Any]]) -> Chat:
     return out
 
 
+async def chat_messages(messages: list[Any]) -> Chat:
+    """AgentScope messages as chat-template messages (tool calls and results included), as the model sees them."""
+    from agentscope.formatter import OllamaChatFormatter
+
+    return template_messages(await OllamaChatFormatter().format(messages))
+
+
+def result_text(block: Any) -> str:
+    """A tool result block's output as text."""
+    return block.output if isinstance(block.output, str) else " ".join(getattr(b, "text", "") for b in block.output)
+
+
 def _arguments(value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         return value
@@ -102,9 +114,7 @@ def failed_calls(messages: list[Any]) -> set[CallKey]:
             if block.type == "tool_call":
                 made[block.id] = _key(block.name, block.input)
             elif block.type == "tool_result" and block.id in made:
-                output = block.output if isinstance(block.output, str) else " ".join(
-                    getattr(b, "text", "") for b in block.output)
-                if block.state in ("error", "denied") or output.lstrip().lower().startswith("error"):
+                if block.state in ("error", "denied") or result_text(block).lstrip().lower().startswith("error"):
                     failed.add(made[block.id])
     return failed
 
