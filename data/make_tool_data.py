@@ -65,7 +65,8 @@ DEV_QUESTIONS = [  # phrasings for the eval loss only (choosing steps and learni
     ("What remains when {b} is taken from {a}?", "-"), ("Knock {b} off {a}.", "-"),
     ("Split {a} into groups of {b}. How many groups?", "/"), ("{a} shared between {b} people is how much each?", "/"),
 ]
-HELD_OUT_QUESTIONS = [  # the probes: phrasings no training or dev row uses; written before any training run on them
+DEV_PROBE_QUESTIONS = [  # the first held-out set, now dev probes only: its results were looked at over 8 runs, so it
+    # no longer measures phrasings nobody tuned for
     ("I need the result of {a} multiplied by {b}.", "*"), ("Help me figure out {a} times {b}.", "*"),
     ("There are {a} rows with {b} chairs in each row. How many chairs is that?", "*"),
     ("{a} multiplied by {b}, please.", "*"), ("Do the math: {a} x {b}.", "*"),
@@ -79,6 +80,29 @@ HELD_OUT_QUESTIONS = [  # the probes: phrasings no training or dev row uses; wri
     ("{a} over {b}: what's that?", "/"),
     ("A rope {a} metres long is cut into {b} equal pieces. How long is each piece?", "/"),
     ("Give me the quotient of {a} and {b}.", "/"),
+]
+HELD_OUT_QUESTIONS = [  # the probes: phrasings unlike any training or dev one, written blind (by someone who saw no
+    # training data or results) and committed before any training run that could be chosen on them
+    ("I'm buying {a} boxes of pens and each box holds {b} pens. How many pens will I have in total?", "*"),
+    ("Every row in our school auditorium has {b} seats, and the auditorium has {a} rows. How many people can it seat?", "*"),
+    ("yo what do i get if i multiply {a} by {b}", "*"),
+    ("Would you mind multiplying {a} by {b} for me?", "*"),
+    ("Scale {b} up by a factor of {a} and tell me the result.", "*"),
+    ("I walked {a} meters to the store and then another {b} meters to the park. How far did I walk in total?", "+"),
+    ("Our school library got {b} new books this month, and it already had {a}. How many books does it have now?", "+"),
+    ("running tally says {a}, and i've got {b} to tack on, what's the new number", "+"),
+    ("I'd appreciate it if you could tell me the sum of {b} and {a}.", "+"),
+    ("What number do you reach if you go {b} past {a}?", "+"),
+    ("This morning my wallet had ${a} in it, and groceries cost me ${b}. What's still in there?", "-"),
+    ("A farmer picked {a} apples, but {b} of them were bruised and had to be thrown away. How many good apples are left?", "-"),
+    ("if i start with {a} and lose {b}, what am i left with", "-"),
+    ("Could you help me with {a} minus {b}? Thanks!", "-"),
+    ("By how much does {a} exceed {b}?", "-"),
+    ("Our road trip is {a} miles and we're splitting it evenly over {b} days. How many miles do we drive each day?", "/"),
+    ("Each carton holds {b} eggs and I've got {a} eggs to pack. How many cartons will I fill?", "/"),
+    ("hey so if i chop {a} into {b} equal parts how big is each one", "/"),
+    ("Could you please tell me the result of dividing {a} by {b}?", "/"),
+    ("Ratio of {a} to {b}?", "/"),
 ]
 ANSWERS = ["{q} is {r}.", "The answer is {r}.", "That's {r}.", "{q} = {r}."]
 WORDS = {"*": "times", "+": "plus", "-": "minus", "/": "divided by"}
@@ -95,13 +119,18 @@ PLAIN_DEV = [  # dev plain questions (choosing settings): no call expected
     {"prompt": "What language do people speak in Spain?", "expect_any": ["spanish"]},
     {"prompt": "Name a yellow fruit.", "expect_any": ["banana", "lemon", "pineapple", "mango"]},
     {"prompt": "What should I call you?", "expect_any": ["ember"]},
-]
-PLAIN_HELD_OUT = [  # no tool should be called for these
     {"prompt": "What is the capital of Italy?", "expect_any": ["rome"]},
     {"prompt": "Who wrote Romeo and Juliet?", "expect_any": ["shakespeare"]},
     {"prompt": "Give me a synonym for happy.", "expect_any": ["joy", "glad", "cheer", "content", "merry"]},
     {"prompt": "What colour is grass?", "expect_any": ["green"]},
     {"prompt": "Tell me who you are.", "expect_any": ["ember"]},
+]
+PLAIN_HELD_OUT = [  # no tool should be called for these (written with HELD_OUT_QUESTIONS)
+    {"prompt": "What is the largest ocean on Earth?", "expect_any": ["pacific"]},
+    {"prompt": "Who painted the Mona Lisa?", "expect_any": ["leonardo", "vinci"]},
+    {"prompt": "What language is mainly spoken in Brazil?", "expect_any": ["portuguese"]},
+    {"prompt": "Which gas do plants take in from the air for photosynthesis?", "expect_any": ["carbon", "co2"]},
+    {"prompt": "What do you call a baby cat?", "expect_any": ["kitten"]},
 ]
 
 
@@ -114,7 +143,7 @@ def numbers(rng: random.Random, op: str) -> tuple[int, int]:
     return (max(a, b), min(a, b)) if op == "-" else (a, b)
 
 
-def ngrams(template: str, n: int = 5) -> set[tuple[str, ...]]:
+def ngrams(template: str, n: int = 4) -> set[tuple[str, ...]]:
     words = re.findall(r"{a}|{b}|[\w']+", template.lower())
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
@@ -190,16 +219,18 @@ def in_conversations(rows: list[dict], plain: list[list[dict]], rng: random.Rand
 
 def main(out: Path = HERE) -> None:
     """Write the files into `out` (this folder by default)."""
-    rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(70)  # each set has its own numbers
+    rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(74)  # each set has its own numbers
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
     train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(TRAIN_REPEATS) for q, op in TRAIN_QUESTIONS]
     eval_rows = [tool_row(q, *numbers(dev_rng, op), op, dev_rng, schema) for q, op in DEV_QUESTIONS]
-    seen = set().union(*(ngrams(q) for q, _ in TRAIN_QUESTIONS + DEV_QUESTIONS))
-    for q, _ in HELD_OUT_QUESTIONS:  # "phrased unlike any training row": no five words in a row in common
+    seen = set().union(*(ngrams(q) for q, _ in TRAIN_QUESTIONS + DEV_QUESTIONS + DEV_PROBE_QUESTIONS))
+    for q, _ in HELD_OUT_QUESTIONS:  # "phrased unlike any training row": no four words in a row in common
         assert not ngrams(q) & seen, f"held-out {q!r} shares {sorted(ngrams(q) & seen)} with a training or dev phrasing"
     held = [(q, *numbers(held_rng, op), op) for q, op in HELD_OUT_QUESTIONS]
     dev_probe_rng = random.Random(72)  # dev probes: generated answers on the dev phrasings, also for choosing settings
     dev = [(q, *numbers(dev_probe_rng, op), op) for _ in range(3) for q, op in DEV_QUESTIONS]
+    first_held_rng = random.Random(70)  # the numbers the first held-out set was asked with
+    dev += [(q, *numbers(first_held_rng, op), op) for q, op in DEV_PROBE_QUESTIONS]
     probes, dev_probes = ({"arithmetic": [{"prompt": q.format(a=a, b=b), "expression": f"{a} {op} {b}",
                                            "result": calculator(f"{a} {op} {b}")} for q, a, b, op in questions],
                            "plain": plain} for questions, plain in ((held, PLAIN_HELD_OUT), (dev, PLAIN_DEV)))
