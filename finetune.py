@@ -4,6 +4,7 @@ Commands (run from the project folder, inside the venv):
 
     python finetune.py --config configs/finetune/demo.yaml
     python finetune.py --config configs/finetune/demo.yaml --set training_args.max_steps=40 --set model.device=cpu
+    python finetune.py --config configs/finetune/demo.yaml --retrain   # train again though an identical run exists
     accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml finetune.py --config configs/finetune/demo.yaml
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml finetune.py --config configs/finetune/demo.yaml
     torchrun --nproc_per_node 2 finetune.py --config configs/finetune/demo.yaml
@@ -360,6 +361,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML or JSON file: model, data_path, fine_tune_config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one value, e.g. training_args.max_steps=40 or model.device=cpu (repeatable)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train even if an identical earlier run's adapter exists (= --set force_retrain=true)")
     parser.add_argument("--estimate-memory", action="store_true",
                         help="print the LoRA/QLoRA GPU memory table (0.5B-70B) and exit")
     parser.add_argument("--seq-len", type=int, default=2048, help="for --estimate-memory (default 2048)")
@@ -385,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.config:
             raise InputError("give --config CONFIG.yaml (or --estimate-memory); see `python finetune.py --help`")
-        config = load_config(args.config, args.set)  # light imports only: bad input fails in a second
+        sets = args.set + ["force_retrain=true"] * args.retrain
+        config = load_config(args.config, sets)  # light imports only: bad input fails in a second
         logs = output_dir(config)
         return run(config)
     except (KeyboardInterrupt, FineTuneInterrupted) as e:

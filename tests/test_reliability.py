@@ -224,6 +224,18 @@ def test_finetune_py_names_an_unexpected_failure_in_one_line_with_the_log_exit_2
     assert log.name == "errors.log" and "Traceback" in log.read_text() and "more detail" in log.read_text()
 
 
+def test_finetune_py_reuses_an_identical_run_and_retrain_trains_again(finetune_cli, tmp_path):  # noqa: F811
+    """The reuse message points to `--retrain`; finetune.py takes it (force_retrain=true) and trains anew."""
+    status, out, err = finetune_cli()
+    assert status == 0, err
+    status, out, err = finetune_cli()
+    assert status == 0 and "reused an identical earlier run" in out, out + err
+    assert len(list((tmp_path / "runs").glob("*/run.json"))) == 1
+    status, out, err = finetune_cli("--retrain")
+    assert status == 0 and "reused" not in out, out + err
+    assert len(list((tmp_path / "runs").glob("*/run.json"))) == 2
+
+
 # ------------------------------------------------------------------------------------------ 4. non-finite training
 
 
