@@ -78,6 +78,12 @@ def _format(value: float | int) -> str:
 
 
 SHIPPED: tuple[Callable[..., Any], ...] = (calculator,)
+PURE: tuple[Callable[..., Any], ...] = (calculator,)  # the result depends only on the arguments
+
+
+def pure_tool_names(tools: list[Any]) -> set[str]:
+    """The names of the pure functions among `tools` (a toolkit list)."""
+    return {t.__name__ for t in tools if t in PURE}
 
 
 def make_toolkit(tools: list[Any] | None) -> Any:

@@ -184,6 +184,9 @@ class HuggingFaceWrapper(ChatModelBase):
         self.adapter_set = AdapterSet(self.handle)
         self.last_result: FineTuneResult | None = None
         self.unread_calls = 0  # replies whose tool-call markup could not be read (they stayed text)
+        # Tools whose result depends only on their arguments (the calculator): a call that repeats one of them that
+        # already answered in this turn is not run again; the model answers from the result it has.
+        self.pure_tools: set[str] = set()
 
         self.load_model(model_id, local_model_path)
         self.load_tokenizer(model_id, local_tokenizer_path)
@@ -288,7 +291,7 @@ class HuggingFaceWrapper(ChatModelBase):
         """Format the messages (tool calls and results included), generate, read the reply (text + tool calls)."""
         chat = await self._format(messages)
         offered = replies.offered_tools(tools, tool_choice, self.handle.format)
-        failed = replies.failed_calls(messages) if offered else set()
+        failed = replies.settled_calls(messages, self.pure_tools) if offered else set()
         if not self.stream:
             started = time.perf_counter()
             reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, offered)

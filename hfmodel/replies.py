@@ -1,14 +1,15 @@
 """Between AgentScope and the engine: AgentScope messages (with tool calls and results) as the chat template's
 messages, which tools to offer (`tool_choice`), and replies read back into text and `ToolCallBlock`s, streamed or
 whole, with transformers' response parser. A reply whose call markup does not parse stays text, with a warning.
-A call that repeats one that failed earlier in the same turn is not run again: the model answers without tools."""
+A call that repeats one of the same turn that failed, or that a pure tool already answered, is not run again: the
+model answers without tools."""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Any
 
 from agentscope.message import TextBlock, ToolCallBlock
@@ -102,30 +103,33 @@ def _key(name: str, arguments: Any) -> CallKey:
     return name, json.dumps(_arguments(arguments), sort_keys=True, ensure_ascii=False)
 
 
-def failed_calls(messages: list[Any]) -> set[CallKey]:
-    """The calls of the current turn (the messages after the last user message) that failed: a tool that raised or
-    that the user refused (AgentScope's ERROR and DENIED states), or a result text that starts with "error" (the
-    calculator's answer to bad input)."""
+def settled_calls(messages: list[Any], pure: Collection[str] = ()) -> set[CallKey]:
+    """The calls of the current turn (the messages after the last user message) that running again would not change:
+    those that failed (a tool that raised or that the user refused, AgentScope's ERROR and DENIED states, or a result
+    text that starts with "error", the calculator's answer to bad input), and those of a `pure` tool (its result
+    depends only on its arguments, like the calculator's) that returned a result."""
     start = max((i for i, m in enumerate(messages) if getattr(m, "role", None) == "user"), default=-1) + 1
     made: dict[str, CallKey] = {}
-    failed: set[CallKey] = set()
+    settled: set[CallKey] = set()
     for message in messages[start:]:
         for block in message.get_content_blocks():
             if block.type == "tool_call":
                 made[block.id] = _key(block.name, block.input)
             elif block.type == "tool_result" and block.id in made:
-                if block.state in ("error", "denied") or result_text(block).lstrip().lower().startswith("error"):
-                    failed.add(made[block.id])
-    return failed
+                failed = block.state in ("error", "denied") or result_text(block).lstrip().lower().startswith("error")
+                if failed or made[block.id][0] in pure:
+                    settled.add(made[block.id])
+    return settled
 
 
-def without_repeats(blocks: list[Any], failed: set[CallKey]) -> tuple[list[Any], bool]:
-    """`blocks` less the calls that repeat a failed call of this turn (the same tool, the same arguments: it would
-    fail again, and small models repeat it until the agent's round limit), and whether only repeats were called."""
+def without_repeats(blocks: list[Any], settled: set[CallKey]) -> tuple[list[Any], bool]:
+    """`blocks` less the calls that repeat a settled call of this turn (the same tool, the same arguments: it would
+    fail again, or give the result the model already has; small models repeat such calls until the agent's round
+    limit), and whether only repeats were called."""
     calls = [b for b in blocks if isinstance(b, ToolCallBlock)]
-    repeats = [b for b in calls if _key(b.name, b.input) in failed]
+    repeats = [b for b in calls if _key(b.name, b.input) in settled]
     for call in repeats:
-        logger.info("%s(%s) failed earlier in this turn; not run again.", call.name, call.input)
+        logger.info("%s(%s) already ran in this turn; not run again.", call.name, call.input)
     kept = [b for b in blocks if not any(b is r for r in repeats)]
     return kept, bool(repeats) and len(repeats) == len(calls)
 
@@ -235,7 +239,7 @@ async def stream_responses(engine: Any, fmt: ChatFormat, parameters: Any, chat: 
     """The engine's stream as AgentScope chunks: text as it comes (call markup held back), then the tool calls and
     the usage. Every text chunk carries the same block id, so AgentScope joins them into one text block.
     `on_unread` is called when call markup could not be read (shown as text instead). When the reply only repeats
-    calls in `failed` (see `failed_calls`), the model is asked again without tools and that answer streams on."""
+    calls in `failed` (see `settled_calls`), the model is asked again without tools and that answer streams on."""
     started = time.perf_counter()
     block_id, response_id = f"hf-{time.time_ns()}", f"reply-{time.time_ns()}"
     reader = StreamReader(fmt, chat, tools)
