@@ -25,7 +25,7 @@ from typing import Any
 
 from agentscope.credential import CredentialBase
 from agentscope.formatter import OllamaChatFormatter
-from agentscope.message import Msg, TextBlock
+from agentscope.message import Msg
 from agentscope.model import ChatModelBase, ChatResponse
 from pydantic import BaseModel, Field, ValidationError
 
@@ -298,8 +298,10 @@ class HuggingFaceWrapper(ChatModelBase):
             content, only_repeats = replies.without_repeats(
                 replies.whole_reply(self.handle.format, reply.text, chat, offered, self._count_unread), failed)
             if only_repeats:  # answer from the results it has (the usage is the answer's, as when streaming)
-                reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, None)
-                content = [b for b in content if b.type == "text"] + [TextBlock(text=reply.text)]
+                reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters,
+                                                replies.answer_overrides(self.handle.format, kwargs, offered), None)
+                content = [b for b in content if b.type == "text"] + replies.words_only(
+                    replies.whole_reply(self.handle.format, reply.text, chat, offered))
             return ChatResponse(content=content, is_last=True, usage=replies.usage(reply, started))
         return replies.stream_responses(self.engine, self.handle.format, self.parameters, chat, kwargs, offered,
                                         self._count_unread, failed)

@@ -58,6 +58,47 @@ TRAIN_QUESTIONS = [
     ("If a trip of {a} km takes {b} hours, how many km is that per hour?", "/"),
     ("{b} friends pay a {a} dollar bill equally. How much does each pay?", "/"),
 ]
+# More phrasings, written blind (by someone who saw neither the held-out probes nor any result), with everyday story
+# problems in many situations and operand orders ("{b} ... from {a}"); the few that shared three words in a row with a
+# held-out phrasing were dropped. On the dev probes (3 seeds) they raised the right calls from 35.0 to 39.3 of 44.
+MORE_QUESTIONS = [
+    ("Each of the {a} students in the class brought {b} pencils. How many pencils did they bring altogether?", "*"),
+    ("A gardener plants {a} flower beds with {b} bulbs in each bed. How many bulbs does she need?", "*"),
+    ("My dog eats {b} treats a day. How many treats does he get through in {a} days?", "*"),
+    ("A shuttle bus makes {a} trips a day and carries {b} passengers per trip. How many passengers is that daily?", "*"),
+    ("Packs of {b} batteries were on sale and I grabbed {a} packs. How many batteries did I buy?", "*"),
+    ("multiply {b} by {a} for me real quick", "*"),
+    ("Help me calculate {a} groups of {b}.", "*"),
+    ("I need the answer to {a} times {b} for my homework.", "*"),
+    ("What does {a} come to when you multiply it by {b}?", "*"),
+    ("A bus had {a} passengers and {b} more got on at the next stop. How many are on the bus now?", "+"),
+    ("Maria earned {a} dollars on Saturday and {b} dollars on Sunday. What were her total earnings?", "+"),
+    ("We had {a} jars of jam in the pantry and bought {b} more at the market. How many jars do we have?", "+"),
+    ("The recipe needs {b} grams of sugar for the cake and {a} grams for the icing. How much sugar altogether?", "+"),
+    ("pls tally {a} with {b} real quick", "+"),
+    ("Would you kindly say what {a} and {b} come to altogether?", "+"),
+    ("Grand total for {a} plus {b}?", "+"),
+    ("help me add these two numbers: {a} and {b}", "+"),
+    ("Total up {b} with {a}, please.", "+"),
+    ("There were {a} cupcakes on the tray and the kids ate {b}. How many cupcakes are left?", "-"),
+    ("A farmer had {a} eggs, but {b} broke on the way to market. How many eggs are still whole?", "-"),
+    ("{b} passengers got off the train at the first stop. If there were {a} aboard, how many stayed on?", "-"),
+    ("The snowman started with {a} grams of snow and {b} grams melted by noon. How many grams remain?", "-"),
+    ("I gave away {b} of my {a} comic books. How many comic books do I still own?", "-"),
+    ("A shop had {a} umbrellas in stock and sold {b} during the storm. How many are in stock now?", "-"),
+    ("Our printer had {a} sheets of paper and we used up {b}. How many sheets are still there?", "-"),
+    ("Help me take {b} away from {a}.", "-"),
+    ("Subtraction please: {b} taken off {a}.", "-"),
+    ("Please compute {a} with {b} subtracted.", "-"),
+    ("{b} friends share {a} sweets equally. How many sweets does each friend get?", "/"),
+    ("A baker packs {a} muffins into boxes of {b} each. How many boxes does she fill?", "/"),
+    ("I have {b} days to read a {a} page book. How many pages per day is that?", "/"),
+    ("A {a} cm ribbon is cut into pieces of {b} cm each. How many pieces are there?", "/"),
+    ("Divide {b} into {a}.", "/"),
+    ("I need the per-person amount when {a} is spread across {b} people.", "/"),
+    ("Help me work out {b} equal shares of {a}.", "/"),
+    ("If {a} is the dividend and {b} is the divisor, what's the quotient?", "/"),
+]
 TRAIN_REPEATS = 2  # each phrasing with 2 different pairs of numbers
 DEV_QUESTIONS = [  # phrasings for the eval loss only (choosing steps and learning rate)
     ("Tell me what {a} times {b} is.", "*"), ("Figure out {a} * {b} please.", "*"),
@@ -221,9 +262,10 @@ def main(out: Path = HERE) -> None:
     """Write the files into `out` (this folder by default)."""
     rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(74)  # each set has its own numbers
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
-    train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(TRAIN_REPEATS) for q, op in TRAIN_QUESTIONS]
+    phrasings = TRAIN_QUESTIONS + MORE_QUESTIONS
+    train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(TRAIN_REPEATS) for q, op in phrasings]
     eval_rows = [tool_row(q, *numbers(dev_rng, op), op, dev_rng, schema) for q, op in DEV_QUESTIONS]
-    seen = set().union(*(ngrams(q) for q, _ in TRAIN_QUESTIONS + DEV_QUESTIONS + DEV_PROBE_QUESTIONS))
+    seen = set().union(*(ngrams(q) for q, _ in TRAIN_QUESTIONS + MORE_QUESTIONS + DEV_QUESTIONS + DEV_PROBE_QUESTIONS))
     for q, _ in HELD_OUT_QUESTIONS:  # "phrased unlike any training row": no four words in a row in common
         assert not ngrams(q) & seen, f"held-out {q!r} shares {sorted(ngrams(q) & seen)} with a training or dev phrasing"
     held = [(q, *numbers(held_rng, op), op) for q, op in HELD_OUT_QUESTIONS]

@@ -408,6 +408,23 @@ class ChatFormat:
             return text, [], f"{type(e).__name__}: {e}"
         return message_parts(parsed, text)
 
+    def call_start_tokens(self, tools: list[dict]) -> list[int]:
+        """The first token of a reply that opens with a tool call (`<` of `<tool_call>` in the Hermes format), or none
+        if the template does not show one: what to forbid at the start of a reply that must be words."""
+        function = tools[0].get("function", tools[0]) if tools else {}
+        user = [{"role": "user", "content": _PROBE_USER}]
+        call = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": str(function.get("name", "")), "arguments": {}}}]}
+        template = self.template_for(user, tools)
+        try:
+            prompt = self.render(self.prepare(user), template, generation_prompt=True, tools=tools)
+            full = self.render(self.prepare([*user, call]), template, tools=tools)
+        except (TemplateError, ValueError, TypeError):
+            return []
+        if not full.startswith(prompt) or not full[len(prompt):].strip():
+            return []
+        return list(self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"][:1])
+
     def reply_parser(self, prompt: str, tools: list[dict] | None) -> Any:
         """A streaming parser (transformers' ResponseParser): feed() text pieces, finalize() at the end."""
         return self.tokenizer.get_response_parser(self.response_template, prefix=prompt, tools=tools)

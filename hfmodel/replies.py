@@ -164,6 +164,21 @@ def whole_reply(fmt: ChatFormat, text: str, chat: Chat, tools: list[dict] | None
     return blocks + call_blocks(calls, tools)
 
 
+def answer_overrides(fmt: ChatFormat, overrides: dict[str, Any], tools: list[dict] | None) -> dict[str, Any]:
+    """Generation arguments for the answer asked for after a repeated call: without tools, and the reply may not
+    open with a call (a tuned model that repeats a call writes its markup again even with no tools offered)."""
+    start = fmt.call_start_tokens(tools) if tools else []
+    return {**overrides, "begin_suppress_tokens": start} if start else overrides
+
+
+def words_only(blocks: list[Any]) -> list[Any]:
+    """The text blocks of an answer that had to be words; a call in it is not run."""
+    for block in blocks:
+        if isinstance(block, ToolCallBlock):
+            logger.info("%s(%s) in the answer asked for without tools; not run.", block.name, block.input)
+    return [b for b in blocks if isinstance(b, TextBlock)]
+
+
 class StreamReader:
     """Reads a streamed reply: text pieces pass straight on (call markup held back and parsed), calls at the end.
 
@@ -254,12 +269,16 @@ async def stream_responses(engine: Any, fmt: ChatFormat, parameters: Any, chat: 
                     block = TextBlock(text=block.text, id=block_id)
                 yield ChatResponse(content=[block], is_last=False, id=response_id)
             if only_repeats:  # the usage is the answer's: its output tokens tell whether it was cut at max_length
-                async for again in engine.stream(chat, parameters, overrides, None):
+                answer = StreamReader(fmt, chat, tools)  # call markup in the answer is held back, and not run
+                async for again in engine.stream(chat, parameters, answer_overrides(fmt, overrides, tools), None):
                     if isinstance(again, Generated):
                         item = again
-                    elif again:
-                        yield ChatResponse(content=[TextBlock(text=again, id=block_id)], is_last=False,
+                    elif text := answer.feed(again):
+                        yield ChatResponse(content=[TextBlock(text=text, id=block_id)], is_last=False,
                                            id=response_id)
+                for block in words_only(answer.finish()):
+                    yield ChatResponse(content=[TextBlock(text=block.text, id=block_id)], is_last=False,
+                                       id=response_id)
             yield ChatResponse(content=[], is_last=False, id=response_id, usage=usage(item, started))
         elif text := reader.feed(item):
             yield ChatResponse(content=[TextBlock(text=text, id=block_id)], is_last=False, id=response_id)

@@ -47,9 +47,9 @@ def chat(question: str = TAUGHT_QUESTION, system: str | None = SYSTEM_PROMPT) ->
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
 
 
-def scripted_generate(wrapper, replies: list[str], prompts: list[str]):
+def scripted_generate(wrapper, replies: list[str], prompts: list[str], settings: list[dict] | None = None):
     """Replace the model's generate() by one that 'generates' the given replies in turn (real tokenizer, real
-    streamer protocol), recording each prompt it was given."""
+    streamer protocol), recording each prompt it was given (and in `settings` its other arguments)."""
     import torch
 
     tok = wrapper.tokenizer
@@ -57,6 +57,8 @@ def scripted_generate(wrapper, replies: list[str], prompts: list[str]):
 
     def generate(input_ids=None, attention_mask=None, streamer=None, **kwargs):
         prompts.append(tok.decode(input_ids[0]))
+        if settings is not None:
+            settings.append(kwargs)
         new = tok(queue.pop(0), add_special_tokens=False, return_tensors="pt")["input_ids"]
         if streamer is not None:
             streamer.put(input_ids.cpu())

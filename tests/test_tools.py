@@ -546,3 +546,31 @@ def test_a_second_agent_on_the_shared_base_reads_calls_like_the_first(tool_model
     assert critic.reply_unread and critic.model.unread_calls == 1
     scripted_generate(critic.model, [CALL, CALL, "That's 8827."], [])
     assert sum(isinstance(p, ToolLine) for p in run_reply(critic, "What is 97 times 91?")) == 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_answer_after_a_repeated_call_may_not_open_with_a_call_nor_run_one(tool_model_dir, stream):
+    """Asked for an answer without tools, a tuned SmolLM2 wrote the call's markup again, which showed as the reply.
+    The answer's first token may not open a call, and call markup later in it is held back and not run."""
+    wrapper = make_wrapper(tool_model_dir, max_length=256, do_sample=False, stream=stream)
+    agent = Finetune_DialogAgent(name="Ember", sys_prompt="You are Ember.", model=wrapper, toolkit=[calculator])
+    opener = wrapper.tokenizer("<tool_call>", add_special_tokens=False)["input_ids"][:1]
+    prompts: list[str] = []
+    settings: list[dict] = []
+    scripted_generate(wrapper, [CALL, CALL, "It is 8827. " + CALL], prompts, settings)
+    pieces = run_reply(agent, "What is 97 times 91?")
+    assert sum(isinstance(p, ToolLine) for p in pieces) == 1
+    assert "".join(p for p in pieces if not isinstance(p, ToolLine)).strip() == "It is 8827."
+    assert "begin_suppress_tokens" not in settings[0] and settings[2]["begin_suppress_tokens"] == opener
+
+
+def test_transformers_honours_the_forbidden_first_token(tool_model_dir):
+    wrapper = make_wrapper(tool_model_dir, max_length=4, do_sample=False)
+    chat = [{"role": "user", "content": "Hi"}]
+
+    def first_token(overrides):
+        enc, kwargs = wrapper.engine._prepare(chat, wrapper.parameters, overrides)  # the engine's own arguments
+        return wrapper.hf_model.generate(**enc, **kwargs)[0, enc["input_ids"].shape[1]].item()
+
+    token = first_token({})
+    assert first_token({"begin_suppress_tokens": [token]}) != token
