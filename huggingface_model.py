@@ -182,11 +182,7 @@ class HuggingFaceWrapper(ChatModelBase):
         logger.info("Device: %s, dtype: %s", chosen, str(self.handle.dtype).replace("torch.", ""))
         self.engine = create_engine(engine, self.handle)
         self.adapter_set = AdapterSet(self.handle)
-        self.last_result: FineTuneResult | None = None
-        self.unread_calls = 0  # replies whose tool-call markup could not be read (they stayed text)
-        # Tools whose result depends only on their arguments (the calculator): a call that repeats one of them that
-        # already answered in this turn is not run again; the model answers from the result it has.
-        self.pure_tools: set[str] = set()
+        self._reply_state()
 
         self.load_model(model_id, local_model_path)
         self.load_tokenizer(model_id, local_tokenizer_path)
@@ -257,6 +253,14 @@ class HuggingFaceWrapper(ChatModelBase):
             raise
         self.handle.sync_tokenizer()
 
+    def _reply_state(self, pure_tools: set[str] | None = None) -> None:
+        """What this wrapper keeps between replies (a SharedBaseModel starts with it too)."""
+        self.last_result: FineTuneResult | None = None
+        self.unread_calls = 0  # replies whose tool-call markup could not be read (they stayed text)
+        # Tools whose result depends only on their arguments (the calculator): a call that repeats one of them that
+        # already answered in this turn is not run again; the model answers from the result it has.
+        self.pure_tools: set[str] = set(pure_tools or ())
+
     def load_tokenizer(self, model_id: str | None, local_tokenizer_path: str | None = None) -> None:
         """Load the tokenizer (an adapter folder's own copy first: it carries the template it was trained with);
         it replaces the current one only if it fits the model."""
@@ -291,12 +295,12 @@ class HuggingFaceWrapper(ChatModelBase):
         """Format the messages (tool calls and results included), generate, read the reply (text + tool calls)."""
         chat = await self._format(messages)
         offered = replies.offered_tools(tools, tool_choice, self.handle.format)
-        failed = replies.settled_calls(messages, self.pure_tools) if offered else set()
+        settled = replies.settled_calls(messages, self.pure_tools) if offered else set()
         if not self.stream:
             started = time.perf_counter()
             reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, offered)
             content, only_repeats = replies.without_repeats(
-                replies.whole_reply(self.handle.format, reply.text, chat, offered, self._count_unread), failed)
+                replies.whole_reply(self.handle.format, reply.text, chat, offered, self._count_unread), settled)
             if only_repeats:  # answer from the results it has (the usage is the answer's, as when streaming)
                 reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters,
                                                 replies.answer_overrides(self.handle.format, kwargs, offered), None)
@@ -304,7 +308,7 @@ class HuggingFaceWrapper(ChatModelBase):
                     replies.whole_reply(self.handle.format, reply.text, chat, offered))
             return ChatResponse(content=content, is_last=True, usage=replies.usage(reply, started))
         return replies.stream_responses(self.engine, self.handle.format, self.parameters, chat, kwargs, offered,
-                                        self._count_unread, failed)
+                                        self._count_unread, settled)
 
     def _count_unread(self) -> None:
         self.unread_calls += 1

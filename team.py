@@ -75,9 +75,7 @@ class SharedBaseModel(HuggingFaceWrapper):
         self.adapter_set = AgentAdapterSet(host.handle, agent_name)
         self.engine = create_engine(_engine_name(host), host.handle)
         self.engine.before_run = lambda: serve(self.adapter_set)
-        self.last_result = None
-        self.unread_calls = 0
-        self.pure_tools = set(host.pure_tools)
+        self._reply_state(host.pure_tools)
 
     def load_model(self, model_id: str | None, local_model_path: str | None = None) -> None:
         raise TeamError("All agents share one base model: load another model only in a one-agent chat "

@@ -250,11 +250,11 @@ def _calls_of(value: Any) -> list[dict]:
 
 async def stream_responses(engine: Any, fmt: ChatFormat, parameters: Any, chat: Chat, overrides: dict[str, Any],
                            tools: list[dict] | None, on_unread: Callable[[], None] | None = None,
-                           failed: set[CallKey] | None = None) -> AsyncGenerator[ChatResponse, None]:
+                           settled: set[CallKey] | None = None) -> AsyncGenerator[ChatResponse, None]:
     """The engine's stream as AgentScope chunks: text as it comes (call markup held back), then the tool calls and
     the usage. Every text chunk carries the same block id, so AgentScope joins them into one text block.
     `on_unread` is called when call markup could not be read (shown as text instead). When the reply only repeats
-    calls in `failed` (see `settled_calls`), the model is asked again without tools and that answer streams on."""
+    calls in `settled` (see `settled_calls`), the model is asked again without tools and that answer streams on."""
     started = time.perf_counter()
     block_id, response_id = f"hf-{time.time_ns()}", f"reply-{time.time_ns()}"
     reader = StreamReader(fmt, chat, tools)
@@ -263,7 +263,7 @@ async def stream_responses(engine: Any, fmt: ChatFormat, parameters: Any, chat: 
             blocks = reader.finish()
             if reader.failed and on_unread:
                 on_unread()
-            blocks, only_repeats = without_repeats(blocks, failed or set())
+            blocks, only_repeats = without_repeats(blocks, settled or set())
             for block in blocks:
                 if isinstance(block, TextBlock):
                     block = TextBlock(text=block.text, id=block_id)
