@@ -129,7 +129,7 @@ class AdapterSet:
 
         handle, name = self.handle, self.next_name()
         try:
-            lora = LoraConfig(**lora_config)
+            lora = LoraConfig(**_with_layer_names(lora_config, handle.module))
         except (TypeError, ValueError) as e:
             raise FineTuneConfigError(f"Invalid lora_config: {e}") from e
         if not is_peft_model(handle.module):
@@ -392,8 +392,27 @@ def _one_line(error: BaseException) -> str:
     return text
 
 
+def _with_layer_names(lora_config: dict[str, Any], module: Any) -> dict[str, Any]:
+    """`target_modules: all-linear` spelled out as module names when `layers_to_transform` picks layers (peft
+    takes that shorthand only for every layer), e.g. LoRA on the top 15 of 30 layers: the backward stops there."""
+    if lora_config.get("layers_to_transform") is None or str(lora_config.get("target_modules")).lower() != "all-linear":
+        return lora_config
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    model = module.get_base_model() if is_peft_model(module) else module
+    found = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model).target_modules
+    return {**lora_config, "target_modules": sorted({name.rsplit(".", 1)[-1] for name in found})}
+
+
 def _same_lora_shape(a: Any, b: Any) -> bool:
-    return bool(a.r == b.r and set(_as_list(a.target_modules)) == set(_as_list(b.target_modules)))
+    return bool(a.r == b.r and set(_as_list(a.target_modules)) == set(_as_list(b.target_modules))
+                and _layers(a) == _layers(b))
+
+
+def _layers(config: Any) -> list[int] | None:
+    layers = getattr(config, "layers_to_transform", None)
+    return [layers] if isinstance(layers, int) else (sorted(layers) if layers is not None else None)
 
 
 def _as_list(value: Any) -> list[str]:

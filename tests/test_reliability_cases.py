@@ -293,6 +293,21 @@ def test_b15_list_values_reach_peft_as_lists(tiny_model_dir, data, tmp_path, mon
     assert set(wrapper.hf_model.peft_config["ft1"].target_modules) == {"q_proj", "v_proj"}
 
 
+def test_b15b_lora_on_chosen_layers_with_all_linear_trains_only_those_layers(tiny_model_dir, data, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    wrapper = make_wrapper(tiny_model_dir, do_sample=False)
+    c = make_chat(wrapper, tmp_path).run([f"/finetune {data} lora.layers_to_transform=[1] max_steps=1",
+                                          f"/finetune {data} max_steps=1 force_retrain=true"])
+    assert not any(step.errors for step in c.steps), [step.console for step in c.steps]
+    model = wrapper.hf_model
+    names = [n for n, _ in model.named_parameters() if ".ft1." in n]
+    assert names and all(".layers.1." in n for n in names)  # none in layer 0
+    assert {n.split(".ft1")[0].rsplit(".", 2)[-2] for n in names} >= {"q_proj", "down_proj"}  # every linear kind
+    # The second run (every layer) cannot start from the first's weights: it starts from scratch, and works.
+    assert any(".layers.0." in n for n, _ in model.named_parameters() if ".ft2." in n)
+
+
 def test_b16_quoted_names_are_unquoted_the_same_way_by_every_command(taught_wrapper, data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spaced = tmp_path / "my data.jsonl"
