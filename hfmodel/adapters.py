@@ -401,8 +401,9 @@ def _with_layer_names(lora_config: dict[str, Any], module: Any) -> dict[str, Any
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
     model = module.get_base_model() if is_peft_model(module) else module
-    found = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model).target_modules
-    return {**lora_config, "target_modules": sorted({name.rsplit(".", 1)[-1] for name in found})}
+    every = LoraConfig(target_modules="all-linear")
+    _maybe_include_all_linear_layers(every, model)  # in place: the shorthand becomes the modules' full names
+    return {**lora_config, "target_modules": sorted({name.rsplit(".", 1)[-1] for name in every.target_modules or []})}
 
 
 def _same_lora_shape(a: Any, b: Any) -> bool:
