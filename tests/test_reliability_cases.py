@@ -293,18 +293,24 @@ def test_b15_list_values_reach_peft_as_lists(tiny_model_dir, data, tmp_path, mon
     assert set(wrapper.hf_model.peft_config["ft1"].target_modules) == {"q_proj", "v_proj"}
 
 
+LLAMA_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 def test_b15b_lora_on_chosen_layers_with_all_linear_trains_only_those_layers(tiny_model_dir, data, tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     wrapper = make_wrapper(tiny_model_dir, do_sample=False)
-    c = make_chat(wrapper, tmp_path).run([f"/finetune {data} lora.layers_to_transform=[1] max_steps=1",
-                                          f"/finetune {data} max_steps=1 force_retrain=true"])
+    with caplog.at_level(logging.INFO, logger="huggingface_model"):
+        c = make_chat(wrapper, tmp_path).run([f"/finetune {data} lora.layers_to_transform=[1] max_steps=1",
+                                              f"/finetune {data} max_steps=1 force_retrain=true "
+                                              f"lora.target_modules={','.join(sorted(LLAMA_LINEAR))}"])
     assert not any(step.errors for step in c.steps), [step.console for step in c.steps]
     model = wrapper.hf_model
     names = [n for n, _ in model.named_parameters() if ".ft1." in n]
     assert names and all(".layers.1." in n for n in names)  # none in layer 0
-    assert {n.split(".ft1")[0].rsplit(".", 2)[-2] for n in names} >= {"q_proj", "down_proj"}  # every linear kind
-    # The second run (every layer) cannot start from the first's weights: it starts from scratch, and works.
+    assert {n.split(".ft1")[0].rsplit(".", 2)[-2] for n in names} == LLAMA_LINEAR  # every linear kind
+    # The second run (the same modules, every layer) cannot start from the first's weights: it starts from scratch.
+    assert "lora_config differs from adapter 'ft1'; training 'ft2' from scratch" in caplog.text
     assert any(".layers.0." in n for n, _ in model.named_parameters() if ".ft2." in n)
 
 
