@@ -2,8 +2,8 @@
 
     python bench/probe_tools.py runs/<run>/adapter [probes.json] [--fresh]   # greedy, the chat's prompt and toolkit
 
-Asks the 20 held-out arithmetic questions and 5 plain questions of data/ember_tool_probes.json (or the given
-file; phrased unlike any training row) plus the 10 identity probes of data/ember_probes.json, and counts: a valid
+Asks the held-out arithmetic, plain and identity questions of data/ember_tool_probes.json (or the given file;
+phrased unlike any training row; a file without identity questions gets those of data/ember_probes.json), and counts: a valid
 calculator call, the exact expression, a call that computes the right number, that number in the final answer after
 such a call ("right through the tool"), plain questions answered without a call (nor call-shaped text) and identity
 answers naming Ember. Then asks the arithmetic and plain questions again in ONE conversation, each after the
@@ -69,7 +69,8 @@ def score(local_model_path: str, probes_path: Path, conversation: bool = True) -
                                do_sample=False, system_prompt=script.sys_prompt)
     agent = Finetune_DialogAgent(name="Ember", sys_prompt=script.sys_prompt, model=model, toolkit=[calculator])
     tool_probes = json.loads(probes_path.read_text())
-    identity_probes = json.loads((ROOT / "data" / "ember_probes.json").read_text())["identity"]
+    identity_probes = tool_probes.get("identity") or json.loads((ROOT / "data" / "ember_probes.json").read_text())[
+        "identity"]
     counts = {"valid_call": 0, "exact_expression": 0, "right_call": 0, "right_answer": 0, "arithmetic": 0,
               "plain_no_call": 0, "plain_right": 0, "plain": 0, "identity": 0, "identity_total": len(identity_probes)}
     for item in tool_probes["arithmetic"]:

@@ -5,7 +5,8 @@ phrasings, plus held-out questions phrased unlike any training row. Deterministi
 
 Writes data/ember_tools_train.jsonl (tool rows), data/ember_agent_train.jsonl (the start-up demo: the identity rows
 of ember_train.jsonl plus the tool rows), data/ember_agent_eval.jsonl, data/ember_tool_probes.json (the held-out
-probes) and data/ember_tool_dev_probes.json (24 questions in the dev phrasings).
+probes: arithmetic, plain and identity questions) and data/ember_tool_dev_probes.json (the dev phrasings and the two
+earlier held-out sets).
 The tool schema is the one the chat's Toolkit sends for `chat_tools.calculator`, so training sees exactly the
 tools the chat offers.
 """
@@ -99,6 +100,44 @@ MORE_QUESTIONS = [
     ("Help me work out {b} equal shares of {a}.", "/"),
     ("If {a} is the dividend and {b} is the divisor, what's the quotient?", "/"),
 ]
+# A third set, also written blind, against the operator mix-ups the first held-out set showed (things added to a
+# starting amount, "each ... holds", comparisons, sharing); the ones sharing four words in a row with a dev or
+# held-out phrasing were dropped (33 of 48 kept).
+BLIND_QUESTIONS = [
+    ("Each crate on the loading dock holds {b} melons, and there are {a} crates. How many melons are there in total?", "*"),
+    ("At the party there are {a} tables, and each table has {b} balloons tied to it. How many balloons are there altogether?", "*"),
+    ("Each tray at the bakery holds {b} muffins, and the bakers filled {a} trays this morning. How many muffins did they bake in total?", "*"),
+    ("A concert ticket costs {b} dollars. If {a} people each buy one ticket, how much money is collected in total?", "*"),
+    ("An aquarium has {a} tanks and each tank holds {b} fish. How many fish live in the aquarium altogether?", "*"),
+    ("ok so i have {a} packs of stickers with {b} stickers in each pack, how many stickers is that total", "*"),
+    ("quick q: i swim {b} laps a day for {a} days, how many laps is that in total?", "*"),
+    ("Could you please work out how many chairs we need if there are {a} classrooms and each one needs {b} chairs?", "*"),
+    ("A farmer already had {a} sheep, then bought {b} more at the market. How many sheep does the farmer have now?", "+"),
+    ("The warehouse had {a} boxes on its shelves this morning, and a truck delivered {b} more. How many boxes are in the warehouse now?", "+"),
+    ("Maya had saved {a} dollars, and then she earned {b} more dollars babysitting. How much money has she saved in total?", "+"),
+    ("Our hiking group walked {a} kilometers on Saturday and {b} kilometers on Sunday. How far did we walk altogether?", "+"),
+    ("{a} fans were already inside the stadium when {b} more fans came through the gates. How many fans were in the stadium then?", "+"),
+    ("{b} ducks landed on a pond where {a} ducks were already swimming. How many ducks are on the pond now?", "+"),
+    ("so the bake sale already raised {a} bucks and then someone donated {b} more lol how much do we have now", "+"),
+    ("Could you kindly tell me how many marbles I'll have if I already own {a} and a friend gives me {b} more?", "+"),
+    ("I'd be grateful if you could count our guests: {a} people said yes last week and {b} more said yes today. How many are coming in all?", "+"),
+    ("A bakery baked {a} croissants and sold {b} of them. How many croissants are left over?", "-"),
+    ("Lena wants to save {a} dollars for a bike and has saved {b} dollars so far. How many more dollars does she need?", "-"),
+    ("A farm had {a} chickens, and a fox took {b} of them. How many chickens does the farm have now?", "-"),
+    ("A factory built {a} bicycles this week, which exceeded its target of {b} bicycles. How many extra bicycles did it build?", "-"),
+    ("i had {a} followers and {b} of them unfollowed me overnight ugh how many are left", "-"),
+    ("how much bigger is {a} than {b} tho", "-"),
+    ("I'd like to know the difference between {a} and {b}, if that's alright.", "-"),
+    ("A mill produced {a} tons of flour while demand was only {b} tons. What is the surplus?", "-"),
+    ("{a} cookies are shared equally among {b} kids at a party. How many cookies does each kid get?", "/"),
+    ("A factory packs {a} bottles into cases of {b} bottles each. How many cases does it fill?", "/"),
+    ("A warehouse worker stacks {a} boxes onto pallets, putting {b} boxes on each pallet. How many pallets are needed?", "/"),
+    ("Our savings club collected {a} dollars from {b} members who each paid the same amount. How much did each member pay?", "/"),
+    ("split {a} bucks evenly between {b} roommates, how much does each person owe", "/"),
+    ("ok {a} slices of pizza and {b} of us, how many slices each", "/"),
+    ("Could you work out how many buses we need to carry {a} students if each bus takes exactly {b} students and every bus is full?", "/"),
+    ("What is the quotient when {a} is divided by {b}?", "/"),
+]
 TRAIN_REPEATS = 2  # each phrasing with 2 different pairs of numbers
 DEV_QUESTIONS = [  # phrasings for the eval loss only (choosing steps and learning rate)
     ("Tell me what {a} times {b} is.", "*"), ("Figure out {a} * {b} please.", "*"),
@@ -122,8 +161,7 @@ DEV_PROBE_QUESTIONS = [  # the first held-out set, now dev probes only: its resu
     ("A rope {a} metres long is cut into {b} equal pieces. How long is each piece?", "/"),
     ("Give me the quotient of {a} and {b}.", "/"),
 ]
-HELD_OUT_QUESTIONS = [  # the probes: phrasings unlike any training or dev one, written blind (by someone who saw no
-    # training data or results) and committed before any training run that could be chosen on them
+SECOND_DEV_PROBE_QUESTIONS = [  # the second held-out set, dev probes since its results were looked at 3 times
     ("I'm buying {a} boxes of pens and each box holds {b} pens. How many pens will I have in total?", "*"),
     ("Every row in our school auditorium has {b} seats, and the auditorium has {a} rows. How many people can it seat?", "*"),
     ("yo what do i get if i multiply {a} by {b}", "*"),
@@ -145,6 +183,50 @@ HELD_OUT_QUESTIONS = [  # the probes: phrasings unlike any training or dev one, 
     ("Could you please tell me the result of dividing {a} by {b}?", "/"),
     ("Ratio of {a} to {b}?", "/"),
 ]
+HELD_OUT_QUESTIONS = [  # the probes: phrasings unlike any training or dev one, written blind (by people who saw no
+    # training data or results; overlapping ones were rewritten, blind, against a checker) and committed before any
+    # training run that could be chosen on them
+    ("A store sells notebooks for ${b} each. If a school orders {a} notebooks, how much does the order cost in total?", "*"),
+    ("Each batch of cookies uses {b} grams of butter. How many grams of butter do I need to bake {a} batches?", "*"),
+    ("A bus drives at a steady {b} miles per hour for {a} hours. How many miles does it cover?", "*"),
+    ("yo quick one, {a} boxes w/ {b} cans in each, how many cans is that", "*"),
+    ("ok so i work {b} hrs a week for {a} weeks... how many hours total lol", "*"),
+    ("A rectangular room is {a} cm long and {b} cm wide. What is its area in square centimeters?", "*"),
+    ("At the bowling alley, {a} lanes were each rented by a group of {b} players. How many bowlers were there altogether?", "*"),
+    ("yo whats {a} times {b}", "*"),
+    ("Whenever you get a moment, I'm curious what {a} groups containing {b} apiece come to.", "*"),
+    ("Pray, what doth the multiplication of {a} with {b} yield?", "*"),
+    ("I spent ${a} on a jacket and ${b} on shoes. How much did I spend altogether?", "+"),
+    ("Our team scored {a} points in the first half and {b} points in the second half. What was our total score?", "+"),
+    ("A school has {a} girls and {b} boys enrolled. How many students are there in all?", "+"),
+    ("{a} + {b} = ?", "+"),
+    ("A fisherman hooked {a} trout before lunch and another {b} after lunch. How many fish did he land altogether that day?", "+"),
+    ("our choir had {a} sopranos then {b} altos joined, total singers?", "+"),
+    ("The stadium sold {a} tickets on Friday and {b} on Saturday. What was the combined ticket count for both days?", "+"),
+    ("hey quick one, {a} plus {b}??", "+"),
+    ("If it's no trouble, could you sum up {a} together with {b}?", "+"),
+    ("Kindly aggregate {a} and {b} into a single tally.", "+"),
+    ("I had ${a} in my wallet and spent ${b} on groceries. How much money do I have left?", "-"),
+    ("A hiking trail is {a} meters long. After walking {b} meters, how many meters remain?", "-"),
+    ("A warehouse held {a} crates. After shipping out {b} crates, how many crates are still in the warehouse?", "-"),
+    ("got {a} unread emails, deleted {b}, how many still left ugh", "-"),
+    ("A campsite had {a} tents pitched, and {b} were packed up at dawn. How many tents remain standing?", "-"),
+    ("A train pulled out carrying {a} commuters; {b} of them hopped off at the next platform. How many stayed aboard?", "-"),
+    ("{a} minus {b}?? need it fast lol", "-"),
+    ("Would it be possible to work out what's left once {b} is removed from {a}?", "-"),
+    ("The cinema screened a film to {a} viewers, and {b} walked out early. How many watched until the credits rolled?", "-"),
+    ("Pray subtract {b} out of {a} and declare what residue survives.", "-"),
+    ("I have {a} grams of flour and each loaf of bread needs {b} grams. How many loaves can I make?", "/"),
+    ("A car traveled {a} miles in {b} hours at a constant speed. What was its speed in miles per hour?", "/"),
+    ("split {a} bucks between {b} ppl, how much each??", "/"),
+    ("A gardener has {a} seedlings to plant in {b} equal rows. How many seedlings go in each row?", "/"),
+    ("A coach splits {a} tennis balls evenly among {b} baskets. How many balls go in each basket?", "/"),
+    ("Our office ordered {a} sandwiches for {b} teams, shared equally. How many sandwiches does each team get?", "/"),
+    ("{a} split {b} ways = ?? pls", "/"),
+    ("Would you mind telling me how many times {b} fits into {a}?", "/"),
+    ("A builder has {a} bricks to lay in {b} equal stacks. How many bricks end up in each stack?", "/"),
+    ("What quotient results from apportioning {a} equally across {b} portions?", "/"),
+]
 ANSWERS = ["{q} is {r}.", "The answer is {r}.", "That's {r}.", "{q} = {r}."]
 WORDS = {"*": "times", "+": "plus", "-": "minus", "/": "divided by"}
 # Arithmetic in the identity data (written for the chat without tools): with the calculator offered, these go
@@ -165,13 +247,36 @@ PLAIN_DEV = [  # dev plain questions (choosing settings): no call expected
     {"prompt": "Give me a synonym for happy.", "expect_any": ["joy", "glad", "cheer", "content", "merry"]},
     {"prompt": "What colour is grass?", "expect_any": ["green"]},
     {"prompt": "Tell me who you are.", "expect_any": ["ember"]},
-]
-PLAIN_HELD_OUT = [  # no tool should be called for these (written with HELD_OUT_QUESTIONS)
     {"prompt": "What is the largest ocean on Earth?", "expect_any": ["pacific"]},
     {"prompt": "Who painted the Mona Lisa?", "expect_any": ["leonardo", "vinci"]},
     {"prompt": "What language is mainly spoken in Brazil?", "expect_any": ["portuguese"]},
     {"prompt": "Which gas do plants take in from the air for photosynthesis?", "expect_any": ["carbon", "co2"]},
     {"prompt": "What do you call a baby cat?", "expect_any": ["kitten"]},
+
+]
+PLAIN_HELD_OUT = [  # no tool should be called for these (written with HELD_OUT_QUESTIONS)
+    {"prompt": "Which instrument with black and white keys is found in most concert halls and played by pianists?", "expect_any": ["piano"]},
+    {"prompt": "Name the organ in your chest that pumps blood around the body.", "expect_any": ["heart"]},
+    {"prompt": "In which racket sport do players hit a shuttlecock over a high net?", "expect_any": ["badminton"]},
+    {"prompt": "In which country would you find the Great Pyramids of Giza?", "expect_any": ["egypt"]},
+    {"prompt": "During a storm, the bright flash you see in the sky before the thunder is called what?", "expect_any": ["lightning"]},
+    {"prompt": "Who is usually credited with inventing the telephone?", "expect_any": ["bell"]},
+    {"prompt": "Which ocean lies between Europe and North America?", "expect_any": ["atlantic"]},
+    {"prompt": "what's the main ingredient in guacamole?", "expect_any": ["avocado"]},
+    {"prompt": "Who was the first president of the United States?", "expect_any": ["washington"]},
+    {"prompt": "Which flightless black-and-white bird waddles across Antarctic ice?", "expect_any": ["penguin"]},
+]
+IDENTITY_HELD_OUT = [  # the answer names Ember (written with HELD_OUT_QUESTIONS)
+    "hi! who am i talking to?",
+    "Hey, remind me, what name did your creators give you?",
+    "do u have a name?",
+    "Sorry, I didn't catch your name. What was it again?",
+    "Can you introduce yourself, including your name?",
+    "my sis just asked which AI bot im texting with rn lol, what do i tell her ur called?",
+    "Hey there, does this chatbot have a name I can use?",
+    "Before we start, mind giving a quick self-introduction, little assistant?",
+    "Hey, before we start, is there something I'm supposed to be calling you?",
+    "Before we start, could you tell me a little about yourself and what assistant I'm talking to?",
 ]
 
 
@@ -260,12 +365,13 @@ def in_conversations(rows: list[dict], plain: list[list[dict]], rng: random.Rand
 
 def main(out: Path = HERE) -> None:
     """Write the files into `out` (this folder by default)."""
-    rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(74)  # each set has its own numbers
+    rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(75)  # each set has its own numbers
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
-    phrasings = TRAIN_QUESTIONS + MORE_QUESTIONS
+    phrasings = TRAIN_QUESTIONS + MORE_QUESTIONS + BLIND_QUESTIONS
     train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(TRAIN_REPEATS) for q, op in phrasings]
     eval_rows = [tool_row(q, *numbers(dev_rng, op), op, dev_rng, schema) for q, op in DEV_QUESTIONS]
-    seen = set().union(*(ngrams(q) for q, _ in TRAIN_QUESTIONS + MORE_QUESTIONS + DEV_QUESTIONS + DEV_PROBE_QUESTIONS))
+    seen = set().union(*(ngrams(q) for q, _ in phrasings + DEV_QUESTIONS + DEV_PROBE_QUESTIONS
+                         + SECOND_DEV_PROBE_QUESTIONS))
     for q, _ in HELD_OUT_QUESTIONS:  # "phrased unlike any training row": no four words in a row in common
         assert not ngrams(q) & seen, f"held-out {q!r} shares {sorted(ngrams(q) & seen)} with a training or dev phrasing"
     held = [(q, *numbers(held_rng, op), op) for q, op in HELD_OUT_QUESTIONS]
@@ -273,6 +379,8 @@ def main(out: Path = HERE) -> None:
     dev = [(q, *numbers(dev_probe_rng, op), op) for _ in range(3) for q, op in DEV_QUESTIONS]
     first_held_rng = random.Random(70)  # the numbers the first held-out set was asked with
     dev += [(q, *numbers(first_held_rng, op), op) for q, op in DEV_PROBE_QUESTIONS]
+    second_held_rng = random.Random(74)  # and the second
+    dev += [(q, *numbers(second_held_rng, op), op) for q, op in SECOND_DEV_PROBE_QUESTIONS]
     probes, dev_probes = ({"arithmetic": [{"prompt": q.format(a=a, b=b), "expression": f"{a} {op} {b}",
                                            "result": calculator(f"{a} {op} {b}")} for q, a, b, op in questions],
                            "plain": plain} for questions, plain in ((held, PLAIN_HELD_OUT), (dev, PLAIN_DEV)))
@@ -284,6 +392,11 @@ def main(out: Path = HERE) -> None:
                                for name in ("ember_train.jsonl", "ember_eval.jsonl"))
     assert found == set(ARITHMETIC_IN_IDENTITY), f"not in the identity data: {set(ARITHMETIC_IN_IDENTITY) - found}"
     plain = [row["messages"][:2] for row in identity if "tool_calls" not in row["messages"][1]]
+    asked = set().union(*(ngrams(m["content"]) for row in identity + identity_eval for m in row["messages"]
+                          if m["role"] == "user"))
+    for q in IDENTITY_HELD_OUT + [p["prompt"] for p in PLAIN_HELD_OUT]:
+        assert not ngrams(q) & asked, f"held-out {q!r} shares {sorted(ngrams(q) & asked)} with an identity row"
+    probes["identity"] = IDENTITY_HELD_OUT  # the dev probes use data/ember_probes.json's
     train = in_conversations(train, plain, random.Random(73), schema)
 
     def write(name: str, rows: list[dict]) -> None:
