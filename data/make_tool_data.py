@@ -100,44 +100,6 @@ MORE_QUESTIONS = [
     ("Help me work out {b} equal shares of {a}.", "/"),
     ("If {a} is the dividend and {b} is the divisor, what's the quotient?", "/"),
 ]
-# A third set, also written blind, against the operator mix-ups the first held-out set showed (things added to a
-# starting amount, "each ... holds", comparisons, sharing); the ones sharing four words in a row with a dev or
-# held-out phrasing were dropped (33 of 48 kept).
-BLIND_QUESTIONS = [
-    ("Each crate on the loading dock holds {b} melons, and there are {a} crates. How many melons are there in total?", "*"),
-    ("At the party there are {a} tables, and each table has {b} balloons tied to it. How many balloons are there altogether?", "*"),
-    ("Each tray at the bakery holds {b} muffins, and the bakers filled {a} trays this morning. How many muffins did they bake in total?", "*"),
-    ("A concert ticket costs {b} dollars. If {a} people each buy one ticket, how much money is collected in total?", "*"),
-    ("An aquarium has {a} tanks and each tank holds {b} fish. How many fish live in the aquarium altogether?", "*"),
-    ("ok so i have {a} packs of stickers with {b} stickers in each pack, how many stickers is that total", "*"),
-    ("quick q: i swim {b} laps a day for {a} days, how many laps is that in total?", "*"),
-    ("Could you please work out how many chairs we need if there are {a} classrooms and each one needs {b} chairs?", "*"),
-    ("A farmer already had {a} sheep, then bought {b} more at the market. How many sheep does the farmer have now?", "+"),
-    ("The warehouse had {a} boxes on its shelves this morning, and a truck delivered {b} more. How many boxes are in the warehouse now?", "+"),
-    ("Maya had saved {a} dollars, and then she earned {b} more dollars babysitting. How much money has she saved in total?", "+"),
-    ("Our hiking group walked {a} kilometers on Saturday and {b} kilometers on Sunday. How far did we walk altogether?", "+"),
-    ("{a} fans were already inside the stadium when {b} more fans came through the gates. How many fans were in the stadium then?", "+"),
-    ("{b} ducks landed on a pond where {a} ducks were already swimming. How many ducks are on the pond now?", "+"),
-    ("so the bake sale already raised {a} bucks and then someone donated {b} more lol how much do we have now", "+"),
-    ("Could you kindly tell me how many marbles I'll have if I already own {a} and a friend gives me {b} more?", "+"),
-    ("I'd be grateful if you could count our guests: {a} people said yes last week and {b} more said yes today. How many are coming in all?", "+"),
-    ("A bakery baked {a} croissants and sold {b} of them. How many croissants are left over?", "-"),
-    ("Lena wants to save {a} dollars for a bike and has saved {b} dollars so far. How many more dollars does she need?", "-"),
-    ("A farm had {a} chickens, and a fox took {b} of them. How many chickens does the farm have now?", "-"),
-    ("A factory built {a} bicycles this week, which exceeded its target of {b} bicycles. How many extra bicycles did it build?", "-"),
-    ("i had {a} followers and {b} of them unfollowed me overnight ugh how many are left", "-"),
-    ("how much bigger is {a} than {b} tho", "-"),
-    ("I'd like to know the difference between {a} and {b}, if that's alright.", "-"),
-    ("A mill produced {a} tons of flour while demand was only {b} tons. What is the surplus?", "-"),
-    ("{a} cookies are shared equally among {b} kids at a party. How many cookies does each kid get?", "/"),
-    ("A factory packs {a} bottles into cases of {b} bottles each. How many cases does it fill?", "/"),
-    ("A warehouse worker stacks {a} boxes onto pallets, putting {b} boxes on each pallet. How many pallets are needed?", "/"),
-    ("Our savings club collected {a} dollars from {b} members who each paid the same amount. How much did each member pay?", "/"),
-    ("split {a} bucks evenly between {b} roommates, how much does each person owe", "/"),
-    ("ok {a} slices of pizza and {b} of us, how many slices each", "/"),
-    ("Could you work out how many buses we need to carry {a} students if each bus takes exactly {b} students and every bus is full?", "/"),
-    ("What is the quotient when {a} is divided by {b}?", "/"),
-]
 TRAIN_REPEATS = 2  # each phrasing with 2 different pairs of numbers
 DEV_QUESTIONS = [  # phrasings for the eval loss only (choosing steps and learning rate)
     ("Tell me what {a} times {b} is.", "*"), ("Figure out {a} * {b} please.", "*"),
@@ -367,7 +329,7 @@ def main(out: Path = HERE) -> None:
     """Write the files into `out` (this folder by default)."""
     rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(75)  # each set has its own numbers
     schema = asyncio.run(make_toolkit([calculator]).get_tool_schemas())[0]
-    phrasings = TRAIN_QUESTIONS + MORE_QUESTIONS + BLIND_QUESTIONS
+    phrasings = TRAIN_QUESTIONS + MORE_QUESTIONS
     train = [tool_row(q, *numbers(rng, op), op, rng, schema) for _ in range(TRAIN_REPEATS) for q, op in phrasings]
     eval_rows = [tool_row(q, *numbers(dev_rng, op), op, dev_rng, schema) for q, op in DEV_QUESTIONS]
     seen = set().union(*(ngrams(q) for q, _ in phrasings + DEV_QUESTIONS + DEV_PROBE_QUESTIONS

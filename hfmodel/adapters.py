@@ -26,6 +26,7 @@ from hfmodel.common import (
     write_text_atomic,
 )
 from hfmodel.loading import DEFAULT_MODEL_ID, ModelHandle
+from hfmodel.settings import LORA_EXTRA_KEYS
 
 
 @dataclass
@@ -129,7 +130,7 @@ class AdapterSet:
 
         handle, name = self.handle, self.next_name()
         try:
-            lora = LoraConfig(**_with_layer_names(lora_config, handle.module))
+            lora = LoraConfig(**_with_layer_names(peft_fields(lora_config), handle.module))
         except (TypeError, ValueError) as e:
             raise FineTuneConfigError(f"Invalid lora_config: {e}") from e
         if not is_peft_model(handle.module):
@@ -390,6 +391,38 @@ def _one_line(error: BaseException) -> str:
         more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
         return f"layer {mismatches[0][0].removeprefix('base_model.model.')}: {mismatches[0][1]}{more}"
     return text
+
+
+def peft_fields(lora_config: dict[str, Any]) -> dict[str, Any]:
+    """`lora_config` without this project's own keys: what peft's LoraConfig takes."""
+    return {k: v for k, v in lora_config.items() if k not in LORA_EXTRA_KEYS}
+
+
+class _LoraPlus:
+    """A Trainer optimizer factory: peft's LoRA+ optimizer (https://arxiv.org/abs/2402.12354), in which every LoRA B
+    matrix learns at `ratio` times the learning rate and the A matrices at the learning rate, with the optimizer
+    class and settings (betas, eps, weight decay) the training arguments give."""
+
+    def __init__(self, args: Any, ratio: float) -> None:
+        self.args, self.ratio = args, ratio
+
+    def __call__(self, model: Any, **_: Any) -> Any:
+        from peft.optimizers import create_loraplus_optimizer
+        from transformers import Trainer
+
+        optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        kwargs.pop("lr", None)
+        return create_loraplus_optimizer(model, optimizer_class, lr=self.args.learning_rate,
+                                         loraplus_lr_ratio=self.ratio, loraplus_weight_decay=self.args.weight_decay,
+                                         **kwargs)
+
+
+def use_loraplus(trainer: Any, lora_config: dict[str, Any]) -> None:
+    """Give `trainer` the LoRA+ optimizer when `lora_config` sets `loraplus_lr_ratio` (built when training starts,
+    after any launcher has wrapped the model, like the Trainer's own optimizer)."""
+    ratio = lora_config.get("loraplus_lr_ratio")
+    if ratio is not None and trainer.optimizer is None:
+        trainer.optimizer_cls_and_kwargs = (lambda: _LoraPlus(trainer.args, float(ratio)), {})
 
 
 def _with_layer_names(lora_config: dict[str, Any], module: Any) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import torch
 
 from chat_data import Conversation, DatasetFormatError
 from hfmodel import training
-from hfmodel.adapters import AdapterSet
+from hfmodel.adapters import AdapterSet, use_loraplus
 from hfmodel.chat_format import ChatFormat
 from hfmodel.common import FineTuneConfigError, FineTuneInterrupted, logger, redact, world_size, write_json_atomic
 from hfmodel.distributed import gather_trained_weights, sharded_training
@@ -277,7 +277,7 @@ def train(handle: ModelHandle, adapters: AdapterSet, rows: PreferenceRows, cfg: 
     previous = adapters.active
     made: dict[str, Any] = {}
     try:
-        trainer, output = _fit(handle, model, adapter_name, rows, cfg.method, plan, progress, stop, made)
+        trainer, output = _fit(handle, model, adapter_name, rows, cfg.method, plan, cfg.lora_config, progress, stop, made)
         seconds = time.perf_counter() - started
         model.eval()
         weights = gather_trained_weights(trainer, handle.sharded_by)
@@ -314,7 +314,8 @@ def train(handle: ModelHandle, adapters: AdapterSet, rows: PreferenceRows, cfg: 
 
 
 def _fit(handle: ModelHandle, model: Any, adapter: str, rows: PreferenceRows, method: str, plan: Plan,
-         progress: training.Progress | None, stop: threading.Event, made: dict[str, Any]) -> tuple[Any, Any]:
+         lora: dict[str, Any], progress: training.Progress | None, stop: threading.Event,
+         made: dict[str, Any]) -> tuple[Any, Any]:
     """Build the method's trl trainer on the peft model and train: (trainer, train output)."""
     from datasets import Dataset
     from transformers import PrinterCallback
@@ -334,6 +335,7 @@ def _fit(handle: ModelHandle, model: Any, adapter: str, rows: PreferenceRows, me
                 trainer = trainer_class(model=model, args=config_class(**plan.args), train_dataset=train_set,
                                         eval_dataset=eval_set, processing_class=handle.tokenizer, callbacks=callbacks)
             made["trainer"] = trainer
+            use_loraplus(trainer, lora)
             trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not print()
             model.train()
             handle.sharded_by = sharded_training(trainer)

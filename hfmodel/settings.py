@@ -31,6 +31,10 @@ DEFAULT_LORA_CONFIG: dict[str, Any] = {
     "task_type": "CAUSAL_LM",
 }
 
+# lora_config keys of this project's own, beside peft LoraConfig's fields: LoRA+ (B matrices learn at this ratio
+# times the learning rate; peft's create_loraplus_optimizer), off by default
+LORA_EXTRA_KEYS = ("loraplus_lr_ratio",)
+
 # Training defaults (trl `SFTConfig` fields) where they differ from trl's own; device-specific ones
 # (bf16/fp16, optimiser, use_cpu) are filled in by `device_training_args`.
 DEFAULT_TRAINING_ARGS: dict[str, Any] = {
@@ -180,6 +184,8 @@ class FineTuneConfig:
         check("lora_config", "r", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
         check("lora_config", "lora_alpha", lambda v: finite(v) and v > 0, "a finite number > 0")
         check("lora_config", "lora_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if lora.get("loraplus_lr_ratio") is not None:
+            check("lora_config", "loraplus_lr_ratio", lambda v: finite(v) and v >= 1, "a finite number >= 1 (or null)")
         check("training_args", "learning_rate", lambda v: 0 < v < 1, "a number in (0, 1)")
         check("training_args", "num_train_epochs", lambda v: finite(v) and v > 0, "a finite number > 0")
         check("training_args", "max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 1),
@@ -268,7 +274,7 @@ def _report_to_problems(report_to: Any) -> list[str]:
 def lora_fields() -> list[str]:
     from peft import LoraConfig
 
-    return [f.name for f in dataclasses.fields(LoraConfig)]
+    return [f.name for f in dataclasses.fields(LoraConfig)] + list(LORA_EXTRA_KEYS)
 
 
 def sft_fields() -> list[str]:

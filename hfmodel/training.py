@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from chat_data import ChatDataset, Conversation, load_chat_dataset, with_system_prompt
-from hfmodel.adapters import AdapterSet
+from hfmodel.adapters import AdapterSet, use_loraplus
 from hfmodel.chat_format import MASK_SOURCES, MaskPlan, split_tools
 from hfmodel.common import (
     FineTuneError,
@@ -260,7 +260,7 @@ def train(handle: ModelHandle, adapters: AdapterSet, rows: Rows, cfg: FineTuneCo
     previous = adapters.active
     made: dict[str, Any] = {}  # the trainer, once built: its state tells where a failed run stopped
     try:
-        trainer, output, eval_before, eval_after = _fit(handle, model, rows, plan, progress, stop, made)
+        trainer, output, eval_before, eval_after = _fit(handle, model, rows, plan, cfg.lora_config, progress, stop, made)
         seconds = time.perf_counter() - started
         model.eval()
         # Under FSDP / ZeRO-3 every process joins in gathering the whole adapter; the main process writes it.
@@ -296,7 +296,7 @@ def train(handle: ModelHandle, adapters: AdapterSet, rows: Rows, cfg: FineTuneCo
     return result
 
 
-def _fit(handle: ModelHandle, model: Any, rows: Rows, plan: Plan, progress: Progress | None,
+def _fit(handle: ModelHandle, model: Any, rows: Rows, plan: Plan, lora: dict[str, Any], progress: Progress | None,
          stop: threading.Event, made: dict[str, Any]) -> tuple[Any, Any, float | None, float | None]:
     """Build the SFTTrainer and train: (trainer, train output, eval loss before, eval loss after)."""
     from datasets import Dataset
@@ -313,6 +313,7 @@ def _fit(handle: ModelHandle, model: Any, rows: Rows, plan: Plan, progress: Prog
                              eval_dataset=dataset(plan.eval), processing_class=handle.tokenizer,
                              callbacks=[progress_callback(progress, stop), non_finite_loss_guard()])
         made["trainer"] = trainer
+        use_loraplus(trainer, lora)
         trainer.remove_callback(PrinterCallback)  # progress goes through `progress`, not print()
         model.train()
         handle.sharded_by = sharded_training(trainer)  # from here on the layers may hold shards only

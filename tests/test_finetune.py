@@ -168,6 +168,23 @@ def test_saved_adapter_reloads_to_identical_outputs(trained_run):
     assert torch.equal(logits(reloaded), logits(trained_run.wrapper))
 
 
+@pytest.mark.parametrize("ratio", [None, 4])
+def test_loraplus_trains_the_b_matrices_at_ratio_times_the_learning_rate(tiny_wrapper, tmp_path, monkeypatch, ratio):
+    """Adam's first step moves every weight that has a gradient by its learning rate, and LoRA's B matrices start at
+    zero: after one step the largest |B| is B's learning rate, the run's rate or, with LoRA+, `ratio` times it."""
+    monkeypatch.chdir(tmp_path)
+    lr = 1e-3
+    config = fast_config(tmp_path, max_steps=1, learning_rate=lr)
+    if ratio:
+        config["lora_config"] = {"loraplus_lr_ratio": ratio}
+    initial = spy_new_adapters(tiny_wrapper, monkeypatch)
+    tiny_wrapper.fine_tune(str(write_jsonl(tmp_path / "a.jsonl", identity_rows())), config)
+    before, after = initial["ft1"], lora_state(tiny_wrapper, "ft1")
+    assert all(not before[k].any() for k in before if "lora_B" in k)
+    moved = max((after[k] - before[k]).abs().max().item() for k in after if "lora_B" in k)
+    assert moved == pytest.approx(lr * (ratio or 1), rel=0.01)
+
+
 # ------------------------------------------------------------------------------------------ adapters
 
 

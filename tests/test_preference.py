@@ -177,6 +177,22 @@ def test_an_identical_run_is_reused_with_its_scores(tiny_model_dir, tmp_path):
     assert again.after == first.after and again.before == first.before
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tiny_model_dir, tmp_path, spy, method):
+    wrapper = make_wrapper(tiny_model_dir)
+    settings = {**config(tmp_path, method, max_steps=1, learning_rate=1e-3), "lora_config": {"loraplus_lr_ratio": 8}}
+    wrapper.fine_tune(str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows())), settings)
+    trainer = spy["trainer"]
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    rates = {}
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            rates[names[id(p)]] = group["initial_lr"]
+    assert rates and all(".ft1." in n for n in rates)  # the new adapter only
+    assert {r for n, r in rates.items() if "lora_A" in n} == {1e-3}
+    assert {r for n, r in rates.items() if "lora_B" in n} == {8e-3}
+
+
 # ------------------------------------------------------------------------------------------ settings and data
 
 
