@@ -356,7 +356,7 @@ def main(out: Path = HERE) -> None:
     plain = [row["messages"][:2] for row in identity if "tool_calls" not in row["messages"][1]]
     asked = set().union(*(ngrams(m["content"]) for row in identity + identity_eval for m in row["messages"]
                           if m["role"] == "user"))
-    for q in IDENTITY_HELD_OUT + [p["prompt"] for p in PLAIN_HELD_OUT]:
+    for q in IDENTITY_HELD_OUT + [str(p["prompt"]) for p in PLAIN_HELD_OUT]:
         assert not ngrams(q) & asked, f"held-out {q!r} shares {sorted(ngrams(q) & asked)} with an identity row"
     probes["identity"] = IDENTITY_HELD_OUT  # the dev probes use data/ember_probes.json's
     train = in_conversations(train, plain, random.Random(73), schema)
