@@ -46,13 +46,13 @@ model_configs: list[dict[str, Any]] = [
         "data_path": str(HERE / "data" / "ember_agent_train.jsonl"),
         "fine_tune_config": {  # merged over the defaults in hfmodel/settings.py (see README)
             "eval_data_path": str(HERE / "data" / "ember_agent_eval.jsonl"),  # held-out rows for eval loss
-            "lora_config": {"r": 8, "lora_alpha": 16},  # LoRA rank and scale, all linear layers
+            "lora_config": {"r": 8, "lora_alpha": 16, "loraplus_lr_ratio": 8},  # rank, scale; LoRA+: B at 8x the lr
             "training_args": {
-                "max_steps": 20,  # the demo run (identity + calculator; about 75-85 s on 2 CPU cores); -1 = epochs
-                "learning_rate": 2e-3,  # high, because the run is short
+                "max_steps": 18,  # the demo run (identity + calculator; about 67-70 s on 2 CPU cores); -1 = epochs
+                "learning_rate": 1e-3,  # high, because the run is short
                 "lr_scheduler_type": "constant",  # a short run learns more at full rate than decaying to zero
                 "per_device_train_batch_size": 7,  # 7 rows of one to three exchanges each
-                "eval_steps": 20,  # eval loss before and after only (a mid-run eval costs ~3.5 s)
+                "eval_steps": 18,  # eval loss before and after only (a mid-run eval costs ~3.5 s)
                 "output_dir": "runs",  # each run: runs/<timestamp>-<model>/ under the current folder
             },
             "force_retrain": False,  # False = reuse an identical earlier run's adapter (--retrain forces)
