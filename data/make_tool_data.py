@@ -214,7 +214,6 @@ PLAIN_DEV = [  # dev plain questions (choosing settings): no call expected
     {"prompt": "What language is mainly spoken in Brazil?", "expect_any": ["portuguese"]},
     {"prompt": "Which gas do plants take in from the air for photosynthesis?", "expect_any": ["carbon", "co2"]},
     {"prompt": "What do you call a baby cat?", "expect_any": ["kitten"]},
-
 ]
 PLAIN_HELD_OUT = [  # no tool should be called for these (written with HELD_OUT_QUESTIONS)
     {"prompt": "Which instrument with black and white keys is found in most concert halls and played by pianists?", "expect_any": ["piano"]},

@@ -398,31 +398,26 @@ def peft_fields(lora_config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in lora_config.items() if k not in LORA_EXTRA_KEYS}
 
 
-class _LoraPlus:
-    """A Trainer optimizer factory: peft's LoRA+ optimizer (https://arxiv.org/abs/2402.12354), in which every LoRA B
-    matrix learns at `ratio` times the learning rate and the A matrices at the learning rate, with the optimizer
-    class and settings (betas, eps, weight decay) the training arguments give."""
+def use_loraplus(trainer: Any, lora_config: dict[str, Any]) -> None:
+    """Give `trainer` peft's LoRA+ optimizer (https://arxiv.org/abs/2402.12354) when `lora_config` sets
+    `loraplus_lr_ratio`: every LoRA B matrix learns at that many times the learning rate, the A matrices at it, with
+    the optimizer class and settings (betas, eps, weight decay) the training arguments give. Built as a Trainer
+    optimizer factory, when training starts (after any launcher has wrapped the model), like the Trainer's own."""
+    ratio = lora_config.get("loraplus_lr_ratio")
+    if ratio is None or trainer.optimizer is not None:
+        return
 
-    def __init__(self, args: Any, ratio: float) -> None:
-        self.args, self.ratio = args, ratio
-
-    def __call__(self, model: Any, **_: Any) -> Any:
+    def build(model: Any, **_: Any) -> Any:
         from peft.optimizers import create_loraplus_optimizer
         from transformers import Trainer
 
-        optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        args = trainer.args
+        optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
         kwargs.pop("lr", None)
-        return create_loraplus_optimizer(model, optimizer_class, lr=self.args.learning_rate,
-                                         loraplus_lr_ratio=self.ratio, loraplus_weight_decay=self.args.weight_decay,
-                                         **kwargs)
+        return create_loraplus_optimizer(model, optimizer_class, lr=args.learning_rate, loraplus_lr_ratio=float(ratio),
+                                         loraplus_weight_decay=args.weight_decay, **kwargs)
 
-
-def use_loraplus(trainer: Any, lora_config: dict[str, Any]) -> None:
-    """Give `trainer` the LoRA+ optimizer when `lora_config` sets `loraplus_lr_ratio` (built when training starts,
-    after any launcher has wrapped the model, like the Trainer's own optimizer)."""
-    ratio = lora_config.get("loraplus_lr_ratio")
-    if ratio is not None and trainer.optimizer is None:
-        trainer.optimizer_cls_and_kwargs = (lambda: _LoraPlus(trainer.args, float(ratio)), {})
+    trainer.optimizer_cls_and_kwargs = (lambda: build, {})
 
 
 def _with_layer_names(lora_config: dict[str, Any], module: Any) -> dict[str, Any]:
