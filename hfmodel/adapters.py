@@ -402,10 +402,18 @@ def use_loraplus(trainer: Any, lora_config: dict[str, Any]) -> None:
     """Give `trainer` peft's LoRA+ optimizer (https://arxiv.org/abs/2402.12354) when `lora_config` sets
     `loraplus_lr_ratio`: every LoRA B matrix learns at that many times the learning rate, the A matrices at it, with
     the optimizer class and settings (betas, eps, weight decay) the training arguments give. Built as a Trainer
-    optimizer factory, when training starts (after any launcher has wrapped the model), like the Trainer's own."""
+    optimizer factory, when training starts (after any launcher has wrapped the model), like the Trainer's own.
+
+    peft (0.21) puts every 1-d trainable tensor with the B matrices, meant for biases and norms; FSDP1 with
+    `use_orig_params` (the shipped fsdp_lora.yaml) has by then made each LoRA matrix a 1-d view of its shard, so the
+    A matrices would learn at the B rate too (measured: the adapter 0.41 away from the single-process run's).
+    Tensors 2-d before wrapping go back to the A group (FSDP1 keeps the same Parameter objects; FSDP2 and DDP keep
+    the shapes)."""
     ratio = lora_config.get("loraplus_lr_ratio")
     if ratio is None or trainer.optimizer is not None:
         return
+    matrices = {id(p) for name, p in trainer.model.named_parameters()
+                if p.requires_grad and p.ndim > 1 and "lora_B" not in name}
 
     def build(model: Any, **_: Any) -> Any:
         from peft.optimizers import create_loraplus_optimizer
@@ -414,8 +422,15 @@ def use_loraplus(trainer: Any, lora_config: dict[str, Any]) -> None:
         args = trainer.args
         optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
         kwargs.pop("lr", None)
-        return create_loraplus_optimizer(model, optimizer_class, lr=args.learning_rate, loraplus_lr_ratio=float(ratio),
-                                         loraplus_weight_decay=args.weight_decay, **kwargs)
+        optimizer = create_loraplus_optimizer(model, optimizer_class, lr=args.learning_rate,
+                                              loraplus_lr_ratio=float(ratio), loraplus_weight_decay=args.weight_decay,
+                                              **kwargs)
+        group_a, *others = optimizer.param_groups  # peft's order: A, embeddings, B, B without weight decay
+        for group in others[1:]:
+            moved = [p for p in group["params"] if p.ndim == 1 and id(p) in matrices]
+            group["params"] = [p for p in group["params"] if not any(p is m for m in moved)]
+            group_a["params"].extend(moved)
+        return optimizer
 
     trainer.optimizer_cls_and_kwargs = (lambda: build, {})
 
