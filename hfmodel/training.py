@@ -57,9 +57,10 @@ class FineTuneResult:
     steps: int
     train_tokens: int
     trainable_params: int
-    data: ChatDataset | None = None
-    eval_rows: list[Conversation] = field(default_factory=list)
-    log_history: list[dict[str, Any]] = field(default_factory=list)
+    # The rows and the log stay out of the repr: `print(result)` shows the run, not the whole dataset.
+    data: ChatDataset | None = field(default=None, repr=False)
+    eval_rows: list[Conversation] = field(default_factory=list, repr=False)
+    log_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
     distributed_type: str | None = None  # accelerate's, as the Trainer ran: "MULTI_GPU", "FSDP", ...; None = 1 process
     sharded: str | None = None  # "FSDP" / "DeepSpeed ZeRO-3": each process holds only a shard of the weights
 

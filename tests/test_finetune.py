@@ -404,3 +404,21 @@ def test_only_the_main_process_checks_the_runs_folder(tmp_path, monkeypatch):
     monkeypatch.undo()  # one process, the real check: an unwritable folder is still one clear error
     with pytest.raises(finetune.InputError, match="cannot write to /proc/x"):
         finetune.check_output_dir("/proc/x")
+
+
+def test_printed_result_shows_the_run_not_the_rows():
+    """`print(model.fine_tune(...))` (the README's Python API) is a few lines, not the whole dataset."""
+    from chat_data import ChatDataset
+    from hfmodel.training import FineTuneResult
+
+    rows = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+            for i in range(500)]
+    result = FineTuneResult(run_dir=Path("runs/x"), adapter_dir=Path("runs/x/adapter"), adapter_name="ft1",
+                            reused=False, train_loss=0.5, eval_loss_before=1.6, eval_loss_after=0.3, seconds=60.0,
+                            steps=18, train_tokens=40000, trainable_params=2442240,
+                            data=ChatDataset(rows=rows, format="messages", source="train.jsonl"), eval_rows=rows[:50],
+                            log_history=[{"loss": 1.0, "step": s} for s in range(18)])
+    text = repr(result)
+    assert "eval_loss_after=0.3" in text and "steps=18" in text and "runs/x" in text
+    assert "question" not in text and "'loss'" not in text and len(text) < 600, text
+    assert result.data is not None and len(result.data) == 500  # still there to use
