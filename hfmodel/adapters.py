@@ -427,9 +427,8 @@ def use_loraplus(trainer: Any, lora_config: dict[str, Any]) -> None:
                                               **kwargs)
         group_a, *others = optimizer.param_groups  # peft's order: A, embeddings, B, B without weight decay
         for group in others[1:]:
-            moved = [p for p in group["params"] if p.ndim == 1 and id(p) in matrices]
-            group["params"] = [p for p in group["params"] if not any(p is m for m in moved)]
-            group_a["params"].extend(moved)
+            group_a["params"].extend(p for p in group["params"] if id(p) in matrices)
+            group["params"] = [p for p in group["params"] if id(p) not in matrices]
         return optimizer
 
     trainer.optimizer_cls_and_kwargs = (lambda: build, {})

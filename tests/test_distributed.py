@@ -50,6 +50,17 @@ def _accelerate() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
 
 
+def _ddp() -> list[str]:
+    """finetune.py under `accelerate launch` with 2 CPU processes (torch DDP over gloo)."""
+    return [*_accelerate(), "launch", "--config_file", str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"), str(FINETUNE)]
+
+
+def _fsdp(tmp: Path, version: int) -> list[str]:
+    """finetune.py under FSDP full sharding (version 1 or 2) on 2 CPU processes, its config written into `tmp`."""
+    (tmp / f"fsdp{version}.yaml").write_text(_cpu_fsdp_config(version))
+    return [*_accelerate(), "launch", "--config_file", f"fsdp{version}.yaml", str(FSDP_ON_CPU), str(FINETUNE)]
+
+
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
 
@@ -106,8 +117,7 @@ def runs(tmp_path_factory) -> dict:
     (tmp / "multi.yaml").write_text(_config("runs_multi", batch=4))
     (tmp / "single.yaml").write_text(_config("runs_single", batch=8))
     out = {"tmp": tmp}
-    out["multi"] = _run([*_accelerate(), "launch", "--config_file", str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"),
-                         str(FINETUNE), "--config", "multi.yaml"], tmp)
+    out["multi"] = _run([*_ddp(), "--config", "multi.yaml"], tmp)
     out["torchrun"] = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                             "--master_port", str(_free_port()), str(FINETUNE), "--config", "multi.yaml",
                             "--set", "training_args.output_dir=runs_torchrun"], tmp)
@@ -236,10 +246,8 @@ def _cpu_fsdp_config(version: int, sync_module_states: bool = False) -> str:
 def fsdp(request, runs) -> dict:
     """The 2-process run of `runs`, under FSDP full sharding (torch FSDP1 / FSDP2 over gloo)."""
     tmp, version = runs["tmp"], request.param
-    (tmp / f"fsdp{version}.yaml").write_text(_cpu_fsdp_config(version))
     folder = f"runs_fsdp{version}"
-    result = _run([*_accelerate(), "launch", "--config_file", f"fsdp{version}.yaml", str(FSDP_ON_CPU),
-                   str(FINETUNE), "--config", "multi.yaml", "--set", f"training_args.output_dir={folder}"], tmp)
+    result = _run([*_fsdp(tmp, version), "--config", "multi.yaml", "--set", f"training_args.output_dir={folder}"], tmp)
     return {"result": result, "base": tmp / folder, "folder": folder, "version": version}
 
 
@@ -438,8 +446,7 @@ def test_dpo_under_accelerate_trains_both_ranks_in_sync(runs):
     config = _config("runs_dpo", batch=2).replace("data_path: train.jsonl", "data_path: pairs.jsonl").replace(
         "  eval_data_path: eval.jsonl\n", "  method: dpo\n  eval_fraction: 0.25\n")
     (tmp / "dpo.yaml").write_text(config)
-    result = _run([*_accelerate(), "launch", "--config_file", str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"),
-                   str(FINETUNE), "--config", "dpo.yaml"], tmp)
+    result = _run([*_ddp(), "--config", "dpo.yaml"], tmp)
     _ok(result)
     ranks = re.findall(r"^\[rank (\d)/2\] MULTI_CPU \(gloo\) on cpu\S*: (\d+) optimizer steps on this rank; "
                        r"LoRA sha256 (\w+)", result.stdout, re.M)
@@ -459,20 +466,12 @@ def loraplus(runs) -> dict:
     FSDP2 (the optimizer is built after the launcher wrapped the model; FSDP1 has flattened the LoRA matrices)."""
     tmp = runs["tmp"]
     lora_plus = ["--set", "lora.loraplus_lr_ratio=8"]
-    for version in (1, 2):
-        (tmp / f"fsdp{version}_lp.yaml").write_text(_cpu_fsdp_config(version))
-    commands = {
-        "single": [sys.executable, str(FINETUNE), "--config", "single.yaml"],
-        "ddp": [*_accelerate(), "launch", "--config_file", str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"), str(FINETUNE),
-                "--config", "multi.yaml"],
-        "fsdp1": [*_accelerate(), "launch", "--config_file", "fsdp1_lp.yaml", str(FSDP_ON_CPU), str(FINETUNE),
-                  "--config", "multi.yaml"],
-        "fsdp2": [*_accelerate(), "launch", "--config_file", "fsdp2_lp.yaml", str(FSDP_ON_CPU), str(FINETUNE),
-                  "--config", "multi.yaml"],
-    }
+    commands = {"single": [sys.executable, str(FINETUNE)], "ddp": _ddp(), "fsdp1": _fsdp(tmp, 1), "fsdp2": _fsdp(tmp, 2)}
     out = {}
     for name, command in commands.items():
-        result = _run([*command, *lora_plus, "--set", f"training_args.output_dir=runs_lp_{name}"], tmp)
+        config = "single.yaml" if name == "single" else "multi.yaml"
+        result = _run([*command, "--config", config, *lora_plus, "--set", f"training_args.output_dir=runs_lp_{name}"],
+                      tmp)
         _ok(result)
         out[name] = _only_run_dir(tmp / f"runs_lp_{name}")
     return out
