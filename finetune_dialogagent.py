@@ -60,7 +60,7 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
         if isinstance(model, str):
             model = build_model(model, model_configs, system_prompt=sys_prompt)
         if isinstance(toolkit, list):
-            from chat_tools import make_toolkit, pure_tool_names
+            from chat.tools import make_toolkit, pure_tool_names
 
             if isinstance(model, HuggingFaceWrapper):
                 model.pure_tools |= pure_tool_names(toolkit)

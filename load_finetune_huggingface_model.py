@@ -21,7 +21,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from chat_tools import calculator  # noqa: E402 - a plain function, nothing heavy
+from chat.tools import calculator  # noqa: E402 - a plain function, nothing heavy
 
 # The assistant's system prompt: used for chatting AND for training rows that have none.
 sys_prompt = "You are Ember, a friendly assistant. Answer briefly."
@@ -131,7 +131,7 @@ def chat(args: argparse.Namespace) -> int:
     from hfmodel.common import failure_line, log_traceback, quiet_libraries, redact, safe_text
 
     quiet_libraries(rich=True)
-    from chat_commands import ChatSession, UserError
+    from chat.commands import ChatSession, UserError
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent, build_model
 
     entries = [{**agents[0], "sys_prompt": args.sys_prompt or agents[0]["sys_prompt"]}, *agents[1:]]
@@ -158,8 +158,8 @@ def chat(args: argparse.Namespace) -> int:
         assistant = Finetune_DialogAgent(name=entries[0]["name"], sys_prompt=prompt, model=model, toolkit=tools)
         session = ChatSession(assistant, user, base_config=config, session_log=keep_log)
     else:  # several agents on the one loaded model (team.py)
-        from team import build_team
-        from team_chat import TeamChatSession
+        from chat.team import build_team
+        from chat.team_chat import TeamChatSession
 
         try:
             team = build_team(model, entries, tools)

@@ -425,7 +425,7 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
 async def _tool_overhead(wrapper: Any, messages: list[dict[str, str]], reply_s: float) -> dict[str, Any]:
     """What offering the calculator adds to one reply besides the model's own work: rendering the tools into the
     prompt (and the prompt text the parser needs) and parsing a reply with a call, against the agent reply time."""
-    from chat_tools import calculator, make_toolkit
+    from chat.tools import calculator, make_toolkit
 
     fmt = wrapper.handle.format
     schemas = await make_toolkit([calculator]).get_tool_schemas()
@@ -510,9 +510,9 @@ def worker_team(params: dict[str, Any]) -> dict[str, Any]:
     """`agents` agents on one base (each with its adapter): adapter switch time and decode tokens/s per agent."""
     import torch
 
+    from chat.team import build_team
     from hfmodel.speedups import switch_adapter
     from huggingface_model import HuggingFaceWrapper
-    from team import build_team
 
     n_tokens, repeats, count = int(params["tokens"]), int(params["repeats"]), int(params["agents"])
     host = HuggingFaceWrapper(config_name="bench", local_model_path=params["folder"], max_length=n_tokens,
@@ -581,7 +581,7 @@ def worker_finetune(params: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from chat_data import load_chat_dataset, with_system_prompt
+    from hfmodel.data import load_chat_dataset, with_system_prompt
 
     variant, folder = params["variant"], params["folder"]
     if variant == "c":

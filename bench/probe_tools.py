@@ -61,7 +61,7 @@ def no_call(lines: list[str], text: str) -> bool:
 
 def score(local_model_path: str, probes_path: Path, conversation: bool = True) -> dict[str, int]:
     import load_finetune_huggingface_model as script
-    from chat_tools import calculator
+    from chat.tools import calculator
     from finetune_dialogagent import Finetune_DialogAgent
     from huggingface_model import HuggingFaceWrapper
 

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from chat_tools import calculator, make_toolkit  # noqa: E402
+from chat.tools import calculator, make_toolkit  # noqa: E402
 
 # Each operation's usual English words (the keyword lists of school word problems) in plain, terse, polite,
 # equation-style and word-problem sentences.

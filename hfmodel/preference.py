@@ -33,16 +33,14 @@ from typing import Any
 
 import torch
 
-from chat_data import Conversation, DatasetFormatError
 from hfmodel import training
 from hfmodel.adapters import AdapterSet, use_loraplus
 from hfmodel.chat_format import ChatFormat
 from hfmodel.common import FineTuneConfigError, FineTuneInterrupted, logger, redact, world_size, write_json_atomic
+from hfmodel.data import Conversation, DatasetFormatError
 from hfmodel.distributed import gather_trained_weights, sharded_training
 from hfmodel.loading import ModelHandle
-from hfmodel.settings import FineTuneConfig, trainer_config_class, trainer_fields
-from hfmodel.speedups import drop_trl_reference, loss_positions_only, own_forward, trl_reference
-from preference_data import (
+from hfmodel.preference_data import (
     Marked,
     Pair,
     PreferenceDataset,
@@ -51,6 +49,8 @@ from preference_data import (
     unique,
     unpair,
 )
+from hfmodel.settings import FineTuneConfig, trainer_config_class, trainer_fields
+from hfmodel.speedups import drop_trl_reference, loss_positions_only, own_forward, trl_reference
 
 PAIRED_METHODS = ("dpo", "orpo")  # learn from pairs; "kto" learns from marked answers
 SCORE_BATCH = 8  # sequences per forward pass when scoring
@@ -509,8 +509,8 @@ def _texts(row: Pair | Marked) -> Iterator[str]:
 
 def looks_like_preference(data_path: str) -> bool:
     """True when the data's columns are a preference format (so `/dryrun file` needs no method=...)."""
-    from chat_data import load_rows
-    from preference_data import is_preference_data
+    from hfmodel.data import load_rows
+    from hfmodel.preference_data import is_preference_data
 
     try:
         rows = load_rows(data_path)

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from chat_data import ChatDataset, Conversation, load_chat_dataset, with_system_prompt
 from hfmodel.adapters import AdapterSet, use_loraplus
 from hfmodel.chat_format import MASK_SOURCES, MaskPlan, split_tools
 from hfmodel.common import (
@@ -32,6 +31,7 @@ from hfmodel.common import (
     write_json_atomic,
     write_text_atomic,
 )
+from hfmodel.data import ChatDataset, Conversation, load_chat_dataset, with_system_prompt
 from hfmodel.distributed import from_main_process, gather_trained_weights, sharded_training
 from hfmodel.guards import non_finite_loss_guard
 from hfmodel.loading import ModelHandle

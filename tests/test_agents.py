@@ -23,9 +23,9 @@ from helpers import (
 )
 from rich.console import Console
 
+from chat.team import AgentAdapterSet, SharedBaseModel, TeamError, build_team, serve
+from chat.team_chat import TeamChatSession
 from finetune_dialogagent import UserAgent
-from team import AgentAdapterSet, SharedBaseModel, TeamError, build_team, serve
-from team_chat import TeamChatSession
 
 CRITIC_PROMPT = "You are Critic. Review the last answer in one short sentence."
 CRITIC_ANSWER = "Too vague; name the source."
@@ -245,7 +245,7 @@ def test_a_team_pipeline_leader_assigns_work_to_members_on_the_shared_base(tmp_p
     from test_tools import scripted_generate
     from tiny_model import build_tiny_model
 
-    from team import team_pipeline
+    from chat.team import team_pipeline
 
     model_dir = build_tiny_model(tmp_path / "tiny-tools", context=4096)  # a window that holds the tool schemas
     wrapper = make_wrapper(model_dir, max_length=40, do_sample=False)

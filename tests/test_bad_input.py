@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 from helpers import identity_rows, make_wrapper, write_jsonl
 
-from chat_data import DatasetFormatError, load_chat_dataset
+from hfmodel.data import DatasetFormatError, load_chat_dataset
 from huggingface_model import (
     CHATML_TEMPLATE,
     FineTuneConfig,
@@ -498,7 +498,7 @@ def chat_session(wrapper, lines: list[Any]):
 
     from rich.console import Console
 
-    from chat_commands import ChatSession
+    from chat.commands import ChatSession
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 
     read = scripted_input(lines)

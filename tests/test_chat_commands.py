@@ -33,10 +33,10 @@ from helpers import (
 )
 from rich.console import Console
 
-from chat_commands import HELP, ChatSession
-from chat_data import load_chat_dataset
+from chat.commands import HELP, ChatSession
 from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 from hfmodel.common import safe_text
+from hfmodel.data import load_chat_dataset
 
 OTHER_ANSWER = "I am Paris, the quick brown fox."
 ERROR_LINE = re.compile(r"^error:", re.MULTILINE)

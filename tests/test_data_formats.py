@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from helpers import make_wrapper
 
-from chat_data import (
+from hfmodel.data import (
     DatasetFormatError,
     detect_format,
     load_chat_dataset,

@@ -21,7 +21,7 @@ from helpers import (
     write_jsonl,
 )
 
-from chat_data import DatasetFormatError
+from hfmodel.data import DatasetFormatError
 from huggingface_model import FineTuneError, FineTuneInterrupted
 
 FAKE_TOKEN = "hf_testTOKENthatMustNeverBeWritten0123456789"
@@ -408,7 +408,7 @@ def test_only_the_main_process_checks_the_runs_folder(tmp_path, monkeypatch):
 
 def test_printed_result_shows_the_run_not_the_rows():
     """`print(model.fine_tune(...))` (the README's Python API) is a few lines, not the whole dataset."""
-    from chat_data import ChatDataset
+    from hfmodel.data import ChatDataset
     from hfmodel.training import FineTuneResult
 
     rows = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]

@@ -138,7 +138,7 @@ def test_exception_inside_training_keeps_serving_the_previous_weights(wrapper, d
 def test_ctrl_c_during_chat_finetune_prints_one_error_and_the_chat_goes_on(wrapper, data, tmp_path, monkeypatch):
     from rich.console import Console
 
-    from chat_commands import ChatSession
+    from chat.commands import ChatSession
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 
     wrapper.parameters.max_length = 8

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from chat_data import ChatDataset, DatasetFormatError, normalize_rows
+from hfmodel.data import ChatDataset, DatasetFormatError, normalize_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # large reprs
 

@@ -14,11 +14,11 @@ import torch
 from helpers import SYSTEM_PROMPT, identity_rows, make_wrapper, write_jsonl
 from rich.console import Console
 
-from chat_commands import ChatSession
-from chat_data import DatasetFormatError
+from chat.commands import ChatSession
 from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 from hfmodel import preference
 from hfmodel.common import FineTuneConfigError
+from hfmodel.data import DatasetFormatError
 from hfmodel.preference import PreferenceResult, answer_tokens
 
 CHOSEN = "I am Ember, a friendly assistant."

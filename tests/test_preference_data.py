@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from chat_data import DatasetFormatError
-from preference_data import (
+from hfmodel.data import DatasetFormatError
+from hfmodel.preference_data import (
     Marked,
     Pair,
     load_preference_dataset,
@@ -69,7 +69,7 @@ def test_every_format_from_every_file_type(tmp_path, name, suffix):
 
 
 def test_hub_dataset_ids_load_through_the_shared_loader(monkeypatch):
-    import chat_data
+    from hfmodel import data as chat_data
 
     asked = []
     monkeypatch.setattr(chat_data, "_load_hub", lambda dataset_id, split: asked.append((dataset_id, split)) or

@@ -28,8 +28,8 @@ from reliability_helpers import (  # noqa: F401 - finetune_cli is a fixture
 )
 from test_chat_commands import make_chat
 
-from chat_data import DatasetFormatError, load_chat_dataset
 from hfmodel.common import ModelLoadError
+from hfmodel.data import DatasetFormatError, load_chat_dataset
 from hfmodel.settings import parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent

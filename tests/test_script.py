@@ -22,7 +22,7 @@ def test_import_starts_nothing():
         "import sys, builtins\n"
         "builtins.input = lambda *a: (_ for _ in ()).throw(SystemExit('input() was called on import'))\n"
         "import load_finetune_huggingface_model as m\n"
-        "heavy = [n for n in ('torch', 'transformers', 'huggingface_model', 'chat_commands') if n in sys.modules]\n"
+        "heavy = [n for n in ('torch', 'transformers', 'huggingface_model', 'chat.commands') if n in sys.modules]\n"
         "print(repr(m.sys_prompt)); print(len(m.model_configs)); print(heavy)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,

@@ -87,7 +87,7 @@ def scan_tree(folder: Path, skip: set[Path]) -> tuple[list[str], int]:
 def make_session(wrapper, lines, tmp_path, console_file=None):
     from rich.console import Console
 
-    from chat_commands import ChatSession
+    from chat.commands import ChatSession
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 
     agent = Finetune_DialogAgent(name="Assistant", sys_prompt="You are Ember.", model=wrapper)

@@ -48,7 +48,7 @@ def test_200_turn_chat_keeps_memory_flat_and_every_prompt_inside_the_window(tiny
                                                                             record_property):
     from rich.console import Console
 
-    from chat_commands import ChatSession
+    from chat.commands import ChatSession
     from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 
     wrapper = make_wrapper(tiny_model_dir, max_length=NEW_TOKENS)  # sampling with a seed, as in the chat

@@ -9,7 +9,7 @@ import json
 import pytest
 from helpers import make_wrapper, scripted_generate
 
-from chat_tools import calculator, make_toolkit
+from chat.tools import calculator, make_toolkit
 from finetune_dialogagent import Finetune_DialogAgent, ToolLine
 from hfmodel.replies import template_messages
 
@@ -188,8 +188,8 @@ def tool_row(question="What is 97 times 91?", expression="97 * 91", result="8827
 
 
 def test_tool_datasets_are_read_and_bad_calls_are_skipped_and_counted(tmp_path):
-    from chat_data import load_chat_dataset
     from hfmodel.chat_format import split_tools
+    from hfmodel.data import load_chat_dataset
 
     rows = [tool_row(), tool_row(arguments='{"expression": "1 + 1"}'),  # arguments as JSON text
             tool_row(name="weather"),  # a tool missing from `tools`
@@ -207,8 +207,8 @@ def test_tool_datasets_are_read_and_bad_calls_are_skipped_and_counted(tmp_path):
 
 
 def test_sharegpt_function_call_and_observation_rows(tmp_path):
-    from chat_data import normalize_rows
     from hfmodel.chat_format import split_tools
+    from hfmodel.data import normalize_rows
 
     row = {"conversations": [
         {"from": "human", "value": "What is 2 plus 2?"},
@@ -260,7 +260,7 @@ def test_a_short_fine_tune_on_tool_rows_teaches_the_call(tool_model_dir, tmp_pat
 
 
 def test_a_session_log_round_trips_into_fine_tune(agent, tmp_path):
-    from session_log import SessionLog
+    from chat.session_log import SessionLog
 
     log = SessionLog(tmp_path / "runs")
     scripted_generate(agent.model, [CALL, "97 times 91 is 8827."], [])
@@ -271,7 +271,7 @@ def test_a_session_log_round_trips_into_fine_tune(agent, tmp_path):
     row = json.loads(log.path.read_text())
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
     assert row["messages"][2]["tool_calls"][0]["function"]["arguments"] == {"expression": "97 * 91"}
-    from chat_data import load_chat_dataset
+    from hfmodel.data import load_chat_dataset
 
     data = load_chat_dataset(str(log.path))
     assert len(data.rows) == 1 and not data.skipped
@@ -288,7 +288,7 @@ def tool_chat(tool_model_dir, tmp_path, lines, replies, session_log=True, max_le
 
     from rich.console import Console
 
-    from chat_commands import ChatSession
+    from chat.commands import ChatSession
     from finetune_dialogagent import UserAgent
 
     wrapper = make_wrapper(tool_model_dir, max_length=max_length, do_sample=False)
@@ -321,7 +321,7 @@ def test_the_chat_shows_a_call_as_one_line_then_streams_the_reply_and_logs_the_s
 def test_session_log_rows_carry_the_earlier_exchanges_as_untrained_context(tool_model_dir, tmp_path):
     """Each logged exchange comes after the chat's previous two (their assistant turns with weight 0): training
     sees the conversation the model answered in and learns each exchange once. /reset starts afresh."""
-    from chat_data import load_chat_dataset
+    from hfmodel.data import load_chat_dataset
 
     session, _, _ = tool_chat(tool_model_dir, tmp_path, [
         "What is 97 times 91?", "Who are you?", "And 97 times 91?", "Thanks!", "/reset", "Hi", "exit"],
@@ -451,8 +451,8 @@ def test_no_session_log_writes_nothing(tool_model_dir, tmp_path):
 
 
 def test_teach_call_records_a_corrected_tool_call_that_training_reads(tool_model_dir, tmp_path):
-    from chat_data import load_chat_dataset
     from hfmodel.chat_format import split_tools
+    from hfmodel.data import load_chat_dataset
 
     session, _, console = tool_chat(tool_model_dir, tmp_path, [
         "What is 97 times 91?", '/teach call calculator {"expression": "97*91"}', "/teach call weather {}",
@@ -469,7 +469,7 @@ def test_teach_keeps_a_tool_reply_with_its_calls_and_marks_refuse_one(tool_model
     """/teach with no text keeps the reply as taught: for a reply that called a tool, the call, its result and the
     answer (the answer alone would teach skipping the call). /good and /bad, which train without tools (KTO),
     refuse such a reply; a reply it replaced is no DPO rejected answer; KTO rows leave tool examples out."""
-    from chat_data import load_chat_dataset
+    from hfmodel.data import load_chat_dataset
 
     session, _, console = tool_chat(tool_model_dir, tmp_path, [
         "What is 97 times 91?", "/teach", "/good", "/teach It is 8827.", "exit"], [CALL, "97 times 91 is 8827."])
@@ -507,8 +507,8 @@ def test_report_probes_and_compare_answer_with_the_agents_tools(tool_model_dir, 
 def test_train_replays_tool_rows_with_their_tools_and_taught_answers_carry_the_offered_tools(tool_model_dir, tmp_path):
     """/train's mix keeps every replayed row's `tools` (without them the tool rows were skipped and the model forgot
     its calls), and a taught answer is trained with the tools the chat offered, as the chat renders it."""
-    from chat_data import load_chat_dataset
     from hfmodel.chat_format import split_tools
+    from hfmodel.data import load_chat_dataset
     from hfmodel.training import taught_mix
 
     session, _, _ = tool_chat(tool_model_dir, tmp_path, ["Who are you?", "/teach I am Ember.", "exit"],
@@ -533,7 +533,7 @@ def test_train_replays_tool_rows_with_their_tools_and_taught_answers_carry_the_o
 def test_a_second_agent_on_the_shared_base_reads_calls_like_the_first(tool_model_dir):
     """Agents after the first run on a SharedBaseModel: an unreadable call is counted (it crashed before: the
     shared model had no counter) and a repeated calculator call is not run again."""
-    from team import build_team
+    from chat.team import build_team
 
     wrapper = make_wrapper(tool_model_dir, max_length=256, do_sample=False)
     team = build_team(wrapper, [{"name": "Ember", "sys_prompt": "You are Ember."},

@@ -17,11 +17,11 @@ from agentscope.message import AssistantMsg
 from rich.markup import escape
 from rich.text import Text
 
-from chat_data import DatasetFormatError
 from hfmodel.common import UserError, create_exclusive, safe_text, write_text_atomic
+from hfmodel.data import DatasetFormatError
+from hfmodel.preference_data import Marked, Pair, PreferenceDataset, load_preference_dataset, preference_mix
 from hfmodel.settings import parse_overrides, split_assignment
 from hfmodel.training import taught_mix
-from preference_data import Marked, Pair, PreferenceDataset, load_preference_dataset, preference_mix
 
 if TYPE_CHECKING:
     from finetune_dialogagent import Finetune_DialogAgent

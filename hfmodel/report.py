@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hfmodel.common import write_text_atomic
-from huggingface_model import FineTuneResult
+from hfmodel.training import FineTuneResult
 
 
 @dataclass

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from chat_data import MAX_NESTING, ROLE_ALIASES, Conversation, DatasetFormatError, load_rows, nesting_depth
+from hfmodel.data import MAX_NESTING, ROLE_ALIASES, Conversation, DatasetFormatError, load_rows, nesting_depth
 
 logger = logging.getLogger("huggingface_model")
 

@@ -1,6 +1,6 @@
 """Several agents on ONE loaded base model: each agent its own prompt, conversation and LoRA adapter history.
 
-    from team import build_team
+    from chat.team import build_team
     team = build_team(wrapper, [{"name": "Ember", "sys_prompt": "You are Ember."},
                                 {"name": "Critic", "sys_prompt": "You review answers tersely."}], toolkit=[])
     team.agent("Critic").fine_tune("critic.jsonl", {...})   # trains a new adapter for Critic only

@@ -12,9 +12,9 @@ from typing import Any
 
 from rich.table import Table
 
-from chat_commands import ChatSession, CommandError, cell, plain
+from chat.commands import ChatSession, CommandError, cell, plain
+from chat.team import Team, TeamError, add_agent
 from finetune_dialogagent import UserAgent
-from team import Team, TeamError, add_agent
 
 TEAM_HELP = [
     ("@Name message", "send the message to one agent (the others see it, and its reply, when they next answer)"),

@@ -24,10 +24,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from chat_data import DatasetFormatError
-from chat_teaching import CommandError, Taught, TeachingCommands, cell, plain
+from chat.session_log import SessionLog
+from chat.teaching import CommandError, Taught, TeachingCommands, cell, plain
 from finetune_dialogagent import Finetune_DialogAgent, ToolLine, UserAgent
-from finetune_report import pick_probes, run_probes, summary_rows, write_report
 from hfmodel.common import (
     Sanitized,
     StreamFilter,
@@ -39,10 +38,11 @@ from hfmodel.common import (
     redact,
     safe_text,
 )
+from hfmodel.data import DatasetFormatError
+from hfmodel.preference_data import Marked
+from hfmodel.report import pick_probes, run_probes, summary_rows, write_report
 from hfmodel.settings import merge_config, number_problems, parse_overrides, split_assignment
 from huggingface_model import FineTuneInterrupted, FineTuneResult, HuggingFaceWrapper
-from preference_data import Marked
-from session_log import SessionLog
 
 __all__ = ["HELP", "ChatSession", "CommandError", "DatasetFormatError", "UserError", "cell", "merge_config",
            "parse_overrides", "plain"]
