@@ -131,8 +131,8 @@ def chat(args: argparse.Namespace) -> int:
     from hfmodel.common import failure_line, log_traceback, quiet_libraries, redact, safe_text
 
     quiet_libraries(rich=True)
-    from chat.commands import ChatSession, UserError
-    from finetune_dialogagent import Finetune_DialogAgent, UserAgent, build_model
+    from chat.commands import UserError
+    from finetune_dialogagent import UserAgent, build_model
 
     entries = [{**agents[0], "sys_prompt": args.sys_prompt or agents[0]["sys_prompt"]}, *agents[1:]]
     prompt = entries[0]["sys_prompt"]
@@ -154,19 +154,16 @@ def chat(args: argparse.Namespace) -> int:
     tools = [] if args.no_tools else toolkit
     user = UserAgent(name="User")
     keep_log = session_log and not args.no_session_log
-    if len(entries) == 1 and not entries[0].get("adapter"):  # the one-assistant chat
-        assistant = Finetune_DialogAgent(name=entries[0]["name"], sys_prompt=prompt, model=model, toolkit=tools)
-        session = ChatSession(assistant, user, base_config=config, session_log=keep_log)
-    else:  # several agents on the one loaded model (team.py)
-        from chat.team import build_team
-        from chat.team_chat import TeamChatSession
+    # One agent or several, all on the one loaded model (team.py): `/agent add` grows a one-agent chat into a team.
+    from chat.team import build_team
+    from chat.team_chat import TeamChatSession
 
-        try:
-            team = build_team(model, entries, tools)
-        except UserError as e:
-            print(f"error: {safe_text(redact(str(e)))}", file=sys.stderr)
-            return 2
-        session = TeamChatSession(team, user, base_config=config, toolkit=tools, session_log=keep_log)
+    try:
+        team = build_team(model, entries, tools)
+    except UserError as e:
+        print(f"error: {safe_text(redact(str(e)))}", file=sys.stderr)
+        return 2
+    session = TeamChatSession(team, user, base_config=config, toolkit=tools, session_log=keep_log)
     if model.data_path:
         if not session.startup_fine_tune():
             return 2

@@ -120,7 +120,7 @@ class ChatSession(TeachingCommands):
         tools = self._tool_schemas()
         if tools:
             self.print(f"Tools: {plain(', '.join(t['function']['name'] for t in tools))}.")
-        if self.session_log:
+        if self.session_log and not self._log_problem(self.session_log.start()):
             self.print(f"This conversation is saved as training data in {plain(str(self.session_log.path))} "
                        "(--no-session-log turns that off).")
         try:
@@ -247,9 +247,18 @@ class ChatSession(TeachingCommands):
                        "of the conversation, so that the model does not copy it; /teach call <tool> <json arguments> "
                        f"teaches the right call.{kept})[/]")
         elif self.session_log:
-            await self.session_log.record(self.assistant.sys_prompt, context[before:],
-                                          await self._tool_schemas_async(), agent=self.assistant.name)
+            self._log_problem(await self.session_log.record(self.assistant.sys_prompt, context[before:],
+                                                            await self._tool_schemas_async(),
+                                                            agent=self.assistant.name))
         return "".join(pieces)
+
+    def _log_problem(self, problem: str | None) -> bool:
+        """A session log that cannot be written is one warning, and the chat goes on without it."""
+        if problem:
+            self.print(f"[yellow]warning:[/] cannot write the session log ({plain(problem)}); the chat goes on "
+                       "without it (fix the folder, set training_args.output_dir, or use --no-session-log).")
+            self.session_log = None
+        return bool(problem)
 
     def _confirm(self, call: ToolCallBlock) -> bool:
         """AgentScope's permission flow asks before a tool that is not read-only runs: the user says yes or no."""

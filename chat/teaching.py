@@ -24,6 +24,7 @@ from hfmodel.settings import parse_overrides, split_assignment
 from hfmodel.training import taught_mix
 
 if TYPE_CHECKING:
+    from chat.session_log import SessionLog
     from finetune_dialogagent import Finetune_DialogAgent
     from huggingface_model import FineTuneResult
 
@@ -77,11 +78,13 @@ class TeachingCommands:
     taught_path: Path | None
     marks: list[Marked]
     loop: asyncio.AbstractEventLoop
+    session_log: SessionLog | None
 
     if TYPE_CHECKING:
         def print(self, *renderables: Any) -> None: ...
         def _output_dir(self) -> Path: ...
         def _tool_schemas(self) -> list[dict] | None: ...
+        def _log_problem(self, problem: str | None) -> bool: ...
         def _config_with(self, pairs: list[str], own_data: bool = False) -> dict[str, Any]: ...
         def _fine_tune(self, data_path: str | None, config: dict[str, Any], probe_count: int = 4
                        ) -> FineTuneResult: ...
@@ -144,6 +147,8 @@ class TeachingCommands:
                 if not self._called_tools(reply_index):
                     rejected = context[reply_index].get_text_content() or None
                 context[reply_index] = corrected
+            if self.session_log:  # the log keeps what the user accepted: the taught answer, not the replaced one
+                self._log_problem(self.session_log.replace(str(context[user_index].id), answer))
         else:
             if reply_index is None:
                 raise CommandError("There is no reply to keep yet; give the better answer: /teach <answer>.")
@@ -160,7 +165,7 @@ class TeachingCommands:
 
     def _teach_call(self, args: list[str]) -> None:
         """`/teach call calculator {"expression": "97*91"}`: the last question should have been this tool call."""
-        _, prompt, _ = self._last_turn()
+        user_index, prompt, _ = self._last_turn()
         tools = self._tool_schemas() or []
         names = [t["function"]["name"] for t in tools]
         usage = 'Usage: /teach call <tool> {"argument": "value"}, e.g. /teach call calculator {"expression": "97*91"}'
@@ -176,6 +181,8 @@ class TeachingCommands:
         if not isinstance(arguments, dict):
             raise CommandError(f"The arguments must be a JSON object. {usage}")
         self.taught.append(Taught(prompt, "", call={"name": args[0], "arguments": arguments}, tools=tools))
+        if self.session_log:  # the reply should have been this call: it is not trained
+            self._log_problem(self.session_log.judge(str(self.assistant.state.context[user_index].id), False))
         path = self._save_taught()
         shown = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in arguments.items())
         self.print(f"Taught example {len(self.taught)}: [italic]{plain(prompt)}[/] -> call "
@@ -268,7 +275,7 @@ class TeachingCommands:
 
     def _mark(self, good: bool) -> None:
         try:
-            _, prompt, reply_index = self._last_turn()
+            user_index, prompt, reply_index = self._last_turn()
         except CommandError:
             raise CommandError("There is no reply to mark yet: ask something first.") from None
         reply = self.assistant.state.context[reply_index].get_text_content() if reply_index is not None else None
@@ -279,5 +286,7 @@ class TeachingCommands:
                                "model would learn to answer without the call. /teach keeps the reply with its calls "
                                "(SFT); /teach call <tool> <json arguments> teaches a different call.")
         self.marks.append(Marked([{"role": "user", "content": prompt}], reply, good))
+        if self.session_log:  # a /bad reply stays in the log untrained; /good trains it (again)
+            self._log_problem(self.session_log.judge(str(self.assistant.state.context[user_index].id), good))
         self.print(f"Marked the last reply {'good' if good else 'bad'} ({len(self.marks)} marked; "
                    "/train method=kto learns from the marks).")

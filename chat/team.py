@@ -122,6 +122,8 @@ class Team:
         name, rest = match.groups()
         if name.lower() == "all":
             return list(self.agents.values()), rest.strip()
+        if len(self.agents) == 1 and self.find(name) is None:  # no team yet: "@home is ..." is just a message
+            return [self.agents[self.current]], text
         return [self.agent(name)], rest.strip()
 
 

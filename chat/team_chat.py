@@ -8,13 +8,15 @@ messages and the other agents' replies, each line named), so `@Critic review tha
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.table import Table
 
 from chat.commands import ChatSession, CommandError, cell, plain
 from chat.team import Team, TeamError, add_agent
-from finetune_dialogagent import UserAgent
+from finetune_dialogagent import Finetune_DialogAgent, UserAgent
 
 TEAM_HELP = [
     ("@Name message", "send the message to one agent (the others see it, and its reply, when they next answer)"),
@@ -28,39 +30,77 @@ TEAM_HELP = [
 
 # What each agent keeps apart in the session (the rest of ChatSession is shared by all agents).
 PER_AGENT = ("taught", "taught_path", "marks", "base_config")
+TEAM_COMMANDS = ("/agents", "/agent")  # about the team, not one agent: `@all /agent add ...` runs them once
+
+
+def _per_agent(key: str) -> property:
+    """A ChatSession attribute that belongs to the agent being acted on (each agent keeps its own)."""
+
+    def get(self: TeamChatSession) -> Any:
+        return self.state_of(self.assistant.name)[key]
+
+    def put(self: TeamChatSession, value: Any) -> None:
+        self.state_of(self.assistant.name)[key] = value
+
+    return property(get, put)
 
 
 class TeamChatSession(ChatSession):
-    """`ChatSession` whose assistant is the current agent of a `Team`."""
+    """`ChatSession` whose assistant is the current agent of a `Team`.
+
+    `team.current` is the one notion of the current agent: plain messages and commands go to it, `/agents` stars it,
+    `/agent use NAME` sets it. `@Name /command` acts on Name for that one command (`acting`), and leaves the current
+    agent alone, unless the command is `/agent use`, which sets it.
+    """
+
+    taught = _per_agent("taught")
+    taught_path = _per_agent("taught_path")
+    marks = _per_agent("marks")
+    base_config = _per_agent("base_config")
 
     def __init__(self, team: Team, user: UserAgent, base_config: dict[str, Any] | None = None,
                  toolkit: Any = None, **kwargs: Any) -> None:
-        super().__init__(team.agents[team.current], user, base_config, **kwargs)
         self.team = team
+        self.acting: str | None = None  # the agent a `@Name /command` or an `@Name message` is for, while it runs
+        self.primary_config: dict[str, Any] = base_config or {}
+        self.states: dict[str, dict[str, Any]] = {}  # agent -> its PER_AGENT values
+        super().__init__(team.agents[team.current], user, base_config, **kwargs)
         self.toolkit = toolkit  # for /agent add
-        self.primary_config = self.base_config
         self.transcript: list[tuple[str, str]] = []  # (speaker, text): the whole conversation, in order
         self.seen: dict[str, int] = {}  # agent -> how many transcript entries it has been shown
-        self.slots: dict[str, dict[str, Any]] = {}  # agent -> its PER_AGENT values while another one is current
         self.commands.update({"/agents": self.cmd_agents, "/agent": self.cmd_agent})
 
+    @property  # type: ignore[override]
+    def assistant(self) -> Finetune_DialogAgent:
+        """The agent messages and commands act on: the addressed one while `@Name ...` runs, else the current."""
+        return self.team.agents[self.acting or self.team.current]
+
+    @assistant.setter
+    def assistant(self, agent: Finetune_DialogAgent) -> None:
+        self.team.current = agent.name
+
     def run(self) -> int:
-        self.print(f"Agents: {plain(', '.join(self.team.agents))} (one base model, each with its own adapters); "
-                   f"plain messages go to {plain(self.team.current)}; @Name or @all to address others.")
+        if len(self.team.agents) > 1:
+            self.print(f"Agents: {plain(', '.join(self.team.agents))} (one base model, each with its own adapters); "
+                       f"plain messages go to {plain(self.team.current)}; @Name or @all to address others.")
         return super().run()
 
     # ------------------------------------------------------------------------------------------- agents
 
-    def select(self, name: str) -> None:
-        """Make `name` the agent that messages and commands act on (its taught examples and config with it)."""
-        agent = self.team.agent(name)
-        if agent is self.assistant:
-            return
-        self.slots[self.assistant.name] = {key: getattr(self, key) for key in PER_AGENT}
-        state = self.slots.pop(agent.name, None) or self._fresh_slot(agent.name)
-        for key, value in state.items():
-            setattr(self, key, value)
-        self.assistant = agent
+    def state_of(self, name: str) -> dict[str, Any]:
+        """`name`'s own taught examples, marks and config (made on first use)."""
+        if name not in self.states:
+            self.states[name] = self._fresh_slot(name)
+        return self.states[name]
+
+    @contextmanager
+    def acting_as(self, name: str) -> Iterator[None]:
+        """Act on `name` for the commands or the reply run inside; the current agent stays as it is."""
+        saved, self.acting = self.acting, self.team.agent(name).name
+        try:
+            yield
+        finally:
+            self.acting = saved
 
     def _fresh_slot(self, name: str) -> dict[str, Any]:
         """A new agent's session state: the configured fine-tune settings, but not the first agent's data."""
@@ -73,27 +113,25 @@ class TeamChatSession(ChatSession):
         return {"taught": [], "taught_path": None, "marks": [], "base_config": config}
 
     def handle(self, text: str) -> None:
-        """`@Name /command` runs the command for that agent; everything else as in the one-agent chat."""
+        """`@Name /command` runs the command for that agent (`@all`: for each in turn; a team command once);
+        everything else as in the one-agent chat."""
         head, _, rest = text.partition(" ")
         rest = rest.strip()
         if head.startswith("@") and rest.startswith("/"):
+            command = rest.split(None, 1)[0].lower()
             if head[1:].lower() == "all":
-                names = list(self.team.agents)
+                names = [self.team.current] if command in TEAM_COMMANDS else list(self.team.agents)
             else:
                 agent = self.team.find(head[1:])
                 if agent is None:
                     self.error(f"No agent named {head[1:]!r}; agents: {', '.join(self.team.agents)}.")
                     return
                 names = [agent.name]
-            current = self.assistant.name
-            try:
-                for name in names:
-                    self.select(name)
-                    if len(names) > 1:
-                        self.print(f"[bold]{plain(name)}[/]:")
+            for name in names:
+                if len(names) > 1:
+                    self.print(f"[bold]{plain(name)}[/]:")
+                with self.acting_as(name):
                     super().handle(rest)
-            finally:
-                self.select(current)
             return
         super().handle(text)
 
@@ -103,16 +141,13 @@ class TeamChatSession(ChatSession):
         if not message:
             raise TeamError("Nothing to send: @Name <message> or @all <message>.")
         self.transcript.append((self.user.name, message))
-        current, replies = self.assistant.name, []
-        try:
-            for agent in agents:
-                self.select(agent.name)
+        replies = []
+        for agent in agents:
+            with self.acting_as(agent.name):
                 reply = super().say(self._news_for(agent.name))
-                self.transcript.append((agent.name, reply))
-                self.seen[agent.name] = len(self.transcript)
-                replies.append(reply)
-        finally:
-            self.select(current)
+            self.transcript.append((agent.name, reply))
+            self.seen[agent.name] = len(self.transcript)
+            replies.append(reply)
         return "\n".join(replies)
 
     def _news_for(self, name: str) -> str:
@@ -147,8 +182,8 @@ class TeamChatSession(ChatSession):
     def cmd_agent(self, args: list[str]) -> None:
         usage = 'Usage: /agent add NAME "system prompt", or /agent use NAME (/agents lists them).'
         if len(args) == 2 and args[0] == "use":
-            self.select(args[1])
-            self.team.current = self.assistant.name
+            self.team.current = self.team.agent(args[1]).name
+            self.acting = None  # `@Name /agent use Other` takes full effect: Other answers from now on
             self.print(f"Now talking to [bold]{plain(self.assistant.name)}[/] "
                        f"(adapter: {plain(self.model.active_adapter or 'base')}).")
             return

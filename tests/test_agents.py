@@ -164,7 +164,7 @@ def test_chat_routes_messages_and_commands_per_agent(tiny_model_dir, tmp_path, m
     # /teach and /train went to Critic only: a new Critic adapter; Ember is unchanged.
     assert critic.model.active_adapter == "Critic-ft1" and ember.model.active_adapter is None
     assert_identical(ember_before, snapshot(ember.model))
-    assert session.assistant is critic and len(session.taught) == 1 and session.slots["Ember"]["taught"] == []
+    assert session.assistant is critic and len(session.taught) == 1 and session.state_of("Ember")["taught"] == []
     assert "Bob" in team.agents and team.current == "Critic"
     assert console.count("Critic-ft1") >= 2  # the report and the second /agents
     # @all /system ran once per agent, in order, each under its name; the current agent stayed Critic.
