@@ -30,7 +30,7 @@ from agentscope.model import ChatModelBase, ChatResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from hfmodel import replies, training
-from hfmodel.adapters import AdapterRecord, AdapterSet
+from hfmodel.adapters import AdapterRecord, AdapterSet, check_layers
 from hfmodel.chat_format import CHATML_TEMPLATE, MASK_SOURCES, ChatFormat, ChatTemplateError, has_generation_markers
 from hfmodel.common import (
     FineTuneConfigError,
@@ -336,6 +336,7 @@ class HuggingFaceWrapper(ChatModelBase):
         if not data_path:
             raise FineTuneError("No data to fine-tune on: give data_path (a .jsonl/.json/.csv/.parquet file or hub id).")
         cfg = FineTuneConfig.from_dict(self._config(fine_tune_config), self.device)
+        check_layers(cfg.lora_config, self.handle.module)
         recipe = training.fine_tune
         if cfg.method != "sft":  # DPO / ORPO / KTO on preference data: the preference recipe
             from hfmodel import preference

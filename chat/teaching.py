@@ -20,7 +20,8 @@ from rich.text import Text
 from hfmodel.common import UserError, create_exclusive, safe_text, write_text_atomic
 from hfmodel.data import DatasetFormatError
 from hfmodel.preference_data import Marked, Pair, PreferenceDataset, load_preference_dataset, preference_mix
-from hfmodel.settings import parse_overrides, split_assignment
+from hfmodel.settings import METHODS, parse_overrides, split_assignment
+from hfmodel.tool_schema import call_problem
 from hfmodel.training import taught_mix
 
 if TYPE_CHECKING:
@@ -180,6 +181,9 @@ class TeachingCommands:
             raise CommandError(f"The arguments are not JSON ({e.msg}). {usage}") from None
         if not isinstance(arguments, dict):
             raise CommandError(f"The arguments must be a JSON object. {usage}")
+        problem = call_problem(args[0], arguments, tools)
+        if problem:
+            raise CommandError(f"{problem}. {usage}")
         self.taught.append(Taught(prompt, "", call={"name": args[0], "arguments": arguments}, tools=tools))
         if self.session_log:  # the reply should have been this call: it is not trained
             self._log_problem(self.session_log.judge(str(self.assistant.state.context[user_index].id), False))
@@ -189,11 +193,13 @@ class TeachingCommands:
                    f"[italic]{plain(args[0])}({plain(shown)})[/] (saved to {plain(str(path))}; /train to learn it).")
 
     def cmd_train(self, args: list[str]) -> None:
-        if not self.taught and not self.marks:
-            raise CommandError("Nothing taught yet: ask something, then /teach <better answer>.")
         pairs = [p for p in args if not p.startswith("replay=")]
         replay = all(split_assignment(p)[1] is not False for p in args if p.startswith("replay="))
         method = self._config_with(pairs).get("method", "sft")
+        if method not in METHODS:  # named before anything else: "Nothing taught" would read as if it were one
+            raise CommandError(f"method = {method!r}: must be one of {', '.join(METHODS)} (e.g. /train method=dpo).")
+        if not self.taught and not self.marks:
+            raise CommandError("Nothing taught yet: ask something, then /teach <better answer>.")
         if method != "sft":
             self._train_preferences(method, self._preference_config(pairs), replay)
             return

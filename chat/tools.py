@@ -15,6 +15,8 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+MAX_CHARS = 1000  # an expression a model writes in one call; a longer one is split into steps
+MAX_DEPTH = 100  # operations or parentheses inside each other (Python's own parser and evaluator recurse)
 MAX_EXPONENT = 1000  # 10 ** 1000 is already beyond any use; bigger powers would take memory and time
 MAX_DIGITS = 4000  # results longer than this are refused rather than printed
 _OPERATORS: dict[type, Callable[[Any, Any], Any]] = {
@@ -35,14 +37,53 @@ def calculator(expression: str) -> str:
     """
     text = str(expression).strip().replace("×", "*").replace("÷", "/").replace("^", "**")
     try:
-        value = _evaluate(ast.parse(text, mode="eval").body)
+        value = _evaluate(_parse(text))
     except SyntaxError:
         return f"error: {expression!r} is not an arithmetic expression (use numbers, + - * / ** and parentheses)"
     except ZeroDivisionError:
         return "error: division by zero"
-    except (CalculatorError, OverflowError) as e:
+    except OverflowError:
+        return TOO_LARGE
+    except CalculatorError as e:
         return f"error: {e}"
     return _format(value)
+
+
+TOO_LARGE = "error: the result is too large (beyond about 1e308); use smaller numbers, or integers for exact results"
+SPLIT = "compute it in smaller steps, one call each"
+
+
+def _parse(text: str) -> ast.AST:
+    """The expression's syntax tree, its size and depth bounded before anything recurses over it."""
+    if len(text) > MAX_CHARS:
+        raise CalculatorError(f"the expression is too long ({len(text)} characters, at most {MAX_CHARS}); {SPLIT}")
+    if _paren_depth(text) > MAX_DEPTH:
+        raise CalculatorError(f"the expression is too deeply nested (more than {MAX_DEPTH} levels); {SPLIT}")
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except (RecursionError, MemoryError):
+        raise CalculatorError(f"the expression is too deeply nested (more than {MAX_DEPTH} levels); {SPLIT}") from None
+    if _depth(tree) > MAX_DEPTH:
+        raise CalculatorError(f"the expression is too deeply nested (more than {MAX_DEPTH} levels); {SPLIT}")
+    return tree
+
+
+def _paren_depth(text: str) -> int:
+    deepest = depth = 0
+    for char in text:
+        depth += (char == "(") - (char == ")")
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _depth(tree: ast.AST) -> int:
+    """How many nodes deep the tree goes (iterative: any depth is safe to measure)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _evaluate(node: ast.AST) -> float | int:
@@ -70,7 +111,7 @@ def _evaluate(node: ast.AST) -> float | int:
 def _format(value: float | int) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
-            return "error: the result is too large"
+            return TOO_LARGE
         if value.is_integer() and abs(value) < 1e16:
             return str(int(value))
         return f"{value:.10g}"

@@ -434,6 +434,35 @@ def use_loraplus(trainer: Any, lora_config: dict[str, Any]) -> None:
     trainer.optimizer_cls_and_kwargs = (lambda: build, {})
 
 
+def check_layers(lora_config: dict[str, Any], module: Any) -> None:
+    """`layers_to_transform` names layers this model has, before any run starts. Indices count from 0 at the
+    bottom; a negative index is refused (peft would not read it from the top: it matches no layer at all)."""
+    layers = lora_config.get("layers_to_transform")
+    count = _layer_count(module)
+    if layers is None or count is None:
+        return
+    given = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    span = f"this model has {count} layers, 0 to {count - 1}"
+    if not isinstance(given, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in given):
+        problem = f"must be a layer index or a list of them ({span})"
+    elif any(i < 0 for i in given):
+        problem = f"layer indices count from 0 ({span}); negative ones are not read from the top: for the top layer " \
+                  f"give [{count - 1}]"
+    elif any(i >= count for i in given):
+        problem = f"this model has {count} layers (0 to {count - 1})"
+    else:
+        return
+    raise FineTuneConfigError(f"Invalid fine_tune_config: lora_config.layers_to_transform = {layers!r}: {problem}.")
+
+
+def _layer_count(module: Any) -> int | None:
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    count = getattr(config, "num_hidden_layers", None)
+    return count if isinstance(count, int) and count > 0 else None
+
+
 def _with_layer_names(lora_config: dict[str, Any], module: Any) -> dict[str, Any]:
     """`target_modules: all-linear` spelled out as module names when `layers_to_transform` picks layers (peft
     takes that shorthand only for every layer), e.g. LoRA on the top 15 of 30 layers: the backward stops there."""

@@ -15,7 +15,7 @@ Tool use: `messages` rows may hold assistant `tool_calls` ([{"type": "function",
 `tool` messages with the results; ShareGPT rows use `function_call` (value: the
 call's JSON) and `observation` turns. A `tools` column (JSON schemas, as a list or
 JSON text) lists the tools offered; a call to a tool missing from it, or arguments
-that are not a JSON object, skip the row.
+that do not fit the tool's JSON schema (hfmodel/tool_schema.py), skip the row.
 
 An assistant message of a `messages` row may carry `"weight": 0` (OpenAI's fine-tuning
 format): it stays in the conversation as context but is not trained on (1, the
@@ -41,6 +41,7 @@ from typing import Any
 
 from hfmodel.chat_format import TOOLS_KEY, trained
 from hfmodel.common import UserError
+from hfmodel.tool_schema import call_problem
 
 logger = logging.getLogger("huggingface_model")
 
@@ -105,6 +106,8 @@ def load_chat_dataset(data_path: str, split: str = "train") -> ChatDataset:
     """Load a local json/jsonl/csv/parquet file or a hub dataset id and normalise it."""
     raw_rows = load_rows(data_path, split=split)
     data = normalize_rows(raw_rows, source=str(data_path))
+    if getattr(raw_rows, "torn", 0):
+        data.skipped[TORN] += raw_rows.torn  # type: ignore[attr-defined]
     logger.info("Dataset %s", data.describe())
     return data
 
@@ -156,8 +159,9 @@ def _load_local(path: Path) -> list[dict[str, Any]]:
         text = _decode_text(path, raw)
         if raw.startswith(UTF8_BOM):
             options["encoding"] = "utf-8-sig"  # a BOM (Windows editors write one) is skipped, not read as data
-        if builder == "json":
-            _check_json_syntax(path, text)
+        torn = _check_json_syntax(path, text) if builder == "json" else None
+        if torn is not None:
+            return _without_torn_line(path, text, torn, options)
 
     import datasets
 
@@ -172,6 +176,33 @@ def _load_local(path: Path) -> list[dict[str, Any]]:
             "Check that every row has the same columns with the same types."
         ) from e
     return _materialize(dataset)
+
+
+class RawRows(list):
+    """A file's raw rows, and how many torn lines were left out on the way (counted in the dataset's summary)."""
+
+    torn = 0
+
+
+TORN = "torn last line (an interrupted write)"
+
+
+def _without_torn_line(path: Path, text: str, number: int, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a JSON Lines file whose last line was cut off mid-write (a crash while a chat logged): that line
+    is left out, with a warning, and counted; the rest loads as usual (from a copy: the user's file is not touched)."""
+    import tempfile
+
+    logger.warning("%s: line %d is cut off (the file ends in the middle of a row, as after a crash while writing); "
+                   "skipped it.", path, number)
+    kept = "".join(text.splitlines(keepends=True)[:number - 1])
+    if not kept.strip():
+        raise DatasetFormatError(f"Data file {path} holds only a torn line {number}; it needs a complete row.")
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / path.name
+        copy.write_text(kept, encoding="utf-8")
+        rows = RawRows(_load_local(copy))
+    rows.torn = 1
+    return rows
 
 
 def _decode_text(path: Path, raw: bytes) -> str:
@@ -216,22 +247,27 @@ def nesting_depth(value: Any) -> int:
     return deepest
 
 
-def _check_json_syntax(path: Path, text: str) -> None:
-    """Report malformed JSON with the file and line number (datasets' own error names neither)."""
+def _check_json_syntax(path: Path, text: str) -> int | None:
+    """Report malformed JSON with the file and line number (datasets' own error names neither). Returns the number
+    of a torn last line of JSON Lines (malformed, and the file ends without a newline: a write cut off), if any."""
     if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
         stripped = text.lstrip()
         if path.suffix.lower() == ".json" and stripped.startswith("{"):
             try:
                 _parse_json(text, path, "the whole file")
-                return
+                return None
             except json.JSONDecodeError:
                 pass  # maybe JSON Lines in a .json file: check line by line below
-        for number, line in enumerate(text.splitlines(), start=1):
+        lines = text.splitlines()
+        last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 row = _parse_json(line, path, f"line {number}")
             except json.JSONDecodeError as e:
+                if number == last > 1 and not text.endswith(("\n", "\r")):
+                    return number
                 raise DatasetFormatError(
                     f"Malformed JSON in {path}, line {number}, column {e.colno}: {e.msg}. "
                     "Each line of a .jsonl file must be one complete JSON object."
@@ -240,7 +276,7 @@ def _check_json_syntax(path: Path, text: str) -> None:
                 raise DatasetFormatError(
                     f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}."
                 )
-        return
+        return None
     try:
         rows = _parse_json(text, path, "the whole file")
     except json.JSONDecodeError as e:
@@ -251,6 +287,7 @@ def _check_json_syntax(path: Path, text: str) -> None:
         raise DatasetFormatError(f"{path} must hold a JSON list of objects (one per conversation).")
     if not rows:
         raise DatasetFormatError(f"Data file {path} holds an empty list; it needs at least one conversation.")
+    return None
 
 
 def _load_hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
@@ -427,6 +464,9 @@ def _with_tools(messages: Conversation, raw: dict[str, Any]) -> Conversation:
     names = {str(t.get("function", t).get("name")) for t in tools}
     if any(name not in names for name in calls):
         raise _SkipRow("a call to a tool missing from 'tools'")
+    if any(call_problem(c["function"]["name"], c["function"]["arguments"], tools)
+           for m in messages for c in m.get("tool_calls") or []):
+        raise _SkipRow("a tool call whose arguments do not fit its tool's schema")
     return [{**messages[0], TOOLS_KEY: tools}, *messages[1:]]
 
 

@@ -18,6 +18,7 @@ from agentscope.model import ChatResponse, ChatUsage
 from hfmodel.chat_format import ChatFormat
 from hfmodel.common import logger
 from hfmodel.generation import Generated
+from hfmodel.tool_schema import call_problem
 
 Chat = list[dict[str, Any]]
 _warned: set[str] = set()
@@ -155,13 +156,24 @@ def whole_reply(fmt: ChatFormat, text: str, chat: Chat, tools: list[dict] | None
     could not be read (the reply then stays text)."""
     if not tools:
         return [TextBlock(text=text)]
-    content, calls, problem = fmt.parse_reply(text, fmt.prompt_text(chat, tools), tools)
-    if problem:
+    try:
+        content, calls, problem = fmt.parse_reply(text, fmt.prompt_text(chat, tools), tools)
+    except RecursionError:  # JSON nested thousands deep: the parser's own recursion gave up
+        content, calls, problem = text, [], NESTED_TOO_DEEP
+    misfit = schema_problem(calls, tools)
+    if misfit:  # a call that does not fit its tool is not run: the whole reply stays text
+        content, calls, problem = text, [], misfit
         logger.warning("A tool call in the reply could not be read (%s); kept as text.", problem[:200])
         if on_unread:
             on_unread()
     blocks: list[Any] = [TextBlock(text=content.strip())] if content.strip() or not calls else []
     return blocks + call_blocks(calls, tools)
+
+
+def schema_problem(calls: list[dict], tools: list[dict] | None) -> str | None:
+    """The first parsed call whose arguments do not fit its tool's schema (a call to a tool that was not offered
+    is `call_blocks`' matter)."""
+    return next((p for c in calls if (p := call_problem(c["name"], c["arguments"], tools))), None)
 
 
 def answer_overrides(fmt: ChatFormat, overrides: dict[str, Any], tools: list[dict] | None) -> dict[str, Any]:
@@ -177,6 +189,14 @@ def words_only(blocks: list[Any]) -> list[Any]:
         if isinstance(block, ToolCallBlock):
             logger.info("%s(%s) in the answer asked for without tools; not run.", block.name, block.input)
     return [b for b in blocks if isinstance(b, TextBlock)]
+
+
+UNREADABLE = (ValueError, TypeError, KeyError, RecursionError)  # what reading call markup may raise: kept as text
+NESTED_TOO_DEEP = "RecursionError: the call's JSON is nested too deeply"
+
+
+def _why(error: Exception) -> str:
+    return NESTED_TOO_DEEP if isinstance(error, RecursionError) else f"{type(error).__name__}: {error}"
 
 
 class StreamReader:
@@ -203,8 +223,8 @@ class StreamReader:
             return piece if self.parser is None else ""
         try:
             return self._route(self.parser.feed(piece))
-        except (ValueError, TypeError, KeyError) as e:
-            self.failed = f"{type(e).__name__}: {e}"
+        except UNREADABLE as e:
+            self.failed = _why(e)
             return ""
 
     def finish(self) -> list[Any]:
@@ -216,8 +236,9 @@ class StreamReader:
             try:
                 _, events = self.parser.finalize()
                 tail = self._route(events)
-            except (ValueError, TypeError, KeyError) as e:
-                self.failed = f"{type(e).__name__}: {e}"
+            except UNREADABLE as e:
+                self.failed = _why(e)
+            self.failed = self.failed or schema_problem(self.calls, self.tools)
         if self.failed:
             logger.warning("A tool call in the reply could not be read (%s); kept as text.", self.failed[:200])
             shown = "".join(self.text_out)

@@ -34,6 +34,7 @@ DEFAULT_LORA_CONFIG: dict[str, Any] = {
 # lora_config keys of this project's own, beside peft LoraConfig's fields: LoRA+ (B matrices learn at this ratio
 # times the learning rate; peft's create_loraplus_optimizer), off by default
 LORA_EXTRA_KEYS = ("loraplus_lr_ratio",)
+MAX_LORAPLUS_RATIO = 1000  # beyond it B's steps overflow or swamp A's: the run diverges, not learns faster
 
 # Training defaults (trl `SFTConfig` fields) where they differ from trl's own; device-specific ones
 # (bf16/fp16, optimiser, use_cpu) are filled in by `device_training_args`.
@@ -139,6 +140,7 @@ class FineTuneConfig:
         lora = lora if isinstance(lora, dict) else {}
         args = args if isinstance(args, dict) else {}
         method = config.get("method", "sft")
+        method = method_name(method) if isinstance(method, str) else method
         known = method if isinstance(method, str) and method in METHODS else "sft"  # field lists for a bad value
         if check_fields:
             problems += _unknown_keys("lora_config", lora, lora_fields())
@@ -185,7 +187,9 @@ class FineTuneConfig:
         check("lora_config", "lora_alpha", lambda v: finite(v) and v > 0, "a finite number > 0")
         check("lora_config", "lora_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")
         if lora.get("loraplus_lr_ratio") is not None:
-            check("lora_config", "loraplus_lr_ratio", lambda v: finite(v) and v >= 1, "a finite number >= 1 (or null)")
+            check("lora_config", "loraplus_lr_ratio", lambda v: finite(v) and 1 <= v <= MAX_LORAPLUS_RATIO,
+                  f"a number from 1 to {MAX_LORAPLUS_RATIO} (LoRA+ trains B at this many times the learning rate; "
+                  "2 to 16 is usual), or null for plain LoRA")
         check("training_args", "learning_rate", lambda v: 0 < v < 1, "a number in (0, 1)")
         check("training_args", "num_train_epochs", lambda v: finite(v) and v > 0, "a finite number > 0")
         check("training_args", "max_steps", lambda v: isinstance(v, int) and (v == -1 or v >= 1),
@@ -487,8 +491,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for pair in pairs:
         key, value = split_assignment(pair)
+        if key == "method" and isinstance(value, str):
+            value = method_name(value)
         assign(config, fine_tune_key(key), value)
     return config
+
+
+def method_name(value: str) -> str:
+    """A typed method as the key of METHODS it means: `DPO` and ` dpo ` are `dpo`."""
+    return value.strip().lower()
 
 
 def merge_config(base: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
