@@ -200,7 +200,10 @@ def _without_torn_line(path: Path, text: str, number: int, options: dict[str, An
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / path.name
         copy.write_text(kept, encoding="utf-8")
-        rows = RawRows(_load_local(copy))
+        try:
+            rows = RawRows(_load_local(copy))
+        except DatasetFormatError as e:  # named after the user's file, not the copy
+            raise DatasetFormatError(str(e).replace(str(copy), str(path))) from None
     rows.torn = 1
     return rows
 

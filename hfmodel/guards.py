@@ -24,9 +24,9 @@ class NonFiniteLoss(FineTuneError):
 
     def __init__(self, step: int, what: str) -> None:
         super().__init__(
-            f"Fine-tuning stopped at step {step}: {what} is not a finite number. The learning rate or "
-            "lora_alpha is probably too high (or the data holds extreme values); the previous weights still "
-            "serve, and the run is recorded as failed (never reused).")
+            f"Fine-tuning stopped at step {step}: {what} is not a finite number. The learning rate, "
+            "lora_alpha or loraplus_lr_ratio is probably too high (or the data holds extreme values); the previous "
+            "weights still serve, and the run is recorded as failed (never reused).")
 
 
 def non_finite_weights(model: Any) -> str | None:

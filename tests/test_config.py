@@ -93,7 +93,7 @@ def test_unknown_top_level_key_lists_the_valid_keys():
         ({"lora_config": {"r": 0}}, "lora_config.r = 0"),
         ({"lora_config": {"r": 2.5}}, "lora_config.r = 2.5"),
         ({"lora_config": {"lora_dropout": 1.0}}, "lora_config.lora_dropout = 1.0"),
-        ({"lora_config": {"loraplus_lr_ratio": 0.5}}, "lora_config.loraplus_lr_ratio = 0.5: must be a finite number >= 1"),
+        ({"lora_config": {"loraplus_lr_ratio": 0.5}}, "lora_config.loraplus_lr_ratio = 0.5: must be a number from 1 to 1000"),
         ({"lora_config": {"loraplus_lr_ratio": "high"}}, "lora_config.loraplus_lr_ratio = 'high'"),
         ({"training_args": {"learning_rate": -1e-4}}, "training_args.learning_rate = -0.0001"),
         ({"training_args": {"learning_rate": 0}}, "training_args.learning_rate = 0"),
