@@ -355,3 +355,15 @@ def test_unclear_a_torn_last_line_is_skipped_with_a_warning(tmp_path, caplog):
     with pytest.raises(DatasetFormatError, match="Malformed JSON in .*line 2"):
         load_chat_dataset(str(middle))
 
+
+
+def test_a_one_agent_chat_sends_an_at_word_that_names_no_agent_as_typed():
+    """Every chat is a team chat now (so `/agent add` works in it): "@home ..." must stay a message while no agent
+    has that name, and a team of two still refuses an unknown @Name."""
+    from chat.team import Team, TeamError
+
+    first, critic = object(), object()
+    assert Team({"First": first}, "First").route("@home is where I am") == ([first], "@home is where I am")
+    assert Team({"First": first}, "First").route("@first hi") == ([first], "hi")
+    with pytest.raises(TeamError, match="No agent named 'home'"):
+        Team({"First": first, "Critic": critic}, "First").route("@home is where I am")
