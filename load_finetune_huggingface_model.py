@@ -69,7 +69,7 @@ toolkit: list[Any] = [calculator]
 # another with `@Name message`, all of them with `@all message`. Optional keys: "adapter" (a LoRA adapter folder to
 # start from), "data_path" (what /train mixes in for that agent). For a team add, e.g.:
 #   {"name": "Critic", "sys_prompt": "You are Critic. Review the last answer in one short sentence."}
-agents: list[dict[str, Any]] = [{"name": "Assistant", "sys_prompt": sys_prompt}]
+agents: list[dict[str, Any]] = [{"name": "Ember", "sys_prompt": sys_prompt}]
 
 # Save every exchange to runs/session-<stamp>-<id>.jsonl, in the format /finetune trains on (--no-session-log: off).
 session_log = True

@@ -481,7 +481,7 @@ def worker_imports(params: dict[str, Any]) -> dict[str, Any]:
 
     config = script.apply_overrides(script.model_configs[0], args)
     model = build_model(config["config_name"], [config], system_prompt=script.sys_prompt)
-    Finetune_DialogAgent(name="Assistant", sys_prompt=script.sys_prompt, model=model)
+    Finetune_DialogAgent(name=script.agents[0]["name"], sys_prompt=script.sys_prompt, model=model)
     ready_s = time.perf_counter() - started
     after = {m: m in sys.modules for m in HEAVY_TRAINING_MODULES}
     return {"imported_after_script_import": before, "imported_at_ready": after,
