@@ -44,7 +44,7 @@ model_configs: list[dict[str, Any]] = [
         "trust_remote_code": False,  # run model code from its hub repo: only for models you trust
         # Fine-tune at start-up (None = chat as is): Ember's identity and answering arithmetic with the calculator.
         "data_path": str(HERE / "data" / "ember_agent_train.jsonl"),
-        "fine_tune_config": {  # merged over the defaults in hfmodel/settings.py (see README)
+        "fine_tune_config": {  # merged over the defaults in hfmodel/settings.py (docs/configuration.md)
             "eval_data_path": str(HERE / "data" / "ember_agent_eval.jsonl"),  # held-out rows for eval loss
             "lora_config": {"r": 8, "lora_alpha": 16, "loraplus_lr_ratio": 8},  # rank, scale; LoRA+: B at 8x the lr
             "training_args": {

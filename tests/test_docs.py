@@ -251,6 +251,15 @@ def test_the_flags_tables_are_the_scripts_help(monkeypatch):
         assert [[unquote(f), what] for f, what in documented] == flags(parser_of(parse_args, monkeypatch)), page
 
 
+def test_the_memory_table_is_what_estimate_memory_prints():
+    from hfmodel.memory import memory_table
+
+    page = (ROOT / "docs" / "scaling.md").read_text()
+    documented = [line for line in section(page, "How much GPU memory").splitlines() if line.startswith("|")]
+    printed = [line for line in memory_table(2048, 1, 16, False).splitlines() if line.startswith("|")]
+    assert documented == printed and len(printed) > 2
+
+
 def test_the_readme_main_settings_are_the_shipped_values():
     import load_finetune_huggingface_model as script
 
@@ -279,7 +288,7 @@ SKIPPED_FOLDERS = {".git", ".venv", "runs", "__pycache__", ".pytest_cache", ".my
 def repository_names() -> tuple[set[str], set[str]]:
     """(top-level entries, every file name) of the working tree."""
     names = set()
-    for folder, dirs, files in os.walk(ROOT):
+    for _folder, dirs, files in os.walk(ROOT):
         dirs[:] = [d for d in dirs if d not in SKIPPED_FOLDERS and not d.endswith(".egg-info")]
         names |= set(files)
     return {p.name for p in ROOT.iterdir()}, names
