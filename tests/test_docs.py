@@ -46,7 +46,19 @@ def rel(path: Path) -> str:
 
 
 def code_blocks(text: str, language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
+    """The fenced blocks opened with ```language (`""`: the bare fences of transcripts), in order."""
+    blocks, current, lang = [], None, ""
+    for line in text.splitlines(keepends=True):
+        fence = line.strip().startswith("```")
+        if current is None and fence:
+            current, lang = [], line.strip()[3:].strip()
+        elif current is not None and fence:
+            if lang == language:
+                blocks.append("".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
 
 
 def section(text: str, heading: str) -> str:
@@ -116,6 +128,15 @@ def test_every_python_block_runs_on_the_tiny_model(page, docs_model_dir, tmp_pat
         exec(compile(code, f"{rel(page)} block {i}", "exec"), namespace)  # noqa: S102 - our own docs, in a test
 
 
+def test_every_json_example_row_is_a_conversation_the_loader_reads():
+    from hfmodel.data import normalize_rows
+
+    rows = [json.loads(line) for page in PAGES for block in code_blocks(page.read_text(), "json")
+            for line in block.splitlines() if line.strip()]
+    assert rows
+    assert len(normalize_rows(rows).rows) == len(rows)
+
+
 def test_the_readme_fine_tune_config_is_the_shipped_one():
     import load_finetune_huggingface_model as script
 
@@ -180,6 +201,16 @@ def test_every_command_of_the_readme_cheat_sheet_exists():
     cheat_sheet = tables(section(README.read_text(), "Command cheat-sheet"))[0]
     assert len(cheat_sheet) >= 10
     assert [unquote(c) for c, _ in cheat_sheet if unquote(c) not in known] == []
+
+
+def test_every_command_typed_in_a_transcript_exists():
+    """`User: /name ...` and `User: @Agent /name ...` lines of the docs' example chats use real commands."""
+    one, several = documented_commands()
+    known = {usage.split()[0] for usage, _ in one + several}
+    typed = {match for page in PAGES for block in code_blocks(page.read_text(), "")
+             for match in re.findall(r"^User: (?:@\w+ )?(/[a-z]+)", block, re.M)}
+    assert {"/teach", "/train", "/undo", "/dryrun", "/finetune"} <= typed
+    assert typed - known == set()
 
 
 # ------------------------------------------------------------------------------------------ settings and flags
