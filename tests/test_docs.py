@@ -346,9 +346,23 @@ def test_every_backticked_path_exists(page):
 
 @pytest.mark.parametrize("page", [*PAGES, ROOT / "CONTRIBUTING.md"], ids=rel)
 def test_every_relative_link_exists(page):
-    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
-    missing = [link for link in links if "://" not in link and not (page.parent / link).exists()]
+    """A link's file exists, and so does its #anchor (a heading of that file, as GitHub spells anchors)."""
+    links = re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text())
+    missing = []
+    for target, anchor in links:
+        if "://" in target:
+            continue
+        path = page.parent / target if target else page
+        if not path.exists():
+            missing.append(target)
+        elif anchor and anchor not in anchors(path.read_text()):
+            missing.append(f"{target}#{anchor}")
     assert missing == []
+
+
+def anchors(text: str) -> set[str]:
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 def test_the_readme_is_a_short_guide():
