@@ -92,7 +92,20 @@ def header(results: dict[str, Any]) -> list[str]:
             ["load average", load],
             ["libraries", ", ".join(f"{name} {versions[name]}" for name in LIBRARIES if name in versions) or "unknown"],
         ]),
+        *busy_note(meta),
     ]
+
+
+def busy_note(meta: dict[str, Any]) -> list[str]:
+    """A run on a machine busier than its cores measures the other jobs too: say so above the figures."""
+    cores = dig(meta, "machine", "cpu_count")
+    loads = [load[0] for load in (meta.get("load_average_start"), meta.get("load_average_end"))
+             if isinstance(load, list) and load]
+    if not cores or not loads or max(loads) < cores:
+        return []
+    return ["", f"**This run shared its {cores} cores with other jobs** (1-minute load average up to {max(loads)}): "
+            "its figures are well below what an idle machine gives. Compare ratios within the run, not absolute "
+            "speeds, and rerun `make bench` on an idle machine for figures to quote."]
 
 
 def chat_section(chat: dict[str, Any]) -> list[str]:

@@ -438,6 +438,10 @@ def test_the_performance_page_takes_a_partial_or_older_run():
     assert "2026-12-01" in page and "unknown" in page
     assert "Not measured in this run: chat generation, several agents" in page
     assert "## Goals" not in page  # no targets in the results: no goals table
+    busy = {"meta": {"machine": {"cpu_count": 2}, "load_average_start": [3.5, 1, 1]}, "sections": {}}
+    assert "shared its 2 cores" in performance_page().render_page(busy)
+    busy["meta"]["load_average_start"] = [0.4, 1, 1]
+    assert "shared its" not in performance_page().render_page(busy)
 
 
 # ------------------------------------------------------------------------------------------ layering
