@@ -48,7 +48,7 @@ model_configs: list[dict[str, Any]] = [
             "eval_data_path": str(HERE / "data" / "ember_agent_eval.jsonl"),  # held-out rows for eval loss
             "lora_config": {"r": 8, "lora_alpha": 16, "loraplus_lr_ratio": 8},  # rank, scale; LoRA+: B at 8x the lr
             "training_args": {
-                "max_steps": 18,  # the demo run (identity + calculator; about 67-81 s on 2 CPU cores); -1 = epochs
+                "max_steps": 18,  # the demo run (identity + calculator; its time: docs/performance.md); -1 = epochs
                 "learning_rate": 1e-3,  # high, because the run is short
                 "lr_scheduler_type": "constant",  # a short run learns more at full rate than decaying to zero
                 "per_device_train_batch_size": 7,  # 7 rows of one to three exchanges each
