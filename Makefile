@@ -26,8 +26,10 @@ chat: install
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
 
+# The full bench also regenerates docs/performance.md from bench/results.json (commit both).
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/bench.py $(ARGS)
+	$(PY) bench/performance_page.py
 
 bench-quick: install
 	HF_HUB_OFFLINE=1 $(PY) bench/bench.py --quick $(ARGS)

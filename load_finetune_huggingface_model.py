@@ -44,11 +44,11 @@ model_configs: list[dict[str, Any]] = [
         "trust_remote_code": False,  # run model code from its hub repo: only for models you trust
         # Fine-tune at start-up (None = chat as is): Ember's identity and answering arithmetic with the calculator.
         "data_path": str(HERE / "data" / "ember_agent_train.jsonl"),
-        "fine_tune_config": {  # merged over the defaults in hfmodel/settings.py (see README)
+        "fine_tune_config": {  # merged over the defaults in hfmodel/settings.py (docs/configuration.md)
             "eval_data_path": str(HERE / "data" / "ember_agent_eval.jsonl"),  # held-out rows for eval loss
             "lora_config": {"r": 8, "lora_alpha": 16, "loraplus_lr_ratio": 8},  # rank, scale; LoRA+: B at 8x the lr
             "training_args": {
-                "max_steps": 18,  # the demo run (identity + calculator; about 67-81 s on 2 CPU cores); -1 = epochs
+                "max_steps": 18,  # the demo run (identity + calculator; its time: docs/performance.md); -1 = epochs
                 "learning_rate": 1e-3,  # high, because the run is short
                 "lr_scheduler_type": "constant",  # a short run learns more at full rate than decaying to zero
                 "per_device_train_batch_size": 7,  # 7 rows of one to three exchanges each
@@ -69,7 +69,7 @@ toolkit: list[Any] = [calculator]
 # another with `@Name message`, all of them with `@all message`. Optional keys: "adapter" (a LoRA adapter folder to
 # start from), "data_path" (what /train mixes in for that agent). For a team add, e.g.:
 #   {"name": "Critic", "sys_prompt": "You are Critic. Review the last answer in one short sentence."}
-agents: list[dict[str, Any]] = [{"name": "Assistant", "sys_prompt": sys_prompt}]
+agents: list[dict[str, Any]] = [{"name": "Ember", "sys_prompt": sys_prompt}]
 
 # Save every exchange to runs/session-<stamp>-<id>.jsonl, in the format /finetune trains on (--no-session-log: off).
 session_log = True

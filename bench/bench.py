@@ -189,6 +189,19 @@ def run_worker(name: str, params: dict[str, Any], threads: int | None, timeout: 
     return data
 
 
+def git_commit() -> dict[str, Any]:
+    """The commit measured (and whether the tree had changes), for the performance page's header."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "--short=12", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -468,7 +481,7 @@ def worker_imports(params: dict[str, Any]) -> dict[str, Any]:
 
     config = script.apply_overrides(script.model_configs[0], args)
     model = build_model(config["config_name"], [config], system_prompt=script.sys_prompt)
-    Finetune_DialogAgent(name="Assistant", sys_prompt=script.sys_prompt, model=model)
+    Finetune_DialogAgent(name=script.agents[0]["name"], sys_prompt=script.sys_prompt, model=model)
     ready_s = time.perf_counter() - started
     after = {m: m in sys.modules for m in HEAVY_TRAINING_MODULES}
     return {"imported_after_script_import": before, "imported_at_ready": after,
@@ -1284,6 +1297,7 @@ def main(argv: list[str] | None = None) -> int:
                           "repeats": args.repeats, "threads": args.threads},
                  "threads": threads or "torch default", "threads_reason": threads_reason,
                  "machine": machine(), "versions": versions(), "load_average_start": load_average(),
+                 "git": git_commit(),
                  "settings": {m: SETTINGS[mode][m] for m in models}},
         "sections": {},
         "targets": [],

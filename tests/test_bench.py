@@ -129,3 +129,18 @@ def test_targets_well_formed(results):
         names.add(t["name"])
     for prefix in ("chat:", "startup:", "finetune:"):
         assert any(n.startswith(prefix) for n in names), prefix
+
+
+def test_the_performance_page_renders_every_section_of_a_run(results):
+    """bench/performance_page.py turns a fresh run into docs/performance.md: every section measured gets its table,
+    the header names the commit the bench recorded."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("performance_page", ROOT / "bench" / "performance_page.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = module.render_page(results)
+    assert results["meta"]["git"]["commit"] and f"`{results['meta']['git']['commit']}" in page
+    for title in ("Chat generation", "Start-up", "Several agents on one base model", "Fine-tuning"):
+        assert f"### {title}" in page, title
+    assert "n/a" not in page.split("## Goals")[0], "a figure of the run did not reach the page"

@@ -407,7 +407,7 @@ def test_only_the_main_process_checks_the_runs_folder(tmp_path, monkeypatch):
 
 
 def test_printed_result_shows_the_run_not_the_rows():
-    """`print(model.fine_tune(...))` (the README's Python API) is a few lines, not the whole dataset."""
+    """`print(model.fine_tune(...))` (the Python API of docs/python-api.md) is a few lines, not the whole dataset."""
     from hfmodel.data import ChatDataset
     from hfmodel.training import FineTuneResult
 

@@ -1,4 +1,5 @@
-"""The README's Python API example, run as written: on the tiny model, and (slow) verbatim on the bundled SmolLM2.
+"""The Python API example (the first block of docs/python-api.md, which the README links to), run as written: on the
+tiny model, and (slow) verbatim on the bundled SmolLM2. tests/test_docs.py runs every block of the docs.
 
 Also the original example's path: a `model_configs` entry with `data_path` and no `system_prompt`, built with
 `HuggingFaceWrapper.from_config(entry)`, fine-tunes at init.
@@ -20,16 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_example() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    page = (ROOT / "docs" / "python-api.md").read_text()
+    return re.search(r"```python\n(.*?)```", page, re.S).group(1)
 
 
 def run_example(code: str, cwd: Path, monkeypatch) -> dict:
     monkeypatch.chdir(cwd)
     (cwd / "data").symlink_to(ROOT / "data")
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the project's own README, in a test
+    exec(compile(code, "docs/python-api.md", "exec"), namespace)  # noqa: S102 - the project's own docs, in a test
     return namespace
 
 

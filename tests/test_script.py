@@ -116,8 +116,8 @@ def test_main_chats_until_exit(script, taught_adapter, tmp_path, monkeypatch, ca
                     [TAUGHT_QUESTION, "", "exit"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "Assistant: " in out and "Ember" in out.split("Assistant: ", 1)[1]
-    assert out.count("Assistant: ") == 1  # the empty line was skipped, exit ended the chat
+    assert "Ember: " in out and "Ember" in out.split("Ember: ", 1)[1]  # the shipped agent is named Ember
+    assert out.count("Ember: ") == 1  # the empty line was skipped, exit ended the chat
     assert not (tmp_path / "runs").exists()  # --no-finetune: nothing trained
 
 

@@ -76,7 +76,8 @@ def test_after_the_start_up_demo_fine_tune_97_times_91_reaches_the_calculator(tm
     wrapper = HuggingFaceWrapper.from_config(config, data_path=None, system_prompt=script.sys_prompt)
     result = wrapper.fine_tune(config["data_path"], config["fine_tune_config"])
     assert result.eval_loss_after < result.eval_loss_before
-    agent = Finetune_DialogAgent(name="Assistant", sys_prompt=script.sys_prompt, model=wrapper, toolkit=script.toolkit)
+    agent = Finetune_DialogAgent(name=script.agents[0]["name"], sys_prompt=script.sys_prompt, model=wrapper,
+                                 toolkit=script.toolkit)
 
     async def ask(question: str) -> list[str]:
         return [piece async for piece in agent.stream_reply(UserMsg(name="User", content=question))]
