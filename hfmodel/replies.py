@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 from agentscope.message import TextBlock, ToolCallBlock
@@ -162,6 +163,26 @@ def whole_reply(fmt: ChatFormat, text: str, chat: Chat, tools: list[dict] | None
             on_unread()
     blocks: list[Any] = [TextBlock(text=content.strip())] if content.strip() or not calls else []
     return blocks + call_blocks(calls, tools)
+
+
+@dataclass
+class BatchReply:
+    """One reply of `HuggingFaceWrapper.generate_batch`: its text (without call markup), the tool calls it made,
+    all its content blocks in order (what an agent would receive) and its token counts."""
+
+    text: str
+    tool_calls: list[ToolCallBlock]
+    blocks: list[Any]
+    input_tokens: int
+    output_tokens: int
+
+
+def batch_reply(fmt: ChatFormat, generated: Generated, chat: Chat, tools: list[dict] | None,
+                on_unread: Callable[[], None] | None = None) -> BatchReply:
+    blocks = whole_reply(fmt, generated.text, chat, tools, on_unread)
+    text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
+    return BatchReply(text, [b for b in blocks if isinstance(b, ToolCallBlock)], blocks, generated.input_tokens,
+                      generated.output_tokens)
 
 
 def answer_overrides(fmt: ChatFormat, overrides: dict[str, Any], tools: list[dict] | None) -> dict[str, Any]:
