@@ -263,12 +263,13 @@ class TransformersEngine:
         if any(r.stop is not None for r in rows) or len(set(limits)) > 1:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
         if any(r.streamer is not None for r in rows):
-            kwargs["streamer"] = _RowStreams(rows, set(self.handle.stop_token_ids), limits, stops)
+            kwargs["streamer"] = _RowStreams(rows, set(self.handle.stop_token_ids), stops)
         out = self._run(enc, kwargs, rows[0].seed if len(rows) == 1 else None)
-        return [self._row_result(out[i, width:], r, limits[i], stops.stopped_at[i]) for i, r in enumerate(rows)]
+        return [self._row_result(out[i, width:], r, stops.stopped_at[i]) for i, r in enumerate(rows)]
 
-    def _row_result(self, new: torch.Tensor, request: Request, limit: int, stopped_at: int | None) -> Generated:
-        count = min(len(new), limit, stopped_at or limit)
+    def _row_result(self, new: torch.Tensor, request: Request, stopped_at: int | None) -> Generated:
+        """The row's reply: up to its first end-of-turn token (the rest is padding) or where it was stopped."""
+        count = len(new) if stopped_at is None else min(len(new), stopped_at)
         ends = [i for i, t in enumerate(new[:count].tolist()) if t in self.handle.stop_token_ids]
         count = ends[0] + 1 if ends else count
         text = self.handle.tokenizer.decode(new[:count], skip_special_tokens=True).strip()
@@ -495,10 +496,10 @@ class _StopRows(StoppingCriteria):
 
 class _RowStreams:
     """generate()'s streamer for a batch: hands each row's tokens to that row's own streamer (its prompt first, as
-    transformers does), until the row's end of turn, its limit or its stop event; counts each row's tokens."""
+    transformers does), until the row's end of turn or until `_StopRows` stopped it; counts each row's tokens."""
 
-    def __init__(self, rows: list[Request], stop_ids: set[int], limits: list[int], stops: _StopRows) -> None:
-        self.rows, self.stop_ids, self.limits, self.stops = rows, stop_ids, limits, stops
+    def __init__(self, rows: list[Request], stop_ids: set[int], stops: _StopRows) -> None:
+        self.rows, self.stop_ids, self.stops = rows, stop_ids, stops
         self.done = [r.streamer is None for r in rows]
         self.started = False
         for r in rows:
@@ -519,8 +520,7 @@ class _RowStreams:
             row.streamer.put(torch.tensor([token]))
             row.streamed = True
             row.streamer.counter.count += 1
-            count = row.streamer.counter.count
-            if token in self.stop_ids or count >= self.limits[i] or self.stops.stopped_at[i] is not None:
+            if token in self.stop_ids or self.stops.stopped_at[i] is not None:
                 self._end(i)
 
     def _end(self, i: int) -> None:
