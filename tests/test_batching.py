@@ -202,3 +202,20 @@ def test_n_must_be_positive(tiny_wrapper):
 
     with pytest.raises(UserError, match="n must be at least 1"):
         tiny_wrapper.generate_batch([chat()], n=0)
+
+
+def test_the_docs_example_runs_on_the_tiny_model(tool_model_dir, capsys):
+    """docs/batched-generation.md's example, as written, with the tiny model in place of SmolLM2."""
+    import re
+    from pathlib import Path
+
+    from huggingface_model import DEFAULT_MODEL_ID
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "batched-generation.md").read_text()
+    [code] = re.findall(r"```python\n(.*?)```", doc, re.S)
+    assert f'model_id="{DEFAULT_MODEL_ID}"' in code
+    namespace: dict = {}
+    exec(compile(code.replace(f'model_id="{DEFAULT_MODEL_ID}"', f'local_model_path="{tool_model_dir}"'),  # noqa: S102
+                  "batched-generation.md", "exec"), namespace)
+    assert len(namespace["samples"]) == 4 and namespace["reply"].input_tokens > 0
+    assert len(capsys.readouterr().out.splitlines()) == 5  # three replies, the samples, the tool-call line
