@@ -233,7 +233,9 @@ class HuggingFaceWrapper(ChatModelBase):
         """
         source = resolve_model_source(model_id, local_model_path)
         started = time.perf_counter()
-        module, tokenizer = load_replacement(source, self.handle)
+        # On the compute thread that will generate with it: the process's torch work stays on one thread (one
+        # OpenMP team; see hfmodel/compute.py).
+        module, tokenizer = self.handle.compute.call(load_replacement, source, self.handle)
         before = dict(vars(self.handle)), dict(vars(self.adapter_set)), (self.model_id, self.local_model_path,
                                                                           self.model)
         try:
