@@ -56,7 +56,7 @@ class Request:
     penalty: float | None
     seed: int | None
     streamer: Any
-    stop: threading.Event | None
+    stop: threading.Event
     key: Hashable
     future: Future = field(default_factory=Future)
     streamed: bool = False  # text of this reply has reached its reader (it cannot be generated again unseen)
@@ -199,8 +199,10 @@ class TransformersEngine:
         enc, kwargs = self._prepare(messages, parameters, overrides, tools)
         penalty = kwargs.pop("logits_processor", None)
         chosen = parameters.seed if seed == "settings" else seed
+        # Every reply can be stopped: a Ctrl-C or a cancelled await stops its row, not just the wait for it.
         return Request(self, enc, kwargs, penalty[0].penalty if penalty else None,
-                       None if chosen is None else int(chosen), streamer, stop, self._batch_key(kwargs))
+                       None if chosen is None else int(chosen), streamer, stop or threading.Event(),
+                       self._batch_key(kwargs))
 
     def _batch_key(self, kwargs: dict[str, Any]) -> Hashable:
         """Requests with equal keys may share one generate(): the same model, adapter and settings (each row keeps
@@ -260,8 +262,7 @@ class TransformersEngine:
         if processors:
             kwargs["logits_processor"] = LogitsProcessorList(processors)
         stops = _StopRows([r.stop for r in rows], limits, width)
-        if any(r.stop is not None for r in rows) or len(set(limits)) > 1:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
         if any(r.streamer is not None for r in rows):
             kwargs["streamer"] = _RowStreams(rows, set(self.handle.stop_token_ids), stops)
         out = self._run(enc, kwargs, rows[0].seed if len(rows) == 1 else None)
@@ -329,7 +330,11 @@ class TransformersEngine:
                              tools: list[dict] | None = None) -> Generated:
         """The whole reply, awaited: replies requested in the same event-loop turn run as one batch."""
         request = self.request(messages, parameters, overrides, tools)
-        return await asyncio.wrap_future(self.handle.compute.submit_soon(request))
+        try:
+            return await asyncio.wrap_future(self.handle.compute.submit_soon(request))
+        except asyncio.CancelledError:
+            request.stop.set()
+            raise
 
     def generate_batch(self, conversations: list[Chat], parameters: Any, overrides: dict[str, Any],
                        tools: list[dict] | None = None, n: int = 1) -> list[Generated]:
@@ -342,14 +347,23 @@ class TransformersEngine:
                                  seed=None if seed is None else (seed + i) % 2**32)
                     for chat in conversations for i in range(n)]
         futures = self.handle.compute.submit_all(requests)
-        return [self._result(f) for f in futures]
+        try:
+            return [self._result(f) for f in futures]
+        except KeyboardInterrupt:
+            for r in requests:
+                r.stop.set()
+            raise
 
     def _wait(self, request: Request) -> Generated:
         compute = self.handle.compute
         if compute.on_worker():  # already on the compute thread (a job that generates): run here
             self.run_group([request])
             return self._result(request.future)
-        return self._result(compute.submit(request))
+        try:
+            return self._result(compute.submit(request))
+        except KeyboardInterrupt:  # Ctrl-C while waiting: the reply stops too
+            request.stop.set()
+            raise
 
     @staticmethod
     def _result(future: Future) -> Generated:
@@ -387,7 +401,9 @@ class TransformersEngine:
             yield Generated("", request.n_in, streamer.counter.count)
         finally:
             stop.set()
-            await asyncio.wait([future])  # the row has stopped (its error, if any, was raised above)
+            await asyncio.wait([future])  # the row has stopped
+            if not future.cancelled():
+                future.exception()  # its error, if any, was raised above
 
     def count_tokens(self, messages: Chat, tools: list[dict] | None = None) -> int:
         fmt = self.handle.format
@@ -479,7 +495,7 @@ class _StopRows(StoppingCriteria):
     """Stops each row on its own: when its reader closed the stream (its stop event) or at its own max_new_tokens.
     Records where each row stopped, for its token count."""
 
-    def __init__(self, events: list[threading.Event | None], limits: list[int], prompt_width: int) -> None:
+    def __init__(self, events: list[threading.Event], limits: list[int], prompt_width: int) -> None:
         self.events, self.limits, self.width = events, limits, prompt_width
         self.stopped_at: list[int | None] = [None] * len(events)
 
@@ -487,7 +503,7 @@ class _StopRows(StoppingCriteria):
         made = int(input_ids.shape[1]) - self.width
         done = []
         for i, (event, limit) in enumerate(zip(self.events, self.limits, strict=True)):
-            stop = made >= limit or (event is not None and event.is_set())
+            stop = made >= limit or event.is_set()
             if stop and self.stopped_at[i] is None:
                 self.stopped_at[i] = made
             done.append(self.stopped_at[i] is not None)
