@@ -219,3 +219,25 @@ def test_the_docs_example_runs_on_the_tiny_model(tool_model_dir, capsys):
                   "batched-generation.md", "exec"), namespace)
     assert len(namespace["samples"]) == 4 and namespace["reply"].input_tokens > 0
     assert len(capsys.readouterr().out.splitlines()) == 5  # three replies, the samples, the tool-call line
+
+
+def test_team_agents_on_the_same_adapter_share_a_batch_and_others_do_not(tiny_model_dir):
+    from chat.team import build_team
+
+    wrapper = make_wrapper(tiny_model_dir, do_sample=False, stream=False)
+    team = build_team(wrapper, [{"name": "Ember", "sys_prompt": "You are Ember."},
+                                {"name": "Critic", "sys_prompt": "You are Critic."}])
+    models = [team.agent("Ember").model, team.agent("Critic").model]
+    ask = [UserMsg(name="user", content="Hi")]
+
+    async def both():
+        return await asyncio.gather(*(m(messages=ask) for m in models))
+
+    compute = wrapper.handle.compute
+    asyncio.run(both())
+    assert compute.batches[-1] == 2  # both serve the base model
+    models[1].adapter_set.active = "Critic-other"  # as if Critic served an adapter of its own
+    models[1].engine.before_run = lambda: None
+    before = len(compute.batches)
+    asyncio.run(both())
+    assert compute.batches[before:] == [1, 1]
