@@ -16,7 +16,6 @@ weights come from), generation (engines), adapters (the adapter set), training (
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -234,7 +233,9 @@ class HuggingFaceWrapper(ChatModelBase):
         """
         source = resolve_model_source(model_id, local_model_path)
         started = time.perf_counter()
-        module, tokenizer = load_replacement(source, self.handle)
+        # On the compute thread that will generate with it: the process's torch work stays on one thread (one
+        # OpenMP team; see hfmodel/compute.py).
+        module, tokenizer = self.handle.compute.call(load_replacement, source, self.handle)
         before = dict(vars(self.handle)), dict(vars(self.adapter_set)), (self.model_id, self.local_model_path,
                                                                           self.model)
         try:
@@ -285,9 +286,27 @@ class HuggingFaceWrapper(ChatModelBase):
         """Reply to `messages` (role/content dicts) synchronously; `overrides` are HF generation arguments."""
         return self.engine.generate(messages, self.parameters, overrides).text
 
+    def generate_batch(self, conversations: list[Chat], n: int = 1, tools: list[dict] | None = None,
+                       **overrides: Any) -> list[replies.BatchReply]:
+        """Reply to several conversations (or `n` times to each) in one left-padded `generate`.
+
+        Returns `n` replies per conversation, conversation-major (all of the first conversation's, then the next).
+        Each row stops at its own end of turn and reads its own tool calls (when `tools`, AgentScope tool schemas,
+        are given). The settings are this model's, as for `generate`; with a seed, sample `i` is seeded with
+        `seed + i`, so sample 0 is exactly the reply `generate` gives.
+        """
+        if n < 1:
+            raise UserError(f"generate_batch: n must be at least 1 (got {n}).")
+        offered = replies.offered_tools(tools, None, self.handle.format)
+        generated = self.engine.generate_batch(conversations, self.parameters, overrides, offered, n)
+        chats = [chat for chat in conversations for _ in range(n)]
+        return [replies.batch_reply(self.handle.format, g, chat, offered, self._count_unread)
+                for g, chat in zip(generated, chats, strict=True)]
+
     def stream_text(self, messages: Chat, stop: threading.Event, streamer: Any = None,
-                    **overrides: Any) -> tuple[Any, threading.Thread, int]:
-        """Start generating in a thread; text pieces arrive on the returned streamer (an iterator by default)."""
+                    **overrides: Any) -> tuple[Any, Any, int]:
+        """Start generating on the compute thread; text pieces arrive on the returned streamer (an iterator by
+        default); the second item's `join()` waits for the reply to finish."""
         return self.engine.stream_text(messages, self.parameters, stop, streamer, **overrides)
 
     async def _call_api(self, model_name: str, messages: list[Msg], tools: list[dict] | None = None,
@@ -298,12 +317,12 @@ class HuggingFaceWrapper(ChatModelBase):
         settled = replies.settled_calls(messages, self.pure_tools) if offered else set()
         if not self.stream:
             started = time.perf_counter()
-            reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters, kwargs, offered)
+            reply = await self.engine.generate_async(chat, self.parameters, kwargs, offered)
             content, only_repeats = replies.without_repeats(
                 replies.whole_reply(self.handle.format, reply.text, chat, offered, self._count_unread), settled)
             if only_repeats:  # answer from the results it has (the usage is the answer's, as when streaming)
-                reply = await asyncio.to_thread(self.engine.generate, chat, self.parameters,
-                                                replies.answer_overrides(self.handle.format, kwargs, offered), None)
+                reply = await self.engine.generate_async(chat, self.parameters,
+                                                         replies.answer_overrides(self.handle.format, kwargs, offered))
                 content = [b for b in content if b.type == "text"] + replies.words_only(
                     replies.whole_reply(self.handle.format, reply.text, chat, offered))
             return ChatResponse(content=content, is_last=True, usage=replies.usage(reply, started))

@@ -310,22 +310,29 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
     stop_ids, pad_id = wrapper.stop_token_ids, tok.pad_token_id
 
     # Spy on the agent path (instance attribute, no project code changes): the prompt it sends, the tokens made.
-    captured: list[tuple[Any, int]] = []
-    original_stream_text = wrapper.engine.stream_text
+    captured: list[Any] = []
+    original_request = wrapper.engine.request
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        streamer, thread, n_in = original_stream_text(*args, **kwargs)
-        captured.append((streamer, n_in))
-        return streamer, thread, n_in
+        request = original_request(*args, **kwargs)
+        captured.append(request)
+        return request
 
-    wrapper.engine.stream_text = spy  # type: ignore[method-assign]
+    wrapper.engine.request = spy  # type: ignore[method-assign]
+    # The same reply with the calculator offered (the chat script's agent has tools): its raw baseline is the same
+    # prompt, tool schemas included, through model.generate.
+    from chat.tools import calculator, make_toolkit
 
-    def raw(n: int) -> tuple[float, str, int]:
+    tool_agent = Finetune_DialogAgent(name="Assistant", sys_prompt=SYS_PROMPT, model=wrapper, toolkit=[calculator])
+    schemas = await make_toolkit([calculator]).get_tool_schemas()
+    enc_tools = {k: v for k, v in wrapper.handle.format.render_prompt(messages, tools=schemas).items()}
+
+    def raw(n: int, prompt: dict[str, Any] = enc) -> tuple[float, str, int]:
         started = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=stop_ids,
+        out = model.generate(**prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=stop_ids,
                              pad_token_id=pad_id)
         elapsed = time.perf_counter() - started
-        new = out[0, prompt_len:]
+        new = out[0, int(prompt["input_ids"].shape[1]):]
         return elapsed, tok.decode(new, skip_special_tokens=True).strip(), int(new.numel())
 
     def gen(n: int) -> tuple[float, str, int]:
@@ -333,37 +340,40 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
         text = wrapper.generate(messages, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return time.perf_counter() - started, text, n
 
-    async def stream(n: int) -> tuple[float, float | None, str, int, int]:
+    async def stream(n: int, who: Any = agent) -> tuple[float, float | None, str, int, int]:
         wrapper.parameters.max_length = n
         model.generation_config.min_new_tokens = n  # the agent path cannot pass generate() kwargs
-        agent.state.context.clear()
+        who.state.context.clear()
         pieces: list[str] = []
         first = None
         started = time.perf_counter()
-        async for piece in agent.stream_reply(UserMsg(name="User", content=CHAT_PROMPT)):
+        async for piece in who.stream_reply(UserMsg(name="User", content=CHAT_PROMPT)):
             if first is None and piece:
                 first = time.perf_counter() - started
             pieces.append(piece)
         elapsed = time.perf_counter() - started
-        streamer, n_in = captured[-1]
-        return elapsed, first, "".join(pieces).strip(), int(streamer.counter.count), int(n_in)
+        request = captured[-1]
+        return elapsed, first, "".join(pieces).strip(), int(request.streamer.counter.count), request.n_in
 
     # Warm-up (first calls allocate caches, build the template, etc.).
     raw(4)
+    raw(4, enc_tools)
     gen(4)
     await stream(4)
+    await stream(4, tool_agent)
 
     rec: dict[str, list[float]] = {k: [] for k in (
         "raw_t1", "raw_tn", "gen_t1", "gen_tn", "agent_t1", "agent_tn", "agent_first_text_s", "raw_decode",
         "gen_decode", "agent_decode", "gen_decode_ratio", "agent_decode_ratio", "gen_ttft_ratio",
-        "agent_ttft_ratio", "agent_t1_ratio")}
+        "agent_ttft_ratio", "agent_t1_ratio", "raw_tools_t1", "raw_tools_tn", "tools_t1", "tools_tn",
+        "raw_tools_decode", "tools_decode", "tools_decode_ratio", "tools_first_text_s")}
     texts: dict[str, str] = {}
     lengths: dict[str, int] = {}
     agent_prompt_len = None
-    order = ["raw", "gen", "agent"]
+    order = ["raw", "gen", "agent", "raw_tools", "tools"]
     for r in range(repeats):
         times: dict[str, dict[str, float]] = {}
-        for path in order[r % 3:] + order[: r % 3]:  # rotate so no path always runs first
+        for path in order[r % 5:] + order[: r % 5]:  # rotate so no path always runs first
             if path == "raw":
                 t1 = raw(1)[0]
                 tn, texts["raw"], lengths["raw"] = raw(n_tokens)
@@ -372,10 +382,19 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
                 t1 = gen(1)[0]
                 tn, texts["gen"], lengths["gen"] = gen(n_tokens)
                 times["gen"] = {"t1": t1, "tn": tn}
+            elif path == "raw_tools":
+                t1 = raw(1, enc_tools)[0]
+                tn, texts["raw_tools"], lengths["raw_tools"] = raw(n_tokens, enc_tools)
+                times["raw_tools"] = {"t1": t1, "tn": tn}
+            elif path == "tools":
+                t1 = (await stream(1, tool_agent))[0]
+                tn, first, texts["tools"], lengths["tools"], _ = await stream(n_tokens, tool_agent)
+                times["tools"] = {"t1": t1, "tn": tn, "first": first if first is not None else tn}
             else:
                 t1 = (await stream(1))[0]
                 tn, first, texts["agent"], lengths["agent"], agent_prompt_len = await stream(n_tokens)
                 times["agent"] = {"t1": t1, "tn": tn, "first": first if first is not None else tn}
+        rec["tools_first_text_s"].append(times["tools"]["first"])
         for path in order:
             rec[f"{path}_t1"].append(times[path]["t1"])
             rec[f"{path}_tn"].append(times[path]["tn"])
@@ -384,11 +403,12 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
         rec["agent_first_text_s"].append(times["agent"]["first"])
         rec["gen_decode_ratio"].append(rec["gen_decode"][-1] / rec["raw_decode"][-1])
         rec["agent_decode_ratio"].append(rec["agent_decode"][-1] / rec["raw_decode"][-1])
+        rec["tools_decode_ratio"].append(rec["tools_decode"][-1] / rec["raw_tools_decode"][-1])
         rec["gen_ttft_ratio"].append(times["gen"]["t1"] / times["raw"]["t1"])
         rec["agent_ttft_ratio"].append(times["agent"]["first"] / times["raw"]["t1"])
         rec["agent_t1_ratio"].append(times["agent"]["t1"] / times["raw"]["t1"])
     model.generation_config.min_new_tokens = None
-    wrapper.engine.stream_text = original_stream_text  # type: ignore[method-assign]
+    wrapper.engine.request = original_request  # type: ignore[method-assign]
 
     # Informational: wrapper.generate with the chat script's sampling settings (top-p, repetition penalty).
     sampling_decode = []
@@ -403,9 +423,19 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
         sampling_decode.append((n_tokens - 1) / (tn - t1) if tn > t1 else float("nan"))
 
     tools = await _tool_overhead(wrapper, messages, median(rec["agent_tn"]) or 0.0)
+    batched = _batched_sampling(wrapper, messages, n_tokens, repeats)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "tool_overhead": tools,
+        "batched_sampling": batched,
+        "agent_stream_reply_tools": {
+            "prompt_tokens": int(enc_tools["input_ids"].shape[1]),
+            "raw_decode_tok_s": stats(rec["raw_tools_decode"]), "decode_tok_s": stats(rec["tools_decode"]),
+            "decode_ratio_vs_raw": stats(rec["tools_decode_ratio"]),
+            "ttft_first_text_s": stats(rec["tools_first_text_s"]),
+            "same_text_as_raw": texts.get("raw_tools") == texts.get("tools")},
+        "generation_thread": "every wrapper/agent reply runs on the compute thread (hfmodel/compute.py); raw "
+                             "model.generate runs on the main thread",
         "model_folder": folder, "load_s": load_s, "prompt_tokens": prompt_len, "new_tokens": n_tokens,
         "repeats": repeats, "torch_threads": torch.get_num_threads(),
         "param_count": sum(p.numel() for p in model.parameters()), "param_bytes": param_bytes,
@@ -433,6 +463,40 @@ async def _chat_main(params: dict[str, Any]) -> dict[str, Any]:
                                              "settings": "do_sample, temperature 0.3, top_p 0.9, "
                                                          "repetition_penalty 1.1 (the chat script's)"},
     }
+
+
+def _batched_sampling(wrapper: Any, messages: list[dict[str, str]], n_tokens: int, repeats: int) -> dict[str, Any]:
+    """Tokens/s of `generate_batch` with 16 samples of the prompt against 1, and a batch of one against the single
+    reply (`wrapper.generate`); the chat script's sampling settings, exactly `n_tokens` new tokens per row."""
+    kw = {"do_sample": True, "temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.1,
+          "max_new_tokens": n_tokens, "min_new_tokens": n_tokens}
+    rows = 16
+
+    def single() -> float:
+        started = time.perf_counter()
+        wrapper.generate(messages, **kw)
+        return n_tokens / (time.perf_counter() - started)
+
+    def batch(n: int) -> float:
+        started = time.perf_counter()
+        replies = wrapper.generate_batch([messages], n=n, **kw)
+        elapsed = time.perf_counter() - started
+        assert all(r.output_tokens == n_tokens for r in replies), [r.output_tokens for r in replies]
+        return n * n_tokens / elapsed
+
+    batch(2)  # warm-up
+    rec: dict[str, list[float]] = {"single": [], "batch1": [], "batch16": [], "b16_vs_b1": [], "b1_vs_single": []}
+    paths = {"single": single, "batch1": lambda: batch(1), "batch16": lambda: batch(rows)}
+    order = list(paths)
+    for r in range(repeats):
+        got = {name: paths[name]() for name in order[r % 3:] + order[: r % 3]}
+        for name, value in got.items():
+            rec[name].append(value)
+        rec["b16_vs_b1"].append(got["batch16"] / got["batch1"])
+        rec["b1_vs_single"].append(got["batch1"] / got["single"])
+    return {"rows": rows, "new_tokens": n_tokens, "settings": "do_sample, temperature 0.3, top_p 0.9, "
+            "repetition_penalty 1.1; tokens/s = rows x new tokens / wall time of the call (prefill included)",
+            **{f"{k}_tok_s" if k in paths else k: stats(v) for k, v in rec.items()}}
 
 
 async def _tool_overhead(wrapper: Any, messages: list[dict[str, str]], reply_s: float) -> dict[str, Any]:
@@ -1032,6 +1096,14 @@ def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
             "<=", 1.2, tiny)
         add("chat: agent stream_reply TTFT (first text) / raw prefill+1",
             chat["agent_stream_reply"]["ttft_ratio_vs_raw"]["median"], "<=", 1.2, tiny)
+        if chat.get("agent_stream_reply_tools"):
+            add("chat: agent stream_reply with tools offered decode tok/s / raw (same prompt)",
+                chat["agent_stream_reply_tools"]["decode_ratio_vs_raw"]["median"], ">=", 0.97, tiny)
+        if chat.get("batched_sampling"):
+            b = chat["batched_sampling"]
+            add("chat: generate_batch 16 samples tok/s / 1 sample", b["b16_vs_b1"]["median"], ">=", 4.0, tiny)
+            add("chat: generate_batch of one tok/s / wrapper.generate (within 3 %)", b["b1_vs_single"]["median"],
+                ">=", 0.97, "the same code path; the ratio shows the noise of the run")
         if chat.get("tool_overhead"):
             add("chat: tool rendering + parsing per reply / reply time", chat["tool_overhead"]["share_of_reply"],
                 "<=", 0.02)
@@ -1123,6 +1195,19 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"| agent stream_reply | {spread(ag['decode_tok_s'])} | {spread(ag['decode_ratio_vs_raw'])} | "
                          f"{fmt(100 * (lim['agent_stream_reply_fraction'] or 0))} % | "
                          f"{spread(ag['ttft_first_text_s'], 1000)} (first text) | {spread(ag['ttft_ratio_vs_raw'])} |")
+            if chat.get("agent_stream_reply_tools"):
+                at = chat["agent_stream_reply_tools"]
+                lines.append(f"| agent stream_reply, calculator offered ({at['prompt_tokens']}-token prompt) | "
+                             f"{spread(at['decode_tok_s'])} | {spread(at['decode_ratio_vs_raw'])} (raw on the same "
+                             f"prompt: {spread(at['raw_decode_tok_s'])}) | | {spread(at['ttft_first_text_s'], 1000)} "
+                             f"(first text) | |")
+            if chat.get("batched_sampling"):
+                b = chat["batched_sampling"]
+                lines.append("")
+                lines.append(f"Batched sampling ({b['settings']}, {b['new_tokens']} new tokens per row): "
+                             f"wrapper.generate {spread(b['single_tok_s'])} tok/s, generate_batch of one "
+                             f"{spread(b['batch1_tok_s'])} ({spread(b['b1_vs_single'])} x), {b['rows']} samples "
+                             f"{spread(b['batch16_tok_s'])} tok/s ({spread(b['b16_vs_b1'])} x one).")
             sm = chat["wrapper_generate_script_sampling"]["decode_tok_s"]
             c = chat["checks"]
             lines.append("")

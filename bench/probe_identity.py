@@ -23,13 +23,15 @@ def score(local_model_path: str, system_prompt: str) -> dict[str, int]:
                                system_prompt=system_prompt)
     probes = json.loads((ROOT / "data" / "ember_probes.json").read_text())
     system = {"role": "system", "content": system_prompt}
+    questions = probes["identity"] + [item["prompt"] for item in probes["general"]]
+    # All 16 probes in one batched generate (each row is the reply generate() would give alone).
+    answers = [r.text for r in model.generate_batch([[system, {"role": "user", "content": q}] for q in questions],
+                                                    do_sample=False)]
     identity = general = 0
-    for question in probes["identity"]:
-        answer = model.generate([system, {"role": "user", "content": question}], do_sample=False)
+    for question, answer in zip(probes["identity"], answers, strict=False):
         identity += "ember" in answer.lower()
         print(f"  identity | {question} -> {answer}")
-    for item in probes["general"]:
-        answer = model.generate([system, {"role": "user", "content": item["prompt"]}], do_sample=False)
+    for item, answer in zip(probes["general"], answers[len(probes["identity"]):], strict=True):
         general += any(word in answer.lower() for word in item["expect_any"])
         print(f"  general  | {item['prompt']} -> {answer}")
     return {"identity": identity, "identity_total": len(probes["identity"]), "general": general,

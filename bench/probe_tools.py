@@ -45,6 +45,18 @@ async def ask(agent: Any, question: str, fresh: bool = True) -> tuple[list[str],
     return [p for p in pieces if isinstance(p, ToolLine)], "".join(p for p in pieces if not isinstance(p, ToolLine))
 
 
+async def ask_all(model: Any, questions: list[str]) -> list[tuple[list[str], str]]:
+    """Each question to a fresh agent of its own, all at once: their model calls meet on the compute thread and run
+    as batches (hfmodel/compute.py); each answer is the one a lone agent gives."""
+    import load_finetune_huggingface_model as script
+    from chat.tools import calculator
+    from finetune_dialogagent import Finetune_DialogAgent
+
+    agents = [Finetune_DialogAgent(name="Ember", sys_prompt=script.sys_prompt, model=model, toolkit=[calculator])
+              for _ in questions]
+    return list(await asyncio.gather(*(ask(a, q) for a, q in zip(agents, questions, strict=True))))
+
+
 def judge(item: dict[str, str], lines: list[str], text: str) -> dict[str, bool]:
     """One arithmetic probe's answer: a calculator call, the exact expression, a call that computes the right number,
     and that number in the final answer after such a call ("right through the tool")."""
@@ -73,20 +85,22 @@ def score(local_model_path: str, probes_path: Path, conversation: bool = True) -
         "identity"]
     counts = {"valid_call": 0, "exact_expression": 0, "right_call": 0, "right_answer": 0, "arithmetic": 0,
               "plain_no_call": 0, "plain_right": 0, "plain": 0, "identity": 0, "identity_total": len(identity_probes)}
+    questions = [item["prompt"] for item in tool_probes["arithmetic"] + tool_probes["plain"]] + identity_probes
+    answers = iter(asyncio.run(ask_all(model, questions)))
     for item in tool_probes["arithmetic"]:
-        lines, text = asyncio.run(ask(agent, item["prompt"]))
+        lines, text = next(answers)
         counts["arithmetic"] += 1
         for key, ok in judge(item, lines, text).items():
             counts[key] += ok
         print(f"  arithmetic | {item['prompt']} | {' '.join(lines)} | {text}")
     for item in tool_probes["plain"]:
-        lines, text = asyncio.run(ask(agent, item["prompt"]))
+        lines, text = next(answers)
         counts["plain"] += 1
         counts["plain_no_call"] += no_call(lines, text)
         counts["plain_right"] += any(w in text.lower() for w in item["expect_any"])
         print(f"  plain      | {item['prompt']} | {' '.join(lines)} | {text}")
     for question in identity_probes:
-        lines, text = asyncio.run(ask(agent, question))
+        lines, text = next(answers)
         counts["identity"] += "ember" in text.lower()
         print(f"  identity   | {question} | {' '.join(lines)} | {text}")
     if not conversation:

@@ -82,6 +82,17 @@ async def _collect(stream: Any) -> list[str]:
     return [piece async for piece in stream]
 
 
+async def _gather(coroutines: Any) -> list[Any]:
+    """asyncio.gather inside the running loop (outside one it would bind to another loop)."""
+    return list(await asyncio.gather(*coroutines))
+
+
+def _probe_text(pieces: list[str]) -> str:
+    """A probe's answer as one cell: its tool-call lines, then the reply."""
+    calls = [p for p in pieces if isinstance(p, ToolLine)]
+    return "\n".join([*calls, "".join(p for p in pieces if not isinstance(p, ToolLine)).strip()])
+
+
 class ChatSession(TeachingCommands):
     """Runs the user <-> assistant loop and the commands, on one persistent event loop."""
 
@@ -326,31 +337,36 @@ class ChatSession(TeachingCommands):
         return result
 
     def _answer(self, prompt: str, adapter: str | None) -> str:
-        """One fresh single-turn answer with the given adapter (None = base), same settings and seed. An agent with
-        tools answers as in the chat: its calls run, shown as `-> calculator(...) = result` lines before the reply."""
+        return self._answers([prompt], adapter)[0]
+
+    def _answers(self, prompts: list[str], adapter: str | None) -> list[str]:
+        """Fresh single-turn answers with the given adapter (None = base), same settings and seed, all in one batch.
+        An agent with tools answers as in the chat: its calls run, shown as `-> calculator(...) = result` lines
+        before the reply (the probe agents run concurrently, so their model calls still share batches)."""
         model, limit = self.model, min(self.model.parameters.max_length, 64)
         toolkit = getattr(self.assistant, "toolkit", None)
         with model.serving(adapter):
             if toolkit is None:
-                messages = [{"role": "system", "content": self.assistant.sys_prompt},
-                            {"role": "user", "content": prompt}]
-                return model.generate(messages, max_new_tokens=limit)
-            probe = Finetune_DialogAgent(name=self.assistant.name, sys_prompt=self.assistant.sys_prompt, model=model,
-                                         toolkit=toolkit)
+                system = {"role": "system", "content": self.assistant.sys_prompt}
+                conversations = [[system, {"role": "user", "content": p}] for p in prompts]
+                return [r.text for r in model.generate_batch(conversations, max_new_tokens=limit)]
+            probes = [Finetune_DialogAgent(name=self.assistant.name, sys_prompt=self.assistant.sys_prompt, model=model,
+                                           toolkit=toolkit) for _ in prompts]
             parameters = model.parameters
             model.parameters = parameters.model_copy(update={"max_length": limit})
             try:
-                pieces = self.loop.run_until_complete(_collect(probe.stream_reply(UserMsg(name=self.user.name,
-                                                                                          content=prompt))))
+                answers = self.loop.run_until_complete(_gather(
+                    _collect(probe.stream_reply(UserMsg(name=self.user.name, content=prompt)))
+                    for probe, prompt in zip(probes, prompts, strict=True)))
             finally:
                 model.parameters = parameters
-        calls = [p for p in pieces if isinstance(p, ToolLine)]
-        return "\n".join([*calls, "".join(p for p in pieces if not isinstance(p, ToolLine)).strip()])
+        return [_probe_text(pieces) for pieces in answers]
 
     def report(self, result: FineTuneResult, before: str | None, configured: list[str] | None = None,
                probe_count: int = 4) -> None:
         prompts = pick_probes(result, configured, probe_count)
-        probes = run_probes(prompts, lambda p: self._answer(p, before), lambda p: self._answer(p, result.adapter_name))
+        probes = run_probes(prompts, lambda ps: self._answers(ps, before),
+                            lambda ps: self._answers(ps, result.adapter_name))
         before_label, after_label = before or "base", result.adapter_name
         table = Table(title=cell(f"Fine-tune report ({result.run_dir})"), show_lines=False)
         table.add_column("metric")

@@ -45,6 +45,13 @@ def serve(adapter_set: AdapterSet) -> None:
         switch_adapter(module, adapter_set.active)
 
 
+def serve_own_adapter(engine: Any, adapter_set: AdapterSet) -> None:
+    """Before each reply `engine` switches the shared model to `adapter_set`'s adapter; replies of agents that serve
+    the same adapter (or all the base) can share one batch (see hfmodel/compute.py)."""
+    engine.before_run = lambda: serve(adapter_set)
+    engine.adapter_key = lambda: adapter_set.active
+
+
 class AgentAdapterSet(AdapterSet):
     """One agent's adapters inside the shared peft model: its own records, active adapter and undo stack, and names
     that start with the agent's name (unique across the agents in the one peft model)."""
@@ -74,7 +81,7 @@ class SharedBaseModel(HuggingFaceWrapper):
         self.handle = host.handle  # the one loaded model: shared, not copied
         self.adapter_set = AgentAdapterSet(host.handle, agent_name)
         self.engine = create_engine(_engine_name(host), host.handle)
-        self.engine.before_run = lambda: serve(self.adapter_set)
+        serve_own_adapter(self.engine, self.adapter_set)
         self._reply_state(host.pure_tools)
 
     def load_model(self, model_id: str | None, local_model_path: str | None = None) -> None:
@@ -161,7 +168,7 @@ def build_team(host: HuggingFaceWrapper, entries: list[dict[str, Any]], toolkit:
         model = host if i == 0 else SharedBaseModel(host, name, entry["sys_prompt"], entry.get("data_path"))
         agents[name] = Finetune_DialogAgent(name=name, sys_prompt=entry["sys_prompt"], model=model, toolkit=toolkit)
     if len(agents) > 1:  # the host's own replies must switch back to its adapter too
-        host.engine.before_run = lambda: serve(host.adapter_set)
+        serve_own_adapter(host.engine, host.adapter_set)
     for entry, agent in zip(entries, agents.values(), strict=True):
         if entry.get("adapter"):
             agent._wrapper("load an adapter").load_adapter(entry["adapter"], note=f"agents entry {entry['adapter']}")
@@ -174,7 +181,7 @@ def add_agent(team: Team, name: str, sys_prompt: str, toolkit: Any = None) -> Fi
                    {"name": name, "sys_prompt": sys_prompt}])
     host = next(iter(team.agents.values()))._wrapper("share its model")
     if len(team.agents) == 1:
-        host.engine.before_run = lambda: serve(host.adapter_set)
+        serve_own_adapter(host.engine, host.adapter_set)
     agent = Finetune_DialogAgent(name=name, sys_prompt=sys_prompt, model=SharedBaseModel(host, name, sys_prompt),
                                  toolkit=toolkit)
     team.agents[name] = agent

@@ -8,19 +8,26 @@ An engine knows nothing of AgentScope or the chat loop. To add a backend, write 
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import (
+    LogitsProcessor,
     LogitsProcessorList,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
+    TemperatureLogitsWarper,
     TextIteratorStreamer,
     TextStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from hfmodel.common import logger
@@ -38,6 +45,55 @@ class Generated:
     output_tokens: int
 
 
+@dataclass(eq=False)
+class Request:
+    """One reply waiting for the compute thread: its rendered prompt, its generate() settings (the repetition penalty
+    apart: its processor is built per batch), its seed, and for a streamed reply its streamer and stop event."""
+
+    engine: TransformersEngine
+    enc: dict[str, torch.Tensor]
+    kwargs: dict[str, Any]
+    penalty: float | None
+    seed: int | None
+    streamer: Any
+    stop: threading.Event
+    key: Hashable
+    future: Future = field(default_factory=Future)
+    streamed: bool = False  # text of this reply has reached its reader (it cannot be generated again unseen)
+
+    @property
+    def n_in(self) -> int:
+        return int(self.enc["input_ids"].shape[1])
+
+    def run_group(self, group: list[Request]) -> None:
+        self.engine.run_group(group)
+
+    def finish(self, result: Generated) -> None:
+        self.future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        if self.streamer is not None:
+            self.streamer.error = error
+            self.streamer.end()
+        self.future.set_exception(error)
+
+
+class Pending:
+    """A reply running on the compute thread; `join` waits for it (like the generation thread it replaces)."""
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.future.exception(timeout)
+        except TimeoutError:
+            pass
+
+    def is_alive(self) -> bool:
+        return not self.future.done()
+
+
 class TransformersEngine:
     """`model.generate` from transformers, on the handle's model (with whichever adapter is active)."""
 
@@ -46,6 +102,8 @@ class TransformersEngine:
         # Called under the generation lock right before generate(): agents sharing one base switch to their own
         # adapter there, so the switch and the reply are one step (see team.py).
         self.before_run = before_run
+        # With `before_run`: the adapter it switches to, so that replies for the same adapter can share a batch.
+        self.adapter_key: Callable[[], Hashable] | None = None
         self._digits: tuple[Any, torch.Tensor] | None = None  # (tokenizer, its digit token ids), for the penalty
 
     # ------------------------------------------------------------------------------------ prompt
@@ -119,11 +177,8 @@ class TransformersEngine:
         penalty = kwargs.pop("repetition_penalty", None)
         kwargs["repetition_penalty"] = 1.0
         if penalty is not None and penalty != 1.0:
-            tokenizer = self.handle.tokenizer
-            if self._digits is None or self._digits[0] is not tokenizer:  # /load can bring another tokenizer
-                self._digits = (tokenizer, digit_tokens(tokenizer))
             kwargs["logits_processor"] = LogitsProcessorList(
-                [ReplyRepetitionPenalty(float(penalty), n_in, self._digits[1])])
+                [ReplyRepetitionPenalty(float(penalty), n_in, self._digit_ids())])
         return enc, kwargs
 
     def _run(self, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], seed: int | None) -> torch.Tensor:
@@ -135,41 +190,198 @@ class TransformersEngine:
                 torch.manual_seed(seed)
             return self.handle.module.generate(**enc, **kwargs)
 
+    # ------------------------------------------------------------------------------------ requests
+
+    def request(self, messages: Chat, parameters: Any, overrides: dict[str, Any], tools: list[dict] | None = None,
+                streamer: Any = None, stop: threading.Event | None = None, seed: int | None | str = "settings"
+                ) -> Request:
+        """One reply to run on the compute thread (the prompt rendered here, on the caller's thread)."""
+        enc, kwargs = self._prepare(messages, parameters, overrides, tools)
+        penalty = kwargs.pop("logits_processor", None)
+        chosen = parameters.seed if seed == "settings" else seed
+        # Every reply can be stopped: a Ctrl-C or a cancelled await stops its row, not just the wait for it.
+        return Request(self, enc, kwargs, penalty[0].penalty if penalty else None,
+                       None if chosen is None else int(chosen), streamer, stop or threading.Event(),
+                       self._batch_key(kwargs))
+
+    def _batch_key(self, kwargs: dict[str, Any]) -> Hashable:
+        """Requests with equal keys may share one generate(): the same model, adapter and settings (each row keeps
+        its own max_new_tokens and seed)."""
+        settings = {k: v for k, v in kwargs.items() if k != "max_new_tokens"}
+        try:
+            frozen = repr(sorted((k, _frozen(v)) for k, v in settings.items()))
+        except TypeError:  # an override we cannot compare (a processor object, ...): this reply runs alone
+            return object()
+        serving = self.adapter_key() if self.adapter_key is not None else (
+            None if self.before_run is None else id(self))
+        return id(self.handle), serving, frozen
+
+    def run_group(self, group: list[Request]) -> None:
+        """Run requests that share a key as one batch (the compute thread calls this). If the batch fails, each
+        request that has not streamed anything yet runs again alone, so one bad request costs only its own reply."""
+        live = [r for r in group if r.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = self._generate_rows(live)
+        except Exception as e:  # noqa: BLE001 - handed to each caller (re-raised there) or retried alone
+            if len(live) == 1:
+                live[0].fail(e)
+                return
+            for r in live:
+                if r.streamed:
+                    r.fail(e)
+                    continue
+                try:
+                    r.finish(self._generate_rows([r])[0])
+                except Exception as alone:  # noqa: BLE001 - the caller re-raises it
+                    r.fail(alone)
+            return
+        for r, result in zip(live, results, strict=True):
+            r.finish(result)
+
+    def _generate_rows(self, rows: list[Request]) -> list[Generated]:
+        """One generate() over `rows` (left-padded when there are several), each row cut at its own end of turn."""
+        sampled = bool(rows[0].kwargs.get("do_sample")) and len(rows) > 1
+        warpers = self._warpers(rows[0].kwargs) if sampled else []
+        if warpers is None:  # a sampling setting the per-row sampler does not reproduce: one row at a time
+            return [self._generate_rows([r])[0] for r in rows]
+        enc = rows[0].enc if len(rows) == 1 else self._left_pad(rows)
+        width = int(enc["input_ids"].shape[1])
+        kwargs = dict(rows[0].kwargs)
+        limits = [int(r.kwargs["max_new_tokens"]) for r in rows]
+        kwargs["max_new_tokens"] = max(limits)
+        processors: list[Any] = []
+        if rows[0].penalty is not None:
+            processors.append(ReplyRepetitionPenalty(rows[0].penalty, width, self._digit_ids()))
+        if sampled:
+            processors.append(RowSampler(warpers, [self._generator(r.seed) for r in rows]))
+            kwargs["do_sample"] = False
+            for key in ("temperature", "top_p", "top_k", "min_p"):
+                kwargs.pop(key, None)
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
+        stops = _StopRows([r.stop for r in rows], limits, width)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
+        if any(r.streamer is not None for r in rows):
+            kwargs["streamer"] = _RowStreams(rows, set(self.handle.stop_token_ids), stops)
+        out = self._run(enc, kwargs, rows[0].seed if len(rows) == 1 else None)
+        return [self._row_result(out[i, width:], r, stops.stopped_at[i]) for i, r in enumerate(rows)]
+
+    def _row_result(self, new: torch.Tensor, request: Request, stopped_at: int | None) -> Generated:
+        """The row's reply: up to its first end-of-turn token (the rest is padding) or where it was stopped."""
+        count = len(new) if stopped_at is None else min(len(new), stopped_at)
+        ends = [i for i, t in enumerate(new[:count].tolist()) if t in self.handle.stop_token_ids]
+        count = ends[0] + 1 if ends else count
+        text = self.handle.tokenizer.decode(new[:count], skip_special_tokens=True).strip()
+        return Generated(text, request.n_in, count)
+
+    def _left_pad(self, rows: list[Request]) -> dict[str, torch.Tensor]:
+        width = max(r.n_in for r in rows)
+        pad = self.handle.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.handle.stop_token_ids[0]
+        ids = torch.full((len(rows), width), int(pad), dtype=torch.long, device=self.handle.device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.handle.device)
+        for i, r in enumerate(rows):
+            ids[i, width - r.n_in:] = r.enc["input_ids"][0]
+            mask[i, width - r.n_in:] = r.enc.get("attention_mask", torch.ones_like(r.enc["input_ids"]))[0]
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _digit_ids(self) -> torch.Tensor:
+        tokenizer = self.handle.tokenizer
+        if self._digits is None or self._digits[0] is not tokenizer:  # /load can bring another tokenizer
+            self._digits = (tokenizer, digit_tokens(tokenizer))
+        return self._digits[1]
+
+    def _warpers(self, kwargs: dict[str, Any]) -> list[Any] | None:
+        """The warpers transformers would apply when sampling with these settings (same order, same arguments), or
+        None for settings this sampler does not reproduce."""
+        config = copy.deepcopy(self.handle.base_model().generation_config)
+        config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+        if config.top_h is not None or (config.typical_p is not None and config.typical_p < 1.0) or any(
+                c is not None and 0.0 < c < 1.0 for c in (config.epsilon_cutoff, config.eta_cutoff)):
+            return None
+        warpers: list[Any] = []
+        if config.temperature is not None and config.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k != 0:
+            warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+        if config.top_p is not None and config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+        if config.min_p is not None:
+            warpers.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
+        return warpers
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """A row's own random numbers: seeded like a single reply (the global generator after manual_seed(seed)
+        draws the same numbers), or from the global generator when there is no seed."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        return torch.Generator(device=self.handle.device).manual_seed(seed)
+
     # ------------------------------------------------------------------------------------ generate
 
     def generate(self, messages: Chat, parameters: Any, overrides: dict[str, Any],
                  tools: list[dict] | None = None) -> Generated:
-        """The whole reply at once."""
-        enc, kwargs = self._prepare(messages, parameters, overrides, tools)
-        out = self._run(enc, kwargs, parameters.seed)
-        n_in = int(enc["input_ids"].shape[1])
-        new = out[0, n_in:]
-        return Generated(self.handle.tokenizer.decode(new, skip_special_tokens=True).strip(), n_in, len(new))
+        """The whole reply at once (run on the compute thread; the caller waits)."""
+        return self._wait(self.request(messages, parameters, overrides, tools))
+
+    async def generate_async(self, messages: Chat, parameters: Any, overrides: dict[str, Any],
+                             tools: list[dict] | None = None) -> Generated:
+        """The whole reply, awaited: replies requested in the same event-loop turn run as one batch."""
+        request = self.request(messages, parameters, overrides, tools)
+        try:
+            return await asyncio.wrap_future(self.handle.compute.submit_soon(request))
+        except asyncio.CancelledError:
+            request.stop.set()
+            raise
+
+    def generate_batch(self, conversations: list[Chat], parameters: Any, overrides: dict[str, Any],
+                       tools: list[dict] | None = None, n: int = 1) -> list[Generated]:
+        """`n` replies to each conversation (conversation-major order) in as few generate() calls as fit.
+
+        Each reply is the one `generate` would give alone: the same settings, and with a seed, sample `i` of a
+        conversation is seeded with `seed + i` (sample 0 is the single reply)."""
+        seed = parameters.seed
+        requests = [self.request(chat, parameters, overrides, tools,
+                                 seed=None if seed is None else (seed + i) % 2**32)
+                    for chat in conversations for i in range(n)]
+        futures = self.handle.compute.submit_all(requests)
+        try:
+            return [self._result(f) for f in futures]
+        except KeyboardInterrupt:
+            for r in requests:
+                r.stop.set()
+            raise
+
+    def _wait(self, request: Request) -> Generated:
+        compute = self.handle.compute
+        if compute.on_worker():  # already on the compute thread (a job that generates): run here
+            self.run_group([request])
+            return self._result(request.future)
+        try:
+            return self._result(compute.submit(request))
+        except KeyboardInterrupt:  # Ctrl-C while waiting: the reply stops too
+            request.stop.set()
+            raise
+
+    @staticmethod
+    def _result(future: Future) -> Generated:
+        result = future.result()
+        assert isinstance(result, Generated)
+        return result
 
     def stream_text(self, messages: Chat, parameters: Any, stop: threading.Event, streamer: Any = None,
-                    tools: list[dict] | None = None, **overrides: Any) -> tuple[Any, threading.Thread, int]:
-        """Start generating in a thread; text pieces arrive on the returned streamer (an iterator by default).
+                    tools: list[dict] | None = None, **overrides: Any) -> tuple[Any, Pending, int]:
+        """Start generating on the compute thread; text pieces arrive on the returned streamer (an iterator by
+        default). Also returned: the pending reply (`join()` waits for it) and the prompt length.
 
         The streamer gets `.counter` (tokens generated so far) and, if generation fails, `.error`.
         """
-        enc, kwargs = self._prepare(messages, parameters, overrides, tools)
         if streamer is None:
             streamer = TextIteratorStreamer(self.handle.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(stop)])
-        counter = _TokenCounter()
-        kwargs["streamer"] = _Tee(streamer, counter)
-
-        def run() -> None:
-            try:
-                self._run(enc, kwargs, parameters.seed)
-            except Exception as e:  # noqa: BLE001 - surfaced to the reader through the streamer
-                streamer.error = e
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True, name="hf-generate")
-        thread.start()
-        streamer.counter = counter
-        return streamer, thread, int(enc["input_ids"].shape[1])
+        request = self.request(messages, parameters, overrides, tools, streamer=streamer, stop=stop)
+        return streamer, Pending(self.handle.compute.submit(request)), request.n_in
 
     async def stream(self, messages: Chat, parameters: Any, overrides: dict[str, Any],
                      tools: list[dict] | None = None) -> AsyncIterator[str | Generated]:
@@ -177,8 +389,8 @@ class TransformersEngine:
         stop = threading.Event()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         streamer: Any = _AsyncQueueStreamer(self.handle.tokenizer, asyncio.get_running_loop(), queue)
-        _, thread, n_in = await asyncio.to_thread(self.stream_text, messages, parameters, stop, streamer, tools,
-                                                  **overrides)
+        request = self.request(messages, parameters, overrides, tools, streamer=streamer, stop=stop)
+        future = asyncio.wrap_future(self.handle.compute.submit_soon(request))
         try:
             while (piece := await queue.get()) is not None:
                 if piece:
@@ -186,10 +398,12 @@ class TransformersEngine:
             error = getattr(streamer, "error", None)
             if error is not None:
                 raise error
-            yield Generated("", n_in, streamer.counter.count)
+            yield Generated("", request.n_in, streamer.counter.count)
         finally:
             stop.set()
-            await asyncio.to_thread(thread.join)
+            await asyncio.wait([future])  # the row has stopped
+            if not future.cancelled():
+                future.exception()  # its error, if any, was raised above
 
     def count_tokens(self, messages: Chat, tools: list[dict] | None = None) -> int:
         fmt = self.handle.format
@@ -243,16 +457,96 @@ def digit_tokens(tokenizer: Any) -> torch.Tensor:
                         dtype=torch.long)
 
 
+def _frozen(value: Any) -> Any:
+    """`value` as something comparable by repr, for batch keys; TypeError for objects (processors, tensors)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    raise TypeError(type(value).__name__)
+
+
+class RowSampler(LogitsProcessor):
+    """Sampling for a batch in which every row draws from its own generator, so a row's reply does not depend on
+    the other rows: transformers' warpers (temperature, top-k, top-p, min-p), softmax and multinomial per row, as
+    generate() does for one reply with the global generator. Returns scores where only the drawn token is finite;
+    generate() then runs greedy (do_sample=False) and picks it."""
+
+    def __init__(self, warpers: list[Any], generators: list[torch.Generator]) -> None:
+        self.warpers, self.generators = warpers, generators
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.nn.functional.softmax(scores, dim=-1)
+        drawn = torch.cat([torch.multinomial(probs[i:i + 1], num_samples=1, generator=g)
+                           for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, -float("inf"))
+        return out.scatter_(1, drawn, 0.0)  # type: ignore[return-value]
+
+
 # =============================================================================================
 # Streaming helpers
 
 
-class _StopOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+class _StopRows(StoppingCriteria):
+    """Stops each row on its own: when its reader closed the stream (its stop event) or at its own max_new_tokens.
+    Records where each row stopped, for its token count."""
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
-        return self.event.is_set()
+    def __init__(self, events: list[threading.Event], limits: list[int], prompt_width: int) -> None:
+        self.events, self.limits, self.width = events, limits, prompt_width
+        self.stopped_at: list[int | None] = [None] * len(events)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        made = int(input_ids.shape[1]) - self.width
+        done = []
+        for i, (event, limit) in enumerate(zip(self.events, self.limits, strict=True)):
+            stop = made >= limit or event.is_set()
+            if stop and self.stopped_at[i] is None:
+                self.stopped_at[i] = made
+            done.append(self.stopped_at[i] is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+class _RowStreams:
+    """generate()'s streamer for a batch: hands each row's tokens to that row's own streamer (its prompt first, as
+    transformers does), until the row's end of turn or until `_StopRows` stopped it; counts each row's tokens."""
+
+    def __init__(self, rows: list[Request], stop_ids: set[int], stops: _StopRows) -> None:
+        self.rows, self.stop_ids, self.stops = rows, stop_ids, stops
+        self.done = [r.streamer is None for r in rows]
+        self.started = False
+        for r in rows:
+            if r.streamer is not None:
+                r.streamer.counter = _TokenCounter()
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.started:  # the first call carries the (padded) prompts: each row's own prompt instead
+            self.started = True
+            for r in self.rows:
+                if r.streamer is not None:
+                    r.streamer.put(r.enc["input_ids"][0].cpu())
+            return
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[i]:
+                continue
+            row = self.rows[i]
+            row.streamer.put(torch.tensor([token]))
+            row.streamed = True
+            row.streamer.counter.count += 1
+            if token in self.stop_ids or self.stops.stopped_at[i] is not None:
+                self._end(i)
+
+    def _end(self, i: int) -> None:
+        self.done[i] = True
+        self.rows[i].streamer.end()
+
+    def end(self) -> None:
+        for i, done in enumerate(self.done):
+            if not done:
+                self._end(i)
 
 
 class _AsyncQueueStreamer(TextStreamer):
@@ -270,30 +564,7 @@ class _AsyncQueueStreamer(TextStreamer):
 
 
 class _TokenCounter:
+    """Tokens handed to one row's streamer so far (`streamer.counter.count`)."""
+
     def __init__(self) -> None:
         self.count = 0
-        self.first = True
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.first:  # the first call carries the prompt
-            self.first = False
-            return
-        self.count += int(value.numel())
-
-    def end(self) -> None:
-        pass
-
-
-class _Tee:
-    """Feed generated ids to the text streamer and the token counter."""
-
-    def __init__(self, *streamers: Any) -> None:
-        self.streamers = streamers
-
-    def put(self, value: torch.Tensor) -> None:
-        for s in self.streamers:
-            s.put(value)
-
-    def end(self) -> None:
-        for s in self.streamers:
-            s.end()

