@@ -1,0 +1,145 @@
+"""Practice (RFT / GRPO from verified outcomes) on the tiny model: tasks, verifiers, rollouts through a real AgentScope
+agent and toolkit, the accepted attempts as SFT rows, rounds, Ctrl-C, and `/practice` in the chat."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_wrapper, write_jsonl
+
+from chat.tools import calculator
+from finetune_dialogagent import Finetune_DialogAgent
+from hfmodel import practice
+from hfmodel.practice import Task, answer_matches, load_tasks
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FAST = {"max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "save_strategy": "no"}
+QUESTION = re.compile(r"What is (\d+) plus (\d+)\?")
+
+
+def tasks_rows(n: int = 6) -> list[dict]:
+    return [{"prompt": f"What is {i + 2} plus {i + 3}?", "answer": 2 * i + 5} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(tmp_path_factory):
+    """The tiny model with a window that holds the tool schemas."""
+    from tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("practice") / "tiny-llama", context=4096)
+
+
+def scripted_solver(wrapper, calls: list[str] | None = None):
+    """Replace generate() by a 'model' that calls the calculator with the right sum or (by a seeded coin) a wrong
+    difference, then answers with the tool's result: attempts differ by seed, and repeat with it."""
+    tok = wrapper.tokenizer
+
+    def generate(input_ids=None, attention_mask=None, streamer=None, **kwargs):
+        prompt = tok.decode(input_ids[0])
+        turn = prompt.rsplit("<|im_start|>user", 1)[-1]
+        if "<tool_response>" in prompt.rsplit("<|im_start|>assistant", 1)[-1] or prompt.count("<tool_response>") > \
+                prompt.rsplit("<|im_start|>user", 1)[0].count("<tool_response>"):
+            result = prompt.rsplit("<tool_response>\n", 1)[-1].split("\n", 1)[0]
+            text = f"The answer is {result}."
+        elif (m := QUESTION.search(turn)):
+            right = not kwargs.get("do_sample") or bool(torch.randint(0, 2, (1,)).item())
+            expression = f"{m[1]} + {m[2]}" if right else f"{m[1]} - {m[2]}"
+            if calls is not None:
+                calls.append(expression)
+            call = {"name": "calculator", "arguments": {"expression": expression}}
+            text = f"<tool_call>\n{json.dumps(call)}\n</tool_call>"
+        else:
+            text = "Hello there."
+        new = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.cat([input_ids, new], dim=1)
+
+    wrapper.hf_model.generate = generate
+
+
+@pytest.fixture
+def agent(tool_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    wrapper = make_wrapper(tool_model_dir, max_length=256, do_sample=False)
+    scripted_solver(wrapper)
+    return Finetune_DialogAgent(name="Ember", sys_prompt="You are Ember.", model=wrapper, toolkit=[calculator])
+
+
+def ft_config(tmp_path: Path) -> dict:
+    return {"training_args": {"output_dir": str(tmp_path / "runs"), **FAST}}
+
+
+# ------------------------------------------------------------------------------------------ tasks and verifiers
+
+
+def test_the_default_verifier_checks_the_last_number_or_the_text():
+    assert answer_matches(12, "3 plus 9: the answer is 12.")
+    assert answer_matches("12", "It is 12.0")
+    assert answer_matches(1234567, "That makes 1,234,567.")
+    assert not answer_matches(12, "12 is wrong, it is 13.")
+    assert not answer_matches(12, "no number here")
+    assert answer_matches("Ember", "I am ember, your assistant!")
+    assert not answer_matches("Ember", "I am SmolLM.")
+
+
+def test_bad_task_rows_are_skipped_and_counted(tmp_path):
+    rows = tasks_rows(2) + [{"prompt": "no answer"}, {"messages": [{"role": "assistant", "content": "hi"}],
+                                                    "answer": 1}, {"answer": 3}, {"prompt": "x", "answer": [1]},
+                            {"prompt": "Hello!", "plain": True}]
+    loaded = load_tasks(str(write_jsonl(tmp_path / "tasks.jsonl", rows)))
+    assert len(loaded.tasks) == 3 and sum(t.plain for t in loaded.tasks) == 1
+    assert sum(loaded.skipped.values()) == 4
+    text = loaded.describe()
+    assert "2 tasks + 1 plain prompts" in text and "skipped 4" in text and "without answer" in text
+
+
+def test_a_scripted_verifier_scores_and_a_raising_one_scores_zero_reported_once(tmp_path, caplog):
+    checks = tmp_path / "checks.py"
+    checks.write_text("def strict(prompt, reply, calls):\n    return 1.0 if calls and '+' in calls[0]['arguments']"
+                      " else 0.0\n\ndef broken(prompt, reply, calls):\n    raise ValueError('oops')\n")
+    strict = practice.Scorer(practice.load_verifier(f"{checks}:strict"))
+    task = Task([{"role": "user", "content": "What is 2 plus 3?"}], None)
+    assert strict(task, "5", [{"name": "calculator", "arguments": '{"expression": "2 + 3"}'}]) == 1.0
+    assert strict(task, "5", []) == 0.0
+    broken = practice.Scorer(practice.load_verifier(f"{checks}:broken"))
+    assert broken(task, "5", []) == 0.0 and broken(task, "5", []) == 0.0
+    assert broken.failures == 2 and caplog.text.count("oops") == 1
+    with pytest.raises(practice.PracticeError, match="no function 'strictt'.*strict"):
+        practice.load_verifier(f"{checks}:strictt")
+
+
+# ------------------------------------------------------------------------------------------ rollouts and RFT
+
+
+def test_rollouts_run_the_tool_through_the_agent_and_only_accepted_attempts_become_rows(agent, tmp_path):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", tasks_rows(4))
+    served = agent.model.parameters
+    result = agent.practice(str(tasks), {"k": 4, "keep": 2, "replay": False}, ft_config(tmp_path))
+    assert agent.model.parameters is served  # the chat's settings are untouched
+    rollouts = [json.loads(line) for line in (result.run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 16
+    for r in rollouts:
+        tool = [m for m in r["messages"] if m["role"] == "tool"]
+        assert len(tool) == 1  # the calculator ran
+        expression = r["messages"][2]["tool_calls"][0]["function"]["arguments"]["expression"]
+        assert tool[0]["content"] == calculator(expression)
+        assert r["score"] == (1.0 if "+" in expression else 0.0)
+    accepted = [r for r in rollouts if r["score"] == 1.0]
+    assert 0 < len(accepted) < 16  # the seeded coin gives both kinds
+    rows = [json.loads(line) for line in (result.run_dir / "round1-train.jsonl").read_text().splitlines()]
+    assert rows and all("+" in r["messages"][2]["tool_calls"][0]["function"]["arguments"]["expression"] for r in rows)
+    assert all(r["tools"][0]["function"]["name"] == "calculator" for r in rows)
+    per_task = {}
+    for r in rows:
+        per_task[r["messages"][1]["content"]] = per_task.get(r["messages"][1]["content"], 0) + 1
+    assert max(per_task.values()) <= 2
+    assert result.adapter == agent.model.active_adapter and result.rounds[0].rows == len(rows)
+    # Same seeds, same attempts.
+    again = agent.practice(str(tasks), {"k": 4, "keep": 2, "replay": False}, ft_config(tmp_path))
+    first = [r["score"] for r in rollouts]
+    second = [json.loads(line)["score"] for line in (again.run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert first == second
