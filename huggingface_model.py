@@ -379,7 +379,8 @@ class HuggingFaceWrapper(ChatModelBase):
         chosen = practice.make_settings(settings)
         factory = agent_factory or practice.agent_factory("assistant", self.system_prompt, toolkit)
         result = practice.practice(self, tasks, chosen, self._config(fine_tune_config), factory,
-                                   practice.tool_schemas(toolkit), self.system_prompt, self.data_path, progress, stop)
+                                   practice.tool_schemas(toolkit), self.system_prompt, self.data_path, progress, stop,
+                                   toolkit=toolkit)
         practice.write_report(result)
         return result
 

@@ -494,6 +494,7 @@ class Sampling:
     tools: list[dict] | None
     allow_tools: bool
     batch: int
+    toolkit: Any = None  # the AgentScope Toolkit (GRPO hands its functions to trl)
 
 
 async def sample(model: Any, sampling: Sampling, tasks: list[Task], k: int, settings_of: Callable[[int, int], dict],
@@ -703,7 +704,8 @@ class PracticeResult:
 def practice(model: Any, tasks: str | list[Task] | TaskSet, settings: PracticeSettings,
              fine_tune_config: dict[str, Any] | None, factory: AgentFactory, tools: list[dict] | None,
              system_prompt: str | None, data_path: str | None = None, progress: Progress | None = None,
-             stop: threading.Event | None = None, base_dir: Path | None = None) -> PracticeResult:
+             stop: threading.Event | None = None, base_dir: Path | None = None, toolkit: Any = None
+             ) -> PracticeResult:
     """The whole run (see the module docstring); `model` is the `HuggingFaceWrapper`. On Ctrl-C or a failure the
     adapter that served before keeps serving (the adapters of finished rounds stay listed)."""
     stop = stop or threading.Event()
@@ -720,7 +722,7 @@ def practice(model: Any, tasks: str | list[Task] | TaskSet, settings: PracticeSe
     output = Path((config.get("training_args") or {}).get("output_dir") or base_dir or "runs").expanduser()
     run_dir = new_run_dir(output, f"practice-{model.model}")
     config["training_args"]["output_dir"] = str(output)
-    sampling = Sampling(factory, system_prompt, tools, settings.allow_tools, settings.batch)
+    sampling = Sampling(factory, system_prompt, tools, settings.allow_tools, settings.batch, toolkit)
     scorer = Scorer(verifier)
     before_adapter = model.active_adapter
     result = PracticeResult(run_dir, settings.method, settings, task_set, held_out, before_adapter, before_adapter,

@@ -15,6 +15,7 @@ from chat.tools import calculator
 from finetune_dialogagent import Finetune_DialogAgent
 from hfmodel import practice
 from hfmodel.practice import Task, answer_matches, load_tasks
+from huggingface_model import FineTuneInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -143,3 +144,82 @@ def test_rollouts_run_the_tool_through_the_agent_and_only_accepted_attempts_beco
     first = [r["score"] for r in rollouts]
     second = [json.loads(line)["score"] for line in (again.run_dir / "rollouts.jsonl").read_text().splitlines()]
     assert first == second
+
+
+def test_rounds_continue_from_the_last_adapter(agent, tmp_path):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", tasks_rows(4))
+    result = agent.practice(str(tasks), {"k": 2, "rounds": 2, "replay": False}, ft_config(tmp_path))
+    first, second = result.rounds
+    assert first.adapter and second.adapter and first.adapter != second.adapter
+    records = agent.model.adapters
+    assert records[second.adapter].parent == first.adapter  # round 2 trained from round 1's adapter
+    assert records[first.adapter].parent is None
+    assert agent.model.active_adapter == second.adapter
+    rounds = {json.loads(line)["round"] for line in (result.run_dir / "rollouts.jsonl").read_text().splitlines()}
+    assert rounds == {1, 2}
+
+
+def test_ctrl_c_in_the_second_round_leaves_the_served_adapter_unchanged(agent, tmp_path):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", tasks_rows(4))
+    agent.fine_tune(str(write_jsonl(tmp_path / "rows.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}] * 4)),
+        ft_config(tmp_path))
+    served = agent.model.active_adapter
+    weights = {k: v.clone() for k, v in agent.model.hf_model.state_dict().items() if "lora" in k}
+
+    def interrupt(info: dict) -> None:
+        if info.get("stage") == "round 2: training" and info.get("step", 0) >= 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(FineTuneInterrupted, match="still serving " + served):
+        agent.practice(str(tasks), {"k": 2, "rounds": 2, "replay": False}, ft_config(tmp_path), progress=interrupt)
+    assert agent.model.active_adapter == served
+    assert agent.model.hf_model.active_adapters == [served]
+    now = agent.model.hf_model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in weights.items())
+
+
+def test_ctrl_c_while_sampling_stops_before_any_training(agent, tmp_path):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", tasks_rows(4))
+
+    def interrupt(info: dict) -> None:
+        if info.get("attempts", 0) >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(FineTuneInterrupted, match="still serving the base model"):
+        agent.practice(str(tasks), {"k": 2}, ft_config(tmp_path), progress=interrupt)
+    assert agent.model.active_adapter is None and agent.model.adapters == {}
+
+
+def test_held_out_tasks_are_scored_before_and_after_and_reported(agent, tmp_path):
+    rows = tasks_rows(10) + [{"prompt": "Hello!", "plain": True}]
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", rows)
+    result = agent.practice(str(tasks), {"k": 2, "replay": False, "eval_fraction": 0.2}, ft_config(tmp_path))
+    assert len([t for t in result.held_out if not t.plain]) == 2
+    before = result.before
+    assert before is not None and result.after is not None
+    assert before.pass1_greedy == 1.0  # the scripted model is right when greedy
+    assert before.valid_calls == 1.0 and before.spurious == (0, 1)
+    assert 0 <= before.pass_k <= 1 and 0 <= before.mean_reward <= 1
+    report = (result.run_dir / "report.md").read_text()
+    assert "pass@1, greedy" in report and "pass@2" in report and "tokens/s" in report
+    assert "plain prompts with a spurious call (greedy) | 0/1 | 0/1" in report
+    assert "-> calculator(" in report  # the probes show the calls
+    assert (result.run_dir / "loss.png").stat().st_size > 0
+
+
+def test_grpo_with_tools_and_lora_completes_two_steps_on_cpu(tool_model_dir, tmp_path, monkeypatch):
+    from agentscope.tool import Toolkit  # noqa: F401 - the agent's toolkit type
+
+    from chat.tools import make_toolkit
+
+    monkeypatch.chdir(tmp_path)
+    wrapper = make_wrapper(tool_model_dir, max_length=48)
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", tasks_rows(2))
+    result = wrapper.practice(str(tasks), {"method": "grpo", "k": 2}, ft_config(tmp_path),
+                              toolkit=make_toolkit([calculator]))
+    (round_,) = result.rounds
+    steps = [e for e in round_.log_history if "reward" in e]
+    assert len(steps) == 2
+    assert wrapper.active_adapter == round_.adapter == result.adapter
+    assert (result.run_dir / "grpo-adapter" / "adapter_config.json").exists()
