@@ -57,6 +57,11 @@ def scripted_solver(wrapper, calls: list[str] | None = None):
         else:
             text = "Hello there."
         new = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if streamer is not None:  # the chat's own replies stream
+            streamer.put(input_ids.cpu())
+            for i in range(new.shape[1]):
+                streamer.put(new[:, i])
+            streamer.end()
         return torch.cat([input_ids, new], dim=1)
 
     wrapper.hf_model.generate = generate
@@ -223,3 +228,67 @@ def test_grpo_with_tools_and_lora_completes_two_steps_on_cpu(tool_model_dir, tmp
     assert len(steps) == 2
     assert wrapper.active_adapter == round_.adapter == result.adapter
     assert (result.run_dir / "grpo-adapter" / "adapter_config.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ the chat
+
+
+def chat_session(agent, tmp_path: Path, lines: list[str]):
+    import io
+
+    from rich.console import Console
+
+    from chat.commands import ChatSession
+    from finetune_dialogagent import UserAgent
+
+    queue = list(lines)
+
+    def typed(prompt: str) -> str:
+        if not queue:
+            raise EOFError
+        return queue.pop(0)
+
+    base = {"fine_tune_config": ft_config(tmp_path)}
+    session = ChatSession(agent, UserAgent(input_fn=typed), base_config=base,
+                          console=Console(file=io.StringIO(), width=250), out=io.StringIO())
+    session.run()
+    return session, session.console.file.getvalue()
+
+
+def test_practice_in_the_chat_shows_the_tasks_the_report_and_serves_the_new_adapter(agent, tmp_path):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", tasks_rows(3) + [{"prompt": "no answer"}])
+    session, shown = chat_session(agent, tmp_path, [f"/practice {tasks} k=2 replay=false"])
+    assert "error" not in shown
+    assert "3 tasks; skipped 1 (1 without answer)" in shown
+    assert "Practice report" in shown and "round 1: accepted attempts" in shown
+    assert agent.model.active_adapter is not None and f"Now serving adapter {agent.model.active_adapter}" in shown
+
+
+def test_practice_mistakes_are_one_line(agent, tmp_path):
+    _, shown = chat_session(agent, tmp_path, ["/practice", "/practice missing.jsonl", "/practice session",
+                                              f"/practice {tmp_path} k=0", "/practice x.jsonl verifier=nope.py:f"])
+    errors = [line for line in shown.splitlines() if line.startswith("error:")]
+    assert len(errors) == 5, shown
+    assert "Usage: /practice" in errors[0]
+    assert "not found" in errors[1]
+    assert "Nothing to practise" in errors[2]
+    assert "k = 0" in errors[3]
+    assert "nope.py is not a file" in errors[4]
+    assert "Traceback" not in shown
+
+
+def test_practice_session_builds_tasks_from_taught_and_good_replies(agent, tmp_path, monkeypatch):
+    seen: list[list[Task]] = []
+    real = practice.practice
+
+    def spy(model, tasks, *args, **kwargs):
+        seen.append(list(tasks))
+        return real(model, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(practice, "practice", spy)
+    _, shown = chat_session(agent, tmp_path, ["What is 2 plus 3?", "/teach", "Hello!", "/good",
+                                              "/practice session k=2 replay=false"])
+    assert "error" not in shown, shown
+    (tasks,) = seen
+    assert [(t.prompt, t.answer) for t in tasks] == [("What is 2 plus 3?", 5.0), ("Hello!", "Hello there.")]
+    assert "Practising 2 question(s)" in shown
