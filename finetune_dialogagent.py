@@ -22,7 +22,7 @@ from agentscope.event import (
 )
 from agentscope.message import Msg, ToolCallBlock, UserMsg
 
-from hfmodel.practice import PracticeResult
+from hfmodel.practice import PracticeResult, PracticeSettings
 from hfmodel.replies import result_text
 from huggingface_model import FineTuneError, FineTuneResult, HuggingFaceWrapper, ModelLoadError
 
@@ -109,7 +109,7 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
                   **kwargs: Any) -> FineTuneResult:
         return self._wrapper("fine-tune").fine_tune(data_path, fine_tune_config, **kwargs)
 
-    def practice(self, tasks: str | list[Any], settings: dict[str, Any] | None = None,
+    def practice(self, tasks: str | list[Any], settings: dict[str, Any] | PracticeSettings | None = None,
                  fine_tune_config: dict[str, Any] | None = None, **kwargs: Any) -> PracticeResult:
         """Practise `tasks` with this agent's tools and system prompt (see `HuggingFaceWrapper.practice`): each attempt
         runs in a fresh agent like this one (its own history; this conversation is untouched)."""

@@ -63,7 +63,7 @@ from hfmodel.loading import (
     resolve_model_source,
     tokenizer_location,
 )
-from hfmodel.practice import PracticeResult
+from hfmodel.practice import PracticeResult, PracticeSettings
 from hfmodel.preference import PreferenceDryRun
 from hfmodel.settings import (
     DEFAULT_LORA_CONFIG,
@@ -359,7 +359,7 @@ class HuggingFaceWrapper(ChatModelBase):
             return preference.dry_run(self.handle, str(data_path), cfg, self.system_prompt)
         return training.dry_run(self.handle, str(data_path), cfg, self.system_prompt)
 
-    def practice(self, tasks: str | list[Any], settings: dict[str, Any] | None = None,
+    def practice(self, tasks: str | list[Any], settings: dict[str, Any] | PracticeSettings | None = None,
                  fine_tune_config: dict[str, Any] | None = None, toolkit: Any = None,
                  agent_factory: Callable[[Any], Any] | None = None, progress: Callable[[dict[str, Any]], None] | None
                  = None, stop: threading.Event | None = None) -> PracticeResult:

@@ -75,9 +75,9 @@ class PracticeCommands:
                     bar.update(task, completed=info["tasks_done"], total=info["tasks"], stage=stage,
                                detail=f"accepted {info['accepted']}/{info['attempts']}")
                 else:
-                    detail = f"loss {info['loss']:.3f}" if "loss" in info else ""
+                    fields: dict[str, Any] = {"detail": f"loss {info['loss']:.3f}"} if "loss" in info else {}
                     bar.update(task, completed=info.get("step", 0), total=info.get("max_steps") or None,
-                               stage=stage, **({"detail": detail} if detail else {}))
+                               stage=stage, **fields)
 
             return self.assistant.practice(tasks, settings, config, progress=report, stop=stop)
 
