@@ -720,7 +720,7 @@ def practice(model: Any, tasks: str | list[Task] | TaskSet, settings: PracticeSe
     from hfmodel.training import new_run_dir
 
     output = Path((config.get("training_args") or {}).get("output_dir") or base_dir or "runs").expanduser()
-    run_dir = new_run_dir(output, f"practice-{model.model}")
+    run_dir = new_run_dir(output, f"{str(model.model).rstrip('/')}-practice")
     config["training_args"]["output_dir"] = str(output)
     sampling = Sampling(factory, system_prompt, tools, settings.allow_tools, settings.batch, toolkit)
     scorer = Scorer(verifier)

@@ -292,3 +292,27 @@ def test_practice_session_builds_tasks_from_taught_and_good_replies(agent, tmp_p
     (tasks,) = seen
     assert [(t.prompt, t.answer) for t in tasks] == [("What is 2 plus 3?", 5.0), ("Hello!", "Hello there.")]
     assert "Practising 2 question(s)" in shown
+
+
+# ------------------------------------------------------------------------------------------ finetune.py
+
+
+def test_finetune_py_runs_rft_from_a_config(tool_model_dir, tmp_path, monkeypatch, capsys):
+    import finetune
+
+    monkeypatch.chdir(tmp_path)
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", tasks_rows(2))
+    config = tmp_path / "practice.yaml"
+    config.write_text(json.dumps({"model": {"config_name": "tiny", "local_model_path": str(tool_model_dir),
+                                            "max_length": 24}, "data_path": str(tasks),
+                                  "fine_tune_config": {"training_args": {"output_dir": str(tmp_path / "runs"),
+                                                                         **FAST}}}))
+    rc = finetune.main(["--config", str(config), "--set", "method=rft", "--set", "practice.k=2"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "round 1: accepted attempts" in out.out and "Report:" in out.out
+    (report,) = (tmp_path / "runs").glob("*practice*/report.md")
+    rollouts = (report.parent / "rollouts.jsonl").read_text().splitlines()
+    assert len(rollouts) == 4
+    assert finetune.main(["--config", str(config), "--set", "method=rft", "--set", "practice.k=0"]) == 2
+    assert "k = 0" in capsys.readouterr().err
