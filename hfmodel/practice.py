@@ -141,7 +141,9 @@ def parse_practice_args(pairs: list[str], base_config: dict[str, Any] | None = N
         overrides = parse_overrides(rest)
     except FineTuneConfigError as e:
         raise PracticeError(f"{e} Practice settings: {', '.join(PRACTICE_KEYS)}.") from None
-    return make_settings(practice), merge_config(base_config, overrides)
+    # The practice defaults replace the configured schedule (it was chosen for the configured data); typed keys win.
+    defaults = {"training_args": dict(RFT_TRAINING_ARGS), "lora_config": dict(RFT_LORA)}
+    return make_settings(practice), merge_config(merge_config(base_config, defaults), overrides)
 
 
 def make_settings(values: dict[str, Any] | PracticeSettings | None) -> PracticeSettings:

@@ -316,3 +316,27 @@ def test_finetune_py_runs_rft_from_a_config(tool_model_dir, tmp_path, monkeypatc
     assert len(rollouts) == 4
     assert finetune.main(["--config", str(config), "--set", "method=rft", "--set", "practice.k=0"]) == 2
     assert "k = 0" in capsys.readouterr().err
+
+
+def test_typed_keys_split_into_practice_settings_and_fine_tune_settings_over_the_practice_defaults():
+    base = {"training_args": {"max_steps": 18, "learning_rate": 1e-3, "output_dir": "runs"}}
+    settings, config = practice.parse_practice_args(["k=8", "rounds=2", "lora.r=16", "warmup_steps=2"], base)
+    assert (settings.k, settings.rounds, settings.method) == (8, 2, "rft")
+    assert config["training_args"] == {"max_steps": 12, "learning_rate": 5e-4, "output_dir": "runs", "warmup_steps": 2}
+    assert config["lora_config"] == {"loraplus_lr_ratio": 8, "r": 16}
+    _, typed = practice.parse_practice_args(["max_steps=30"], base)
+    assert typed["training_args"]["max_steps"] == 30
+    with pytest.raises(practice.PracticeError, match="Unknown setting 'kk'"):
+        practice.parse_practice_args(["kk=3"])
+
+
+def test_the_docs_list_every_practice_setting_with_its_default():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "practice.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", docs, re.M))
+    assert set(rows) == set(practice.PRACTICE_KEYS)
+    defaults = practice.PracticeSettings()
+    for key, shown in rows.items():
+        value = getattr(defaults, key)
+        if value is not None and key != "top_p":
+            expected = str(value).lower() if isinstance(value, bool) else str(value)
+            assert shown.strip().strip("`") == expected, key
