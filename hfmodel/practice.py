@@ -829,10 +829,13 @@ def summary_rows(result: PracticeResult) -> list[tuple[str, str, str]]:
         ("plain prompts with a spurious call (greedy)", spurious(before), spurious(after)),
     ]
     for r in result.rounds:
+        if result.method == "grpo":  # trl sampled the attempts: rewards per completion, no per-task filter
+            rows.append(("GRPO: completions accepted", "", f"{r.accepted}/{r.attempts} (mean reward "
+                         f"{r.mean_reward:.2f}, {r.tasks} prompts)"))
+            continue
         rows.append((f"round {r.round}: accepted attempts", "", f"{r.accepted}/{r.attempts} "
                      f"({r.solved}/{r.tasks} tasks solved at least once)"))
-        rows.append((f"round {r.round}: rows trained", "", f"{r.rows} accepted + {r.replayed} replayed"
-                     if result.method == "rft" else f"{r.rows} prompts"))
+        rows.append((f"round {r.round}: rows trained", "", f"{r.rows} accepted + {r.replayed} replayed"))
     sampled = sum(r.tokens for r in result.rounds)
     rows += [
         ("sampling time", "", f"{result.sampling_seconds:.1f} s ({sampled} tokens, "
