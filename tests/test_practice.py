@@ -340,3 +340,28 @@ def test_the_docs_list_every_practice_setting_with_its_default():
         if value is not None and key != "top_p":
             expected = str(value).lower() if isinstance(value, bool) else str(value)
             assert shown.strip().strip("`") == expected, key
+
+
+def test_a_failed_call_and_a_reply_cut_at_max_length_score_zero(tool_model_dir, tmp_path, monkeypatch):
+    from agentscope.tool import Toolkit
+
+    monkeypatch.chdir(tmp_path)
+    wrapper = make_wrapper(tool_model_dir, max_length=8)
+    tok = wrapper.tokenizer
+
+    def generate(input_ids=None, attention_mask=None, streamer=None, **kwargs):
+        prompt = tok.decode(input_ids[0])
+        if "broken" in prompt.rsplit("<|im_start|>user", 1)[-1]:
+            raise RuntimeError("the device fell over")
+        new = tok("It is 5 and more words than fit", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.cat([input_ids, new[:, :kwargs["max_new_tokens"]]], dim=1)
+
+    wrapper.hf_model.generate = generate
+    tasks = [Task([{"role": "user", "content": "Say 5"}], 5), Task([{"role": "user", "content": "broken"}], 5)]
+    sampling = practice.Sampling(practice.agent_factory("a", None, Toolkit()), None, None, False, 4)
+    attempts = __import__("asyncio").run(practice.sample(wrapper, sampling, tasks, 2, lambda t, a: {"seed": a},
+                                                         practice.Scorer(None)))
+    cut = [a for a in attempts if a.task == 0]
+    failed = [a for a in attempts if a.task == 1]
+    assert all(a.cut and a.reply.startswith("It is 5") and a.score == 0 for a in cut)
+    assert all(a.error and "fell over" in a.error and a.score == 0 for a in failed)
