@@ -358,19 +358,21 @@ PRACTICE_METHODS = ("rft", "grpo")
 
 def run_practice(config: dict[str, Any]) -> int:
     """`method: rft|grpo`: data_path is a tasks file, practised with the shipped tools (the calculator); settings from
-    the `practice` mapping (`--set practice.k=8`). Single process (distributed practice is not supported yet)."""
+    the `practice` mapping (`--set practice.k=8`). Under a launcher (RFT only) each process samples its share of the
+    attempts and all of them train together, like SFT."""
     from chat.tools import SHIPPED, make_toolkit
     from hfmodel import practice
     from huggingface_model import HuggingFaceWrapper
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError("method=rft/grpo runs in one process only for now; start it with `python finetune.py`")
     ftc = dict(config["fine_tune_config"])
+    main = is_main_process()
     settings = practice.make_settings({**config["practice"], "method": ftc.pop("method")})
     with stage("Loading the model"):
         wrapper = HuggingFaceWrapper.from_config({**config["model"], "data_path": None, "fine_tune_config": ftc})
 
     def progress(event: dict[str, Any]) -> None:
+        if not main:
+            return
         if "loss" in event:
             print(f"{event.get('stage', '')}: step {event['step']}/{event['max_steps']}  loss {_fmt(event['loss'])}",
                   flush=True)
@@ -380,9 +382,14 @@ def run_practice(config: dict[str, Any]) -> int:
     with stage("Practising"):
         result = wrapper.practice(config["data_path"], settings, ftc, toolkit=make_toolkit(list(SHIPPED)),
                                   progress=progress)
-    for metric, before, after in practice.summary_rows(result):
-        print(f"{metric}: {before} -> {after}" if before else f"{metric}: {after}")
-    print(f"Report: {result.run_dir / 'report.md'}")
+    if main:
+        for metric, before, after in practice.summary_rows(result):
+            print(f"{metric}: {before} -> {after}" if before else f"{metric}: {after}")
+        print(f"Report: {result.run_dir / 'report.md'}", flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"[rank {os.environ.get('RANK', '0')}/{os.environ['WORLD_SIZE']}] practice done: its share of the "
+              "attempts sampled, the adapter trained with the other processes", flush=True)
+        init_distributed().wait_for_everyone()  # nobody tears the process group down while rank 0 still writes
     return 0
 
 

@@ -44,6 +44,7 @@ from hfmodel.common import (
     distributed_state,
     fsdp_requested,
     hf_token,
+    is_main_process,
     logger,
     pick_device,
     pick_dtype,
@@ -381,7 +382,8 @@ class HuggingFaceWrapper(ChatModelBase):
         result = practice.practice(self, tasks, chosen, self._config(fine_tune_config), factory,
                                    practice.tool_schemas(toolkit), self.system_prompt, self.data_path, progress, stop,
                                    toolkit=toolkit)
-        practice.write_report(result)
+        if is_main_process():
+            practice.write_report(result)
         return result
 
     def _config(self, fine_tune_config: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -33,7 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hfmodel.common import FineTuneConfigError, FineTuneInterrupted, UserError, closest, logger, write_text_atomic
+from hfmodel.common import (
+    FineTuneConfigError,
+    FineTuneInterrupted,
+    UserError,
+    closest,
+    is_main_process,
+    logger,
+    rank,
+    world_size,
+    write_text_atomic,
+)
 from hfmodel.data import DatasetFormatError, load_chat_dataset, load_rows
 from hfmodel.settings import merge_config, parse_overrides, split_assignment
 
@@ -413,6 +423,7 @@ class Attempt:
     unread: bool = False
     error: str | None = None
     tools: list[dict] | None = None
+    rank: int = 0  # the process that sampled it (under a launcher the attempts are split across processes)
 
     @property
     def valid_call(self) -> bool:
@@ -503,7 +514,10 @@ async def sample(model: Any, sampling: Sampling, tasks: list[Task], k: int, sett
                  scorer: Scorer, progress: Progress | None = None, stop: threading.Event | None = None,
                  stage: str = "sampling") -> list[Attempt]:
     """`k` attempts for every task, at most `sampling.batch` at once; `settings_of(task, attempt)` gives each
-    attempt's generation settings (its seed among them)."""
+    attempt's generation settings (its seed among them). Under a launcher each process samples every n-th attempt
+    and all of them get every attempt back (in task, attempt order)."""
+    from hfmodel.distributed import gather_lists
+
     gate = asyncio.Semaphore(sampling.batch)
     done = Counter[int]()
     finished = {"tasks": 0, "accepted": 0}
@@ -520,12 +534,13 @@ async def sample(model: Any, sampling: Sampling, tasks: list[Task], k: int, sett
                 messages, reply, calls, tokens, cut = await run_attempt(agent, tasks[t], sampling.allow_tools, limit,
                                                                         sampling.system_prompt, sampling.tools)
                 attempt = Attempt(t, a, int(settings.get("seed") or 0), messages, reply, calls, tokens, cut=cut,
-                                  unread=view.unread_calls > 0, tools=sampling.tools)
+                                  unread=view.unread_calls > 0, tools=sampling.tools, rank=rank())
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as e:  # noqa: BLE001 - a failed attempt scores 0 and the run goes on
                 logger.warning("An attempt failed (%s: %s); it scores 0.", type(e).__name__, str(e)[:200])
-                attempt = Attempt(t, a, int(settings.get("seed") or 0), [], "", [], 0, error=repr(e)[:300])
+                attempt = Attempt(t, a, int(settings.get("seed") or 0), [], "", [], 0, error=repr(e)[:300],
+                                  rank=rank())
         if attempt.error is None and not attempt.cut and not attempt.unread and not tasks[t].plain:
             attempt.score = scorer(tasks[t], attempt.reply, attempt.calls)
         done[t] += 1
@@ -537,8 +552,10 @@ async def sample(model: Any, sampling: Sampling, tasks: list[Task], k: int, sett
                       "accepted": finished["accepted"], "attempts": sum(done.values())})
         return attempt
 
-    jobs = [one(t, a) for t in range(len(tasks)) for a in range(k)]
-    return list(await asyncio.gather(*jobs))
+    pairs = [(t, a) for t in range(len(tasks)) for a in range(k)]
+    jobs = [one(t, a) for i, (t, a) in enumerate(pairs) if i % world_size() == rank()]
+    mine = list(await asyncio.gather(*jobs))
+    return sorted(gather_lists(mine), key=lambda x: (x.task, x.attempt))
 
 
 # =============================================================================================
@@ -719,17 +736,20 @@ def practice(model: Any, tasks: str | list[Task] | TaskSet, settings: PracticeSe
     if not train_tasks:
         raise PracticeError(f"{task_set.source}: no tasks left to practise after holding out {len(held_out)}.")
     config = training_config(fine_tune_config)
-    from hfmodel.training import new_run_dir
+    from hfmodel.training import shared_run_dir
 
+    if settings.method == "grpo" and world_size() > 1:
+        raise PracticeError("method=grpo runs in one process for now; start it without a launcher, or use method=rft.")
     output = Path((config.get("training_args") or {}).get("output_dir") or base_dir or "runs").expanduser()
-    run_dir = new_run_dir(output, f"{str(model.model).rstrip('/')}-practice")
+    run_dir = shared_run_dir(output, f"{str(model.model).rstrip('/')}-practice")
     config["training_args"]["output_dir"] = str(output)
     sampling = Sampling(factory, system_prompt, tools, settings.allow_tools, settings.batch, toolkit)
     scorer = Scorer(verifier)
     before_adapter = model.active_adapter
     result = PracticeResult(run_dir, settings.method, settings, task_set, held_out, before_adapter, before_adapter,
                             [], None, None)
-    write_jsonl(run_dir / "rollouts.jsonl", [])
+    if is_main_process():
+        write_jsonl(run_dir / "rollouts.jsonl", [])
     try:
         if held_out:
             result.before = asyncio.run(evaluate(model, sampling, held_out, settings, scorer, progress, stop,
@@ -780,7 +800,10 @@ def _rft_round(model: Any, n: int, tasks: list[Task], settings: PracticeSettings
         return log
     replayed = replay_rows(data_path, len(rows), settings.seed + n) if settings.replay else []
     log.replayed = len(replayed)
-    train_file = write_jsonl(run_dir / f"round{n}-train.jsonl", rows + replayed)
+    from hfmodel.distributed import from_main_process
+
+    # Every process trains on the same file: the main process writes it, the others wait for its path.
+    train_file = from_main_process(lambda: str(write_jsonl(run_dir / f"round{n}-train.jsonl", rows + replayed)))
     if stop.is_set():
         raise KeyboardInterrupt
 
@@ -794,11 +817,14 @@ def _rft_round(model: Any, n: int, tasks: list[Task], settings: PracticeSettings
 
 
 def _append_rollouts(run_dir: Path, round_: int, tasks: list[Task], attempts: list[Attempt]) -> None:
+    if not is_main_process():
+        return
     path = run_dir / "rollouts.jsonl"
     old = path.read_text(encoding="utf-8") if path.exists() else ""
     new = "".join(json.dumps({**a.row(), "round": round_, "task": a.task, "attempt": a.attempt, "seed": a.seed,
                               "prompt": tasks[a.task].prompt, "answer": tasks[a.task].answer, "score": a.score,
-                              "reply": a.reply, "cut": a.cut, "unread_call": a.unread, "error": a.error},
+                              "reply": a.reply, "cut": a.cut, "unread_call": a.unread, "error": a.error,
+                              "rank": a.rank},
                              ensure_ascii=False) + "\n" for a in attempts)
     write_text_atomic(path, old + new)
 

@@ -365,3 +365,50 @@ def test_a_failed_call_and_a_reply_cut_at_max_length_score_zero(tool_model_dir, 
     failed = [a for a in attempts if a.task == 1]
     assert all(a.cut and a.reply.startswith("It is 5") and a.score == 0 for a in cut)
     assert all(a.error and "fell over" in a.error and a.score == 0 for a in failed)
+
+
+@pytest.fixture(scope="module")
+def taught_with_tools(tool_model_dir, tmp_path_factory):
+    """An adapter of the tool-sized tiny model that answers TAUGHT_QUESTION with TAUGHT_ANSWER, the calculator
+    offered (as finetune.py's practice offers it)."""
+    from helpers import TAUGHT_ANSWER, TAUGHT_QUESTION, identity_rows
+
+    from chat.tools import make_toolkit
+
+    tmp = tmp_path_factory.mktemp("taught-tools")
+    schema = __import__("asyncio").run(make_toolkit([calculator]).get_tool_schemas())
+    rows = [{**r, "tools": schema} for r in identity_rows(8)]
+    assert rows[0]["messages"][0]["content"] == TAUGHT_QUESTION and TAUGHT_ANSWER
+    wrapper = make_wrapper(tool_model_dir)
+    config = {"training_args": {"output_dir": str(tmp / "runs"), "max_steps": 16, "learning_rate": 1e-2,
+                                "per_device_train_batch_size": 4, "save_strategy": "no"}}
+    return wrapper.fine_tune(str(write_jsonl(tmp / "rows.jsonl", rows)), config).adapter_dir
+
+
+@pytest.mark.slow
+def test_rft_under_accelerate_launch_splits_the_attempts_across_two_processes(taught_with_tools, tmp_path):
+    from helpers import TAUGHT_ANSWER, TAUGHT_QUESTION
+    from test_distributed import _ddp, _run
+
+    taught_adapter = taught_with_tools
+
+    write_jsonl(tmp_path / "tasks.jsonl", [{"prompt": TAUGHT_QUESTION, "answer": TAUGHT_ANSWER}] * 4)
+    (tmp_path / "practice.yaml").write_text(json.dumps({
+        "model": {"config_name": "tiny", "local_model_path": str(taught_adapter), "device": "cpu", "max_length": 24,
+                  "system_prompt": "You are Ember."},
+        "data_path": "tasks.jsonl", "practice": {"k": 2, "temperature": 0.1},
+        "fine_tune_config": {"method": "rft", "training_args": {
+            "output_dir": "runs", "max_steps": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 2,
+            "save_strategy": "no", "bf16": False}}}))
+    result = _run([*_ddp(), "--config", "practice.yaml"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (rollouts,) = (tmp_path / "runs").glob("*practice*/rollouts.jsonl")
+    rows = [json.loads(line) for line in rollouts.read_text().splitlines()]
+    assert len(rows) == 8 and {r["rank"] for r in rows} == {0, 1}
+    assert sorted((r["task"], r["attempt"]) for r in rows) == [(t, a) for t in range(4) for a in range(2)]
+    assert result.stdout.count("practice done") == 2
+    assert all(r["score"] == 1.0 for r in rows)  # the taught answer, from both processes
+    # Both processes trained one adapter together on the accepted attempts (DDP, like SFT).
+    assert "round 1: rows trained: 4 accepted" in result.stdout
+    (run,) = [p.parent.parent for p in (tmp_path / "runs").glob("*/adapter/adapter_config.json")]
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
