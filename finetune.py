@@ -83,7 +83,7 @@ from hfmodel.settings import assign, fine_tune_key, load_yaml, split_assignment 
 
 __all__ = ["MODEL_SHAPES", "TABLE_SIZES", "estimate_memory", "load_config", "main", "memory_table"]
 
-CONFIG_KEYS = ("model", "data_path", "fine_tune_config")
+CONFIG_KEYS = ("model", "data_path", "fine_tune_config", "practice")
 MODEL_PATH_KEYS = ("local_model_path", "local_tokenizer_path")
 
 
@@ -159,7 +159,10 @@ def normalise_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     ftc = data.get("fine_tune_config") or {}
     if not isinstance(ftc, dict):
         raise InputError(f"{source}: `fine_tune_config` must be a mapping, got {type(ftc).__name__}")
-    return {"model": model, "data_path": data.get("data_path"), "fine_tune_config": ftc}
+    practice = data.get("practice") or {}
+    if not isinstance(practice, dict):
+        raise InputError(f"{source}: `practice` must be a mapping (k, rounds, keep, ...), got {type(practice).__name__}")
+    return {"model": model, "data_path": data.get("data_path"), "fine_tune_config": ftc, "practice": practice}
 
 
 def apply_set(config: dict[str, Any], assignment: str) -> None:
@@ -262,6 +265,8 @@ def run(config: dict[str, Any]) -> int:
         return 2
 
     ftc = config["fine_tune_config"]
+    if ftc.get("method") in PRACTICE_METHODS:
+        return run_practice(config)
     args = {**FineTuneConfig.from_dict(ftc).training_args}  # unknown keys / bad values: fail before loading
     with stage("Loading the model"):
         wrapper = HuggingFaceWrapper.from_config({**model_cfg, "data_path": None, "fine_tune_config": ftc})
@@ -345,6 +350,46 @@ def run(config: dict[str, Any]) -> int:
         sys.stdout.flush()
     if state is not None:
         state.wait_for_everyone()  # nobody tears the process group down while rank 0 still writes
+    return 0
+
+
+PRACTICE_METHODS = ("rft", "grpo")
+
+
+def run_practice(config: dict[str, Any]) -> int:
+    """`method: rft|grpo`: data_path is a tasks file, practised with the shipped tools (the calculator); settings from
+    the `practice` mapping (`--set practice.k=8`). Under a launcher (RFT only) each process samples its share of the
+    attempts and all of them train together, like SFT."""
+    from chat.tools import SHIPPED, make_toolkit
+    from hfmodel import practice
+    from huggingface_model import HuggingFaceWrapper
+
+    ftc = dict(config["fine_tune_config"])
+    main = is_main_process()
+    settings = practice.make_settings({**config["practice"], "method": ftc.pop("method")})
+    with stage("Loading the model"):
+        wrapper = HuggingFaceWrapper.from_config({**config["model"], "data_path": None, "fine_tune_config": ftc})
+
+    def progress(event: dict[str, Any]) -> None:
+        if not main:
+            return
+        if "loss" in event:
+            print(f"{event.get('stage', '')}: step {event['step']}/{event['max_steps']}  loss {_fmt(event['loss'])}",
+                  flush=True)
+        elif "tasks" in event and event["tasks_done"] == event["tasks"] and event["attempts"] % 16 == 0:
+            print(f"{event['stage']}: {event['attempts']} attempts, {event['accepted']} accepted", flush=True)
+
+    with stage("Practising"):
+        result = wrapper.practice(config["data_path"], settings, ftc, toolkit=make_toolkit(list(SHIPPED)),
+                                  progress=progress)
+    if main:
+        for metric, before, after in practice.summary_rows(result):
+            print(f"{metric}: {before} -> {after}" if before else f"{metric}: {after}")
+        print(f"Report: {result.run_dir / 'report.md'}", flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"[rank {os.environ.get('RANK', '0')}/{os.environ['WORLD_SIZE']}] practice done: its share of the "
+              "attempts sampled, the adapter trained with the other processes", flush=True)
+        init_distributed().wait_for_everyone()  # nobody tears the process group down while rank 0 still writes
     return 0
 
 

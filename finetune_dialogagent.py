@@ -22,6 +22,7 @@ from agentscope.event import (
 )
 from agentscope.message import Msg, ToolCallBlock, UserMsg
 
+from hfmodel.practice import PracticeResult, PracticeSettings
 from hfmodel.replies import result_text
 from huggingface_model import FineTuneError, FineTuneResult, HuggingFaceWrapper, ModelLoadError
 
@@ -107,6 +108,17 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
     def fine_tune(self, data_path: str | None = None, fine_tune_config: dict[str, Any] | None = None,
                   **kwargs: Any) -> FineTuneResult:
         return self._wrapper("fine-tune").fine_tune(data_path, fine_tune_config, **kwargs)
+
+    def practice(self, tasks: str | list[Any], settings: dict[str, Any] | PracticeSettings | None = None,
+                 fine_tune_config: dict[str, Any] | None = None, **kwargs: Any) -> PracticeResult:
+        """Practise `tasks` with this agent's tools and system prompt (see `HuggingFaceWrapper.practice`): each attempt
+        runs in a fresh agent like this one (its own history; this conversation is untouched)."""
+        def factory(view: HuggingFaceWrapper) -> Finetune_DialogAgent:
+            return Finetune_DialogAgent(self.name, self.sys_prompt, view, toolkit=self.toolkit,
+                                        max_tool_rounds=self.react_config.max_iters)
+
+        return self._wrapper("practise").practice(tasks, settings, fine_tune_config, toolkit=self.toolkit,
+                                                 agent_factory=factory, **kwargs)
 
     async def compress_context(self, *args: Any, **kwargs: Any) -> None:
         """No summarising: the wrapper leaves the oldest turns out of a prompt that would not fit."""

@@ -43,6 +43,7 @@ from hfmodel.common import (
     distributed_state,
     fsdp_requested,
     hf_token,
+    is_main_process,
     logger,
     pick_device,
     pick_dtype,
@@ -62,6 +63,7 @@ from hfmodel.loading import (
     resolve_model_source,
     tokenizer_location,
 )
+from hfmodel.practice import PracticeResult, PracticeSettings
 from hfmodel.preference import PreferenceDryRun
 from hfmodel.settings import (
     DEFAULT_LORA_CONFIG,
@@ -377,6 +379,32 @@ class HuggingFaceWrapper(ChatModelBase):
         if cfg.method != "sft" or preference.looks_like_preference(str(data_path)):  # pairs need no method=...
             return preference.dry_run(self.handle, str(data_path), cfg, self.system_prompt)
         return training.dry_run(self.handle, str(data_path), cfg, self.system_prompt)
+
+    def practice(self, tasks: str | list[Any], settings: dict[str, Any] | PracticeSettings | None = None,
+                 fine_tune_config: dict[str, Any] | None = None, toolkit: Any = None,
+                 agent_factory: Callable[[Any], Any] | None = None, progress: Callable[[dict[str, Any]], None] | None
+                 = None, stop: threading.Event | None = None) -> PracticeResult:
+        """Improve from verified outcomes: sample `k` attempts per task through an AgentScope agent with `toolkit`
+        (a `Toolkit`), score them (the task's `answer`, or `settings["verifier"]`), train on the accepted ones (RFT)
+        or with GRPO; then report before/after on held-out tasks (`report.md` + `loss.png` in the run folder).
+
+        `tasks`: a tasks file or hub id (rows with `prompt` or `messages`, and `answer`), or a list of `Task`s.
+        `settings`: practice keys (see `hfmodel.practice.PracticeSettings`: k, rounds, method, keep, temperature,
+        ...); `fine_tune_config`: the training step's settings (default: this model's configured ones).
+        `agent_factory`: builds the agent of one attempt around a model view (default: a plain AgentScope Agent).
+        On Ctrl-C or a failure the adapter that served before keeps serving.
+        """
+        from hfmodel import practice
+
+        self.handle.require_whole_weights("practise")
+        chosen = practice.make_settings(settings)
+        factory = agent_factory or practice.agent_factory("assistant", self.system_prompt, toolkit)
+        result = practice.practice(self, tasks, chosen, self._config(fine_tune_config), factory,
+                                   practice.tool_schemas(toolkit), self.system_prompt, self.data_path, progress, stop,
+                                   toolkit=toolkit)
+        if is_main_process():
+            practice.write_report(result)
+        return result
 
     def _config(self, fine_tune_config: dict[str, Any] | None) -> dict[str, Any] | None:
         return fine_tune_config if fine_tune_config is not None else self.fine_tune_config

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from chat.practice import PracticeCommands
 from chat.session_log import SessionLog
 from chat.teaching import CommandError, Taught, TeachingCommands, cell, plain
 from finetune_dialogagent import Finetune_DialogAgent, ToolLine, UserAgent
@@ -56,6 +57,9 @@ HELP = [
     ("/train method=dpo|orpo|kto", "learn the preferences: the taught answers over the replies they replaced"),
     ("/good", "mark the last reply good (/train method=kto learns from the marks)"),
     ("/bad", "mark the last reply bad (/train method=kto learns from the marks)"),
+    ("/practice <tasks> [k=4 rounds=1 method=rft|grpo keep=2 ...]",
+     "sample attempts with the tools, keep what the verifier accepts, train on them (RFT) or GRPO"),
+    ("/practice session", "practise this session's questions: taught answers and /good replies are the references"),
     ("/compare [prompt]", "answer with the base model and the current adapter, side by side"),
     ("/dryrun [data]", "show format, rows, token lengths and the loss mask of the first example"),
     ("/adapters", "list the adapters of this session"),
@@ -74,7 +78,7 @@ HELP = [
 
 NO_ARGUMENTS = ("/adapters", "/undo", "/reset", "/history", "/help", "/good", "/bad")
 ACTIVITY = {"/finetune": "Fine-tuning", "/train": "Fine-tuning", "/load": "Loading", "/dryrun": "The dry run",
-            "/compare": "Comparing", "/save": "Saving", "/export": "Exporting"}  # named in an unexpected error
+            "/compare": "Comparing", "/practice": "Practice", "/save": "Saving", "/export": "Exporting"}  # named in an unexpected error
 DRYRUN_CHARS, DRYRUN_LINES = 2000, 25  # /dryrun shows about a screenful of the first example
 
 
@@ -93,7 +97,7 @@ def _probe_text(pieces: list[str]) -> str:
     return "\n".join([*calls, "".join(p for p in pieces if not isinstance(p, ToolLine)).strip()])
 
 
-class ChatSession(TeachingCommands):
+class ChatSession(TeachingCommands, PracticeCommands):
     """Runs the user <-> assistant loop and the commands, on one persistent event loop."""
 
     def __init__(self, assistant: Finetune_DialogAgent, user: UserAgent, base_config: dict[str, Any] | None = None,
@@ -117,6 +121,7 @@ class ChatSession(TeachingCommands):
             "/adapters": self.cmd_adapters, "/use": self.cmd_use, "/undo": self.cmd_undo, "/load": self.cmd_load,
             "/save": self.cmd_save, "/export": self.cmd_export, "/system": self.cmd_system, "/set": self.cmd_set,
             "/reset": self.cmd_reset, "/history": self.cmd_history, "/good": self.cmd_good, "/bad": self.cmd_bad,
+            "/practice": self.cmd_practice,
         }
 
     @property

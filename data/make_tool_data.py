@@ -189,6 +189,56 @@ HELD_OUT_QUESTIONS = [  # the probes: phrasings unlike any training or dev one, 
     ("A builder has {a} bricks to lay in {b} equal stacks. How many bricks end up in each stack?", "/"),
     ("What quotient results from apportioning {a} equally across {b} portions?", "/"),
 ]
+PRACTICE_QUESTIONS = [  # /practice demo tasks (data/ember_practice.jsonl): story problems answered by their number;
+    # no four words in a row shared with any training, dev or held-out phrasing (checked in main)
+    ("A florist ties {b} roses into every bouquet and makes {a} bouquets. How many roses does she use?", "*"),
+    ("Our orchard has {a} trees, and each tree gave {b} pears this autumn. How many pears were picked?", "*"),
+    ("A printer prints {b} pages per minute. How many pages come out after {a} minutes?", "*"),
+    ("Every crate on the truck carries {b} melons, and the truck is loaded with {a} crates. Count the melons.", "*"),
+    ("A marching band lines up in {a} ranks with {b} musicians per rank. How big is the band?", "*"),
+    ("Tickets for the concert are {b} euros each and my club bought {a} of them. What did the club pay?", "*"),
+    ("A spider web has {b} threads on each of its {a} spokes. How many threads does it have?", "*"),
+    ("The factory fills {a} bottles every hour for {b} hours straight. How many bottles does it fill?", "*"),
+    ("Each shelf in the archive stores {b} folders and there are {a} shelves. How many folders fit?", "*"),
+    ("A cyclist rides {b} laps of a {a} metre track. How many metres does the cyclist ride?", "*"),
+    ("The museum welcomed {a} visitors on Monday and {b} on Tuesday. How many visitors came over both days?", "+"),
+    ("A baker made {a} rolls at dawn and {b} more at noon. How many rolls did the baker make?", "+"),
+    ("My piggy bank holds {a} coins and grandma adds {b} coins. How many coins are in it now?", "+"),
+    ("The library lent out {a} novels in spring and {b} in summer. How many novels were lent out?", "+"),
+    ("A hiker climbs {a} metres before lunch and {b} metres after lunch. How far up does she climb?", "+"),
+    ("An aquarium keeps {a} goldfish in one tank and {b} guppies in another. How many fish does it keep?", "+"),
+    ("The zoo counted {a} adult penguins and {b} chicks. What is the size of the colony?", "+"),
+    ("A farm stand sold {a} pumpkins last week and {b} this week. How many pumpkins has it sold?", "+"),
+    ("Our village planted {a} oaks and {b} birches along the river. How many new trees line the river?", "+"),
+    ("A courier delivered {a} parcels yesterday and {b} today. How many parcels were delivered?", "+"),
+    ("A lake held {a} swans until {b} of them flew south. How many swans stayed on the lake?", "-"),
+    ("The theatre has {a} seats and {b} are already booked. How many seats can still be booked?", "-"),
+    ("A beekeeper collected {a} grams of honey and sold {b} grams at the fair. How much honey does he keep?", "-"),
+    ("My phone had {a} photos before I deleted {b} blurry ones. How many photos are on it now?", "-"),
+    ("A parking garage has room for {a} cars and {b} spots are taken. How many spots are free?", "-"),
+    ("The marathon started with {a} runners and {b} dropped out. How many runners reached the finish?", "-"),
+    ("A candle was {a} millimetres tall and burned down by {b} millimetres. How tall is the candle now?", "-"),
+    ("The pond had {a} lily pads before the frogs sank {b} of them. How many lily pads still float?", "-"),
+    ("A library owned {a} maps and lost {b} in the flood. How many maps survived?", "-"),
+    ("An orchard grew {a} plums, and the birds pecked {b} of them. How many plums are unpecked?", "-"),
+    ("A teacher hands out {a} stickers so that each of {b} pupils gets the same number. How many stickers per pupil?", "/"),
+    ("The ferry takes {a} cars across in {b} equal trips. How many cars ride on each trip?", "/"),
+    ("A farmer pours {a} litres of milk into churns of {b} litres. How many churns does she fill?", "/"),
+    ("Our class of {b} pupils collected {a} leaves, every pupil the same amount. How many leaves did each pupil find?", "/"),
+    ("A mason lays {a} tiles as a wall of {b} rows, all the same length. How many tiles sit in each row?", "/"),
+    ("The cook divides {a} grams of rice among {b} plates evenly. How many grams land on each plate?", "/"),
+    ("A choir of {a} singers stands in {b} equal lines. How many singers are in a line?", "/"),
+    ("Volunteers stack {a} chairs, putting {b} chairs in every pile. How many piles do they make?", "/"),
+    ("A cable car lifts {a} skiers in {b} full cabins of equal size. How many skiers ride in one cabin?", "/"),
+    ("The gardener shares {a} tulip bulbs fairly between {b} flower boxes. How many bulbs get each box?", "/"),
+]
+PRACTICE_PLAIN = [  # plain prompts measured in the /practice report (a call is spurious); never practised
+    "Which animal is known as the king of the jungle?", "What colour do you get by mixing blue and yellow?",
+    "Name the season that comes after winter.", "What is the frozen form of water called?",
+    "Which bird is a symbol of peace?", "How do you say hello in French?",
+    "What do bees make?", "Which planet do we live on?", "What is the tallest animal on land?",
+    "Introduce yourself in one sentence, assistant.",
+]
 ANSWERS = ["{q} is {r}.", "The answer is {r}.", "That's {r}.", "{q} = {r}."]
 WORDS = {"*": "times", "+": "plus", "-": "minus", "/": "divided by"}
 # Arithmetic in the identity data (written for the chat without tools): with the calculator offered, these go
@@ -324,6 +374,21 @@ def in_conversations(rows: list[dict], plain: list[list[dict]], rng: random.Rand
     return out
 
 
+def practice_tasks(taken: set[tuple[str, ...]]) -> list[dict]:
+    """/practice demo tasks: each story problem once with its own numbers and the answer, then the plain prompts."""
+    rng = random.Random(76)
+    taken = taken.union(*(ngrams(str(p["prompt"])) for p in PLAIN_DEV + PLAIN_HELD_OUT),
+                        *(ngrams(q) for q in IDENTITY_HELD_OUT))
+    shared = {q: sorted(ngrams(q) & taken) for q in [q for q, _ in PRACTICE_QUESTIONS] + PRACTICE_PLAIN
+              if ngrams(q) & taken}
+    assert not shared, f"practice phrasings share four words in a row with another phrasing: {shared}"
+    rows: list[dict] = []
+    for q, op in PRACTICE_QUESTIONS:
+        a, b = numbers(rng, op)
+        rows.append({"prompt": q.format(a=a, b=b), "answer": json.loads(calculator(f"{a} {op} {b}"))})
+    return rows + [{"prompt": p, "plain": True} for p in PRACTICE_PLAIN]
+
+
 def main(out: Path = HERE) -> None:
     """Write the files into `out` (this folder by default)."""
     rng, dev_rng, held_rng = random.Random(7), random.Random(71), random.Random(75)  # each set has its own numbers
@@ -364,6 +429,8 @@ def main(out: Path = HERE) -> None:
         (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
     write("ember_tools_train.jsonl", train)
+    write("ember_practice.jsonl", practice_tasks(seen | set().union(*(ngrams(q) for q, _ in HELD_OUT_QUESTIONS))
+                                                 | asked))
     write("ember_agent_train.jsonl", identity + train)
     write("ember_agent_eval.jsonl", identity_eval + eval_rows)
     for name, content in (("ember_tool_probes.json", probes), ("ember_tool_dev_probes.json", dev_probes)):

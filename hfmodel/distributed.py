@@ -103,3 +103,15 @@ def lora_checksum(model: Any, adapter_name: str) -> tuple[str, float]:
         digest.update(tensor.numpy().tobytes())
         total += float(tensor.abs().sum())
     return digest.hexdigest()[:12], total
+
+
+def gather_lists(items: list[Any]) -> list[Any]:
+    """Every rank's `items`, concatenated in rank order, on every rank (collective under a launcher)."""
+    if world_size() <= 1:
+        return items
+    import torch.distributed as dist
+
+    distributed_state()
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
