@@ -13,9 +13,12 @@ Masking, in order of preference:
 3. "prefix rendering": the model's own template; assistant turn i is what follows the rendering of messages[:i]
    with the generation prompt (the prompt chat would send), up to and including its end-of-turn marker. Each
    conversation is checked as a whole: the prompt of every assistant turn must be a prefix of the whole
-   rendering, otherwise `ChatTemplateError`. Rows are tokenized piece by piece (prompt text, turn text, ...), so
-   the tokens marked are exactly the tokens chat would generate after that prompt, even for tokenizers that
-   merge characters across the prompt/answer boundary;
+   rendering. Rows are tokenized piece by piece (prompt text, turn text, ...), so the tokens marked are exactly
+   the tokens chat would generate after that prompt, even for tokenizers that merge characters across the
+   prompt/answer boundary. A row whose earlier turns render differently once later turns follow (Qwen3.5/3.6 drop
+   the think block the chat's prompt opens) has no such mask: it is expanded into one example per trained
+   assistant turn, each the chat's own prompt at that turn (`render_prompt`) followed by the turn, loss on the
+   turn only (`Expansion` counts what that costs);
 4. "whole sequence" (`assistant_only=False`): every token carries loss.
 
 trl's `is_chat_template_prefix_preserving` probes a tool-call exchange ([user, assistant+tool_calls] vs. the same
@@ -68,6 +71,7 @@ Message = dict[str, Any]
 Row = list[Message]
 
 MAX_CHECKED_ROWS = 50
+MAX_LATER_MULTI_TURN = 10  # multi-turn rows past MAX_CHECKED_ROWS that are checked too
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _PROBE_SYSTEM = "Probe system text."
 _PROBE_USER = "Probe question?"
@@ -77,6 +81,32 @@ _FIX = "use a chat template with {% generation %} markers, or assistant_only_los
 
 class ChatTemplateError(FineTuneError):
     """The chat template cannot give assistant-only masks that match what the chat generates."""
+
+
+Example = tuple[list[int], list[int]]  # (input_ids, loss mask)
+
+
+@dataclass
+class Expansion:
+    """Rows that were split into one example per trained assistant turn, and what that costs in tokens."""
+
+    rows: int = 0
+    examples: int = 0
+    whole_tokens: int = 0  # those rows rendered once each
+    tokens: int = 0  # their examples
+
+    def add(self, whole_tokens: int, examples: list[Example]) -> None:
+        self.rows += 1
+        self.examples += len(examples)
+        self.whole_tokens += whole_tokens
+        self.tokens += sum(len(ids) for ids, _ in examples)
+
+    def describe(self) -> str:
+        extra = self.tokens - self.whole_tokens
+        return (f"{self.rows} multi-turn row(s) expanded into {self.examples} example(s), one per trained assistant "
+                f"turn, each the chat's prompt at that turn then the turn (the chat template renders earlier turns "
+                f"differently once later turns follow): {extra:+,} tokens ({self.whole_tokens:,} rendered whole -> "
+                f"{self.tokens:,})")
 
 
 def has_generation_markers(template: str | None) -> bool:
@@ -189,6 +219,13 @@ def message_parts(parsed: Any, raw: str) -> tuple[str, list[dict], str | None]:
     return (content if isinstance(content, str) else raw), calls, "; ".join(problems) or None
 
 
+def checked_rows(rows: list[Row], limit: int = MAX_CHECKED_ROWS) -> list[Row]:
+    """The rows a mask plan is checked on: the first `limit`, plus the first few later rows with several assistant
+    turns (those are the ones a template may render differently from the chat)."""
+    later = [r for r in rows[limit:] if len(_assistant_indices(split_tools(r)[0])) > 1]
+    return rows[:limit] + later[:MAX_LATER_MULTI_TURN]
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -206,12 +243,41 @@ class MaskPlan:
     template: str
     fmt: ChatFormat = field(repr=False)
 
-    def tokenize(self, row: Row) -> tuple[list[int], list[int]]:
+    def tokenize(self, row: Row) -> Example:
+        """The row as one example; a row this plan splits turn by turn raises (use `examples`)."""
+        examples = self.examples(row)
+        if len(examples) != 1:
+            raise ValueError(f"this row becomes {len(examples)} examples under {self.source}: use MaskPlan.examples")
+        return examples[0]
+
+    def examples(self, row: Row) -> list[Example]:
+        return self._examples(row)[0]
+
+    def tokenize_rows(self, rows: list[Row]) -> tuple[list[list[Example]], Expansion]:
+        """Each row's examples (one, or one per trained assistant turn), and the rows that were expanded."""
+        expansion, out = Expansion(), []
+        for row in rows:
+            examples, whole_tokens = self._examples(row)
+            if whole_tokens is not None:
+                expansion.add(whole_tokens, examples)
+            out.append(examples)
+        return out, expansion
+
+    def _examples(self, row: Row) -> tuple[list[Example], int | None]:
+        """(examples, tokens of the row rendered whole if it was expanded, else None)."""
         row, tools = split_tools(row)
         row = self.fmt.prepare(row)
         template = self.fmt.template_for(row, tools, self.template)
         if self.source == "prefix rendering":
-            return self.fmt.prefix_masks(row, template, tools)
+            try:
+                return [self.fmt.prefix_masks(row, template, tools)], None
+            except ChatTemplateError:  # earlier turns render unlike the chat's prompts: each turn on its own
+                whole = len(self.fmt.tokenizer(self.fmt.render(row, template, tools=tools),
+                                               add_special_tokens=False)["input_ids"])
+                return self.fmt.turn_examples(row, tools), whole
+        return [self._whole_row(row, template, tools)], None
+
+    def _whole_row(self, row: Row, template: str | None, tools: list[dict] | None) -> Example:
         tok = self.fmt.tokenizer
         if self.source == "whole sequence":
             ids = list(tok.apply_chat_template(row, chat_template=template, tools=tools, return_dict=True)["input_ids"])
@@ -434,21 +500,22 @@ class ChatFormat:
         """Choose how rows are tokenized and masked (checked on up to MAX_CHECKED_ROWS rows)."""
         if not assistant_only:
             return MaskPlan("whole sequence", self.template, self)
-        sample = [split_tools(r) for r in rows[:MAX_CHECKED_ROWS]]
+        checked = checked_rows(rows)
+        sample = [split_tools(r) for r in checked]
         if any(uses_tools(r, t) for r, t in sample) and self.tool_template not in (None, self.template):
-            return self._checked_prefix_plan(rows, str(self.tool_template))  # the stand-in has no markers
+            return self._checked_prefix_plan(checked, str(self.tool_template))  # the stand-in has no markers
         if has_generation_markers(self.template) and self._stop_token_marked(self.template):
             return MaskPlan("generation markers", self.template, self)
         training = self._trl_training_template()
         if training and self._renders_like_own(sample, training) and self._stop_token_marked(training):
             return MaskPlan("trl training template", training, self)
         self._log_trl_prefix_verdict()
-        return self._checked_prefix_plan(rows, self.template)
+        return self._checked_prefix_plan(checked, self.template)
 
-    def _checked_prefix_plan(self, rows: list[Row], template: str) -> MaskPlan:
+    def _checked_prefix_plan(self, checked: list[Row], template: str) -> MaskPlan:
         plan = MaskPlan("prefix rendering", template, self)
-        for row in rows[:MAX_CHECKED_ROWS]:
-            plan.tokenize(row)  # raises ChatTemplateError when a turn's prompt is not a prefix of the row
+        for row in checked:
+            plan.examples(row)  # raises ChatTemplateError when a turn is not rendered verbatim or never ends
         return plan
 
     def _trl_training_template(self) -> str | None:
@@ -542,6 +609,25 @@ class ChatFormat:
         """One line: which template, why, and the fixes."""
         family = f"the {self.family} chat template" if self.family else "this chat template"
         return ChatTemplateError(f"Assistant-only loss is impossible with {family}: {why}; {_FIX}.")
+
+    # ---- one example per turn ------------------------------------------------------------------------------
+    def turn_examples(self, row: Row, tools: list[dict] | None = None) -> list[Example]:
+        """A prepared row as one example per trained assistant turn: the prompt exactly as the chat renders it before
+        that turn (`render_prompt`, the generation path), then the turn up to its end-of-turn token, the only tokens
+        with loss. For templates that rewrite earlier turns once later ones follow (see the module docstring)."""
+        return [self._turn_example(row, i, tools) for i in _assistant_indices(row) if trained(row[i])]
+
+    def _turn_example(self, row: Row, i: int, tools: list[dict] | None) -> Example:
+        prompt_ids = self.render_prompt(row[:i], tools=tools)["input_ids"][0].tolist()
+        prompt = self.prompt_text(row[:i], tools)
+        full = self.render(row[:i + 1], self.template_for(row[:i + 1], tools), tools=tools)
+        if not full.startswith(prompt):
+            raise self._error(f"even the conversation that ends with message {i} does not start with the prompt chat "
+                              f"sends before it")
+        calls = bool(row[i].get("tool_calls"))
+        end, appended = self._turn_end(full, len(prompt), text_of(row[i].get("content")), True, calls)
+        turn_ids = self.tokenizer(full[len(prompt):end] + appended, add_special_tokens=False)["input_ids"]
+        return prompt_ids + list(turn_ids), [0] * len(prompt_ids) + [1] * len(turn_ids)
 
     def _turn_end(self, full: str, start: int, content: str, last: bool, calls: bool = False) -> tuple[int, str]:
         """Where the turn's end-of-turn marker ends; for a final turn the template leaves open, the text to add."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from hfmodel.adapters import AdapterSet, use_loraplus
-from hfmodel.chat_format import MASK_SOURCES, MaskPlan, split_tools
+from hfmodel.chat_format import MASK_SOURCES, Expansion, MaskPlan, split_tools
 from hfmodel.common import (
     FineTuneError,
     FineTuneInterrupted,
@@ -80,11 +80,13 @@ class DryRun:
     segments: list[tuple[str, bool]]  # (token text, carries loss) for the first row
     mask_source: str  # a key of MASK_SOURCES: where the loss mask comes from
     tokens: int = 0  # tokens of row 1 (segments decode the first DRY_RUN_TOKENS one by one, the rest as one piece)
+    expansion: Expansion = field(default_factory=Expansion)  # rows split into one example per assistant turn
 
     @property
     def mask_description(self) -> str:
         template = "trl's training template" if self.mask_source == "trl training template" else "the tokenizer's own"
-        return f"template: {template}; loss mask from {self.mask_source} ({MASK_SOURCES[self.mask_source]})"
+        described = f"template: {template}; loss mask from {self.mask_source} ({MASK_SOURCES[self.mask_source]})"
+        return f"{described}; {self.expansion.describe()}" if self.expansion.rows else described
 
     @property
     def loss_tokens(self) -> int:
@@ -105,7 +107,7 @@ class Rows:
     data: ChatDataset
 
 
-Tokens = list[tuple[list[int], list[int]]]  # (input_ids, loss mask) per row
+Tokens = list[tuple[list[int], list[int]]]  # (input_ids, loss mask) per example (a row, or one turn of a row)
 
 
 @dataclass
@@ -191,11 +193,18 @@ def reuse_run(run_dir: Path, adapters: AdapterSet, rows: Rows) -> FineTuneResult
     )
 
 
-def tokenize_rows(handle: ModelHandle, rows: list[Conversation], cfg: FineTuneConfig) -> tuple[MaskPlan, Tokens]:
-    """Each row as the model's own template renders it, with its loss mask: assistant turns and their end-of-turn
-    token (`assistant_only_loss`, the default), or every token."""
+def tokenize_rows(handle: ModelHandle, rows: list[Conversation], cfg: FineTuneConfig
+                  ) -> tuple[MaskPlan, list[Tokens], Expansion]:
+    """Each row's examples as the model's own template renders them, with their loss masks: assistant turns and
+    their end-of-turn token (`assistant_only_loss`, the default), or every token. A row is one example, or one
+    per trained assistant turn when the template renders earlier turns differently once later ones follow."""
     plan = handle.format.mask_plan(rows, assistant_only=bool(cfg.training_args.get("assistant_only_loss", True)))
-    return plan, [plan.tokenize(r) for r in rows]
+    per_row, expansion = plan.tokenize_rows(rows)
+    return plan, per_row, expansion
+
+
+def flatten(per_row: list[Tokens]) -> Tokens:
+    return [example for examples in per_row for example in examples]
 
 
 def plan_run(handle: ModelHandle, rows: Rows, cfg: FineTuneConfig, base_dir: Path, fingerprint_: str,
@@ -206,10 +215,12 @@ def plan_run(handle: ModelHandle, rows: Rows, cfg: FineTuneConfig, base_dir: Pat
         logger.warning("resume=True but no interrupted run with the same model, data and config has a "
                        "checkpoint; starting a new run.")
     args = dict(cfg.training_args)
-    mask, tokens = tokenize_rows(handle, rows.train + rows.eval, cfg)
-    train_tokens, eval_tokens = tokens[:len(rows.train)], tokens[len(rows.train):]
+    mask, per_row, expansion = tokenize_rows(handle, rows.train + rows.eval, cfg)
+    train_tokens, eval_tokens = flatten(per_row[:len(rows.train)]), flatten(per_row[len(rows.train):])
     lengths = [len(ids) for ids, _ in train_tokens]
     logger.info("Loss mask: %s.", MASK_SOURCES[mask.source])
+    if expansion.rows:
+        logger.info("Rows expanded: %s.", expansion.describe())
     too_long = sum(n > args["max_length"] for n in lengths) if args.get("max_length") else 0
     if too_long:
         logger.warning("%d of %d rows are longer than max_length=%s tokens and will be truncated.",
@@ -225,7 +236,7 @@ def plan_run(handle: ModelHandle, rows: Rows, cfg: FineTuneConfig, base_dir: Pat
         args["padding_free"] = too_long == 0 and handle.device.type != "mps"
     if args["padding_free"]:
         args["max_length"] = None  # rows were checked above; trl requires None without packing
-    steps = planned_steps(len(rows.train), args)
+    steps = planned_steps(len(train_tokens), args)
     if "eval_steps" not in cfg.user_training_keys:  # before, halfway, at the end: enough for the curve
         args["eval_steps"] = max(1, -(-steps // 2))
     if "save_steps" not in cfg.user_training_keys:
@@ -347,7 +358,8 @@ def dry_run(handle: ModelHandle, data_path: str, cfg: FineTuneConfig, system_pro
     """What a fine-tune would see: format, rows, token lengths, truncation, and the loss mask of row 1."""
     data = load_chat_dataset(data_path)
     rows = with_system_prompt(data.rows, system_prompt)
-    plan, tokens = tokenize_rows(handle, rows, cfg)
+    plan, per_row, expansion = tokenize_rows(handle, rows, cfg)
+    tokens = flatten(per_row)
     lengths = [len(ids) for ids, _ in tokens]
     max_length = cfg.training_args.get("max_length")
     ids, mask = tokens[0]
@@ -357,7 +369,7 @@ def dry_run(handle: ModelHandle, data_path: str, cfg: FineTuneConfig, system_pro
         segments.append((handle.tokenizer.decode(ids[shown:]), bool(any(mask[shown:]))))
     return DryRun(data=data, lengths=sorted(lengths), max_length=max_length,
                   truncated=sum(n > max_length for n in lengths) if max_length else 0,
-                  segments=segments, mask_source=plan.source, tokens=len(ids))
+                  segments=segments, mask_source=plan.source, tokens=len(ids), expansion=expansion)
 
 
 def taught_mix(taught_path: Path, replay_path: str | None, min_repeats: int) -> Path:

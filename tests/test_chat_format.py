@@ -62,7 +62,8 @@ TEMPLATES = [n for n in ALL if not is_vision(n, template_text(n))]
 
 # What ChatFormat finds, per template (the report's table); a key ending in "*" covers names that start with it.
 # EOT: the end-of-turn text after the final assistant turn. SOURCE: the mask source for single-turn rows, and for a
-# set that also holds multi-turn rows (None: ChatTemplateError). Default: trl's training template for both.
+# set that also holds multi-turn rows. Default: trl's training template for both. EXPANDED: templates that render
+# earlier turns differently once later turns follow, so their multi-turn rows train as one example per turn.
 TRL, OWN, PREFIX = "trl training template", "generation markers", "prefix rendering"
 EOT = {"cohere": "<|END_OF_TURN_TOKEN|>", "cohere2": "<|END_RESPONSE|>", "deepseek*": "<｜end▁of▁sentence｜>",
        "diffusion_gemma": "<turn|>", "gemma4*": "<turn|>", "gemma*": "<end_of_turn>", "glm4moe": "<|user|>",
@@ -71,7 +72,8 @@ EOT = {"cohere": "<|END_OF_TURN_TOKEN|>", "cohere2": "<|END_RESPONSE|>", "deepse
 EOT_BEFORE_NEXT_TURN = {"gptoss": "<|end|>"}
 SOURCE = {"gemma4*": (PREFIX, PREFIX), "glm4moe": (PREFIX, PREFIX), "llama3_1": (PREFIX, PREFIX),
           "llama3_2": (PREFIX, PREFIX), "lfm2_2_5*": (OWN, OWN), "qwen3": (TRL, PREFIX),
-          "qwen3_5*": (TRL, None), "qwen3_6": (TRL, None)}
+          "qwen3_5*": (TRL, PREFIX), "qwen3_6": (TRL, PREFIX)}
+EXPANDED = {"qwen3_5*": True, "qwen3_6": True}
 # Text the model generates before the content (earlier turns, final turn), when the template renders one. For
 # "<think>\n" generation prompts, the marked text starts after the tokens the prompt shares with the row.
 PREAMBLE = {"glm4moe": ("\n<think></think>\n",) * 2, "gptoss": ("<|channel|>final<|message|>",) * 2,
@@ -253,21 +255,52 @@ def check_rows(name: str, rows: dict[str, list[dict]], source: str) -> None:
             assert ids[:mask.index(1)] == prompt
 
 
+def check_expanded_rows(name: str, rows: dict[str, list[dict]]) -> None:
+    """Each row is one example per assistant turn: the chat's prompt at that turn, then the turn (the only loss)."""
+    fmt, tok = format_for(name), tokenizer_for(name)
+    plan = fmt.mask_plan([fmt.prepare(r) for r in rows.values()])
+    assert plan.source == PREFIX
+    for label, row in rows.items():
+        examples = plan.examples(fmt.prepare(row))
+        turns = [i for i, m in enumerate(row) if m["role"] == "assistant"]
+        assert len(examples) == len(turns), label
+        for i, (ids, mask) in zip(turns, examples, strict=True):
+            start, stop = mask.index(1), len(mask) - mask[::-1].index(1)
+            assert mask == [0] * start + [1] * (stop - start) + [0] * (len(ids) - stop)  # one turn has loss
+            if len(turns) > 1:  # a split row's example ends with its turn, where the chat stops generating
+                assert stop == len(ids)
+            assert ids[:start] == fmt.render_prompt(row[:i])["input_ids"][0].tolist(), (label, i)
+            assert loss_text(tok, ids, mask) == expected_loss_text(name, [row[i]]), (label, i)
+
+
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_loss_tokens_are_assistant_content_plus_end_of_turn(name):
     single_source, multi_source = lookup(SOURCE, name, (TRL, TRL))
     check_rows(name, SINGLE, single_source)
-    if multi_source is None:
-        with pytest.raises(ChatTemplateError) as err:
-            format_for(name).mask_plan(list(SINGLE.values()) + list(MULTI.values()))
-        message = str(err.value)
-        assert "\n" not in message and name in message
-        assert "{% generation %}" in message and "assistant_only_loss=False" in message
+    if lookup(EXPANDED, name, False):
+        check_expanded_rows(name, {**SINGLE, **MULTI})
     else:
         check_rows(name, {**SINGLE, **MULTI}, multi_source)
 
 
-@pytest.mark.parametrize("name", [n for n in TEMPLATES if lookup(SOURCE, n, (TRL, TRL))[1] is not None])
+def test_every_text_template_trains_multi_turn_rows_and_only_rewriting_ones_expand():
+    """All text templates trl ships train multi-turn rows under assistant-only loss (none is refused); the ones
+    expanded turn by turn are exactly those whose earlier turns render differently from the chat's prompt."""
+    rows = [*SINGLE.values(), *MULTI.values()]
+    expanded = set()
+    for name in TEMPLATES:
+        fmt = format_for(name)
+        prepared = [fmt.prepare(r) for r in rows]
+        _, expansion = fmt.mask_plan(prepared).tokenize_rows(prepared)
+        if expansion.rows:
+            expanded.add(name)
+            assert expansion.rows == len(MULTI) and expansion.examples == sum(len(r) // 2 for r in MULTI.values())
+            assert expansion.tokens > expansion.whole_tokens  # every example repeats its prompt
+    assert expanded == {n for n in TEMPLATES if lookup(EXPANDED, n, False)}
+    assert expanded == {"qwen3_5_nothink", "qwen3_5_think", "qwen3_6"} and len(TEMPLATES) == 35
+
+
+@pytest.mark.parametrize("name", [n for n in TEMPLATES if not lookup(EXPANDED, n, False)])
 def test_an_assistant_turn_with_weight_0_is_context_only(name):
     """OpenAI's per-message `"weight": 0` (the session log's earlier exchanges): rendered, never trained on."""
     fmt, tok = format_for(name), tokenizer_for(name)
@@ -285,16 +318,45 @@ def test_whole_sequence_marks_every_token():
     assert plan.source == "whole sequence" and mask == [1] * len(ids) and len(ids) > 10
 
 
-def test_not_prefix_preserving_template_raises_one_line():
-    # Earlier assistant turns render in upper case once later turns follow: no single mask can match the chat.
-    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
-                "{{ m.content | upper if (m.role == 'assistant' and not loop.last) else m.content }}<|im_end|>\n"
-                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+@pytest.mark.parametrize("name", [n for n in TEMPLATES if lookup(EXPANDED, n, False)])
+def test_expanded_row_with_weight_0_turns_trains_only_the_weighted_ones(name):
+    fmt, tok = format_for(name), tokenizer_for(name)
+    row = fmt.prepare([SYSTEM, U1, {**A1, "weight": 0}, U2, A2, U3, {**A3, "weight": 0}])
+    plan = fmt.mask_plan([row])
+    (ids, mask), = plan.examples(row)  # one example: A2 after the chat's prompt at A2
+    assert ids[:mask.index(1)] == fmt.render_prompt(row[:4])["input_ids"][0].tolist()
+    assert loss_text(tok, ids, mask) == expected_loss_text(name, [A2])
+    assert plan.tokenize(row) == (ids, mask)
+    with pytest.raises(ValueError, match="examples"):  # a row of several examples is not one token sequence
+        plan.tokenize(fmt.prepare([SYSTEM, U1, A1, U2, A2]))
+
+
+# Earlier assistant turns render in upper case once later turns follow: no single mask over the row matches the chat.
+UPPER_EARLIER = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                 "{{ m.content | upper if (m.role == 'assistant' and not loop.last) else m.content }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_any_template_that_rewrites_earlier_turns_is_expanded():
+    """Decided by rendering, not by name: a made-up template that rewrites earlier turns is expanded too."""
+    tok = build_tokenizer(UPPER_EARLIER)
+    fmt = ChatFormat(tok)
+    row = [U1, A1, U2, A2]
+    assert fmt.mask_plan([[U1, A1]]).examples([U1, A1]) == [fmt.mask_plan([[U1, A1]]).tokenize([U1, A1])]
+    examples, expansion = fmt.mask_plan([row]).tokenize_rows([row])
+    assert (expansion.rows, expansion.examples) == (1, 2)
+    assert [loss_text(tok, ids, mask) for ids, mask in examples[0]] == ["I am Ember.<|im_end|>", "Four.<|im_end|>"]
+    assert "I AM EMBER." in tok.decode(examples[0][1][0])  # the second example's prompt: as the chat renders it
+
+
+def test_template_that_never_renders_the_answer_raises_one_line():
+    # Assistant content is replaced: neither a mask nor a per-turn example can match what the chat generates.
+    template = UPPER_EARLIER.replace("if (m.role == 'assistant' and not loop.last)", "if m.role == 'assistant'")
     fmt = ChatFormat(build_tokenizer(template))
-    assert fmt.mask_plan([[U1, A1]]).source == PREFIX
     with pytest.raises(ChatTemplateError) as err:
         fmt.mask_plan([[U1, A1, U2, A2]])
     assert "\n" not in str(err.value) and "assistant_only_loss=False" in str(err.value)
+    assert "verbatim" in str(err.value)
 
 
 def test_tokenizer_merging_across_the_prompt_boundary_still_marks_chat_tokens():

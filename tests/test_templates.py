@@ -91,14 +91,35 @@ def test_template_with_markers_is_used_as_is(tokenizer):
         tokenizer.chat_template = own
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_fix(tokenizer):
+SHORTENS_EARLIER = (  # earlier answers are shortened to "..." once later turns follow
+    "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n..."
+    "<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_each_turn_after_the_chats_own_prompt(tokenizer):
     own = tokenizer.chat_template
-    try:  # earlier answers are shortened once later turns follow: no mask can match what the chat generates
-        tokenizer.chat_template = (
-            "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n..."
-            "<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        )
+    try:  # no mask over the whole row matches the chat: one example per turn, each after the prompt chat sends
+        tokenizer.chat_template = SHORTENS_EARLIER
+        fmt, row = ChatFormat(tokenizer), ROWS["multi-turn"]
+        plan = fmt.mask_plan([row])
+        examples = plan.examples(row)
+        answers = [i for i, m in enumerate(row) if m["role"] == "assistant"]
+        assert len(examples) == len(answers) == 3
+        for i, (ids, mask) in zip(answers, examples, strict=True):
+            start = mask.index(1)
+            assert ids[:start] == fmt.render_prompt(row[:i])["input_ids"][0].tolist()
+            assert tokenizer.decode(ids[start:]) == row[i]["content"] + "<|im_end|>" and all(mask[start:])
+        assert "assistant\n...<|im_end|>" in tokenizer.decode(examples[2][0])  # earlier answers as the chat shows
+    finally:
+        tokenizer.chat_template = own
+
+
+def test_a_template_that_never_renders_the_answer_is_refused_with_the_fix(tokenizer):
+    own = tokenizer.chat_template
+    try:  # every answer becomes "...": no example can hold what the chat generates
+        tokenizer.chat_template = SHORTENS_EARLIER.replace(" and not loop.last", "")
         with pytest.raises(FineTuneError, match="assistant_only_loss=False"):
             ChatFormat(tokenizer).mask_plan([ROWS["multi-turn"]])
     finally:
