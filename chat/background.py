@@ -46,9 +46,8 @@ class QuietRun(logging.Filter):
 class Turns:
     """Replies and the background run take turns on the CPU (one torch thread team at a time).
 
-    The run takes its turn at its first step (or evaluation batch) and offers it at every step boundary (`take`); a
+    The run takes its turn when it starts and offers it at every step (or evaluation batch) boundary (`take`); a
     reply (`reply()`) announces itself, waits for the step in progress to end, and keeps the turn until it is done.
-    What the run does before its first step (reading data, building the trainer) is light and does not wait.
     """
 
     def __init__(self) -> None:
@@ -145,7 +144,7 @@ class BackgroundFineTune:
                                                                   threading.Event], tuple[FineTuneResult, Any]]) -> None:
         self.turns = Turns()
         self.stop = threading.Event()
-        self.started = time.perf_counter()
+        self.began = time.perf_counter()
         self.state: dict[str, Any] = {}
         self.outcome: Outcome | None = None
         self._done = threading.Event()
@@ -155,12 +154,19 @@ class BackgroundFineTune:
         self._quiet = QuietRun()
 
     def start(self) -> None:
-        logger.addFilter(self._quiet)
-        self._thread.start()
+        """Start the run (once; later calls do nothing)."""
+        if not self.started:
+            self.began = time.perf_counter()
+            logger.addFilter(self._quiet)
+            self._thread.start()
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
 
     def progress(self, info: dict[str, Any]) -> None:
         """The trainer's step/log callback: record the state, give waiting replies their turn, stop when asked."""
@@ -174,7 +180,7 @@ class BackgroundFineTune:
 
     def status(self) -> str:
         """One line: where the run is."""
-        seconds = time.perf_counter() - self.started
+        seconds = time.perf_counter() - self.began
         step, total = self.state.get("step"), self.state.get("max_steps")
         where = f"step {step}/{total}" if step is not None and total else "preparing"
         loss = f", loss {self.state['loss']:.3f}" if isinstance(self.state.get("loss"), float) else ""
@@ -184,12 +190,18 @@ class BackgroundFineTune:
     def finish(self, timeout: float | None = None) -> Outcome | None:
         """Stop the run (at its next step boundary) and wait for it: the outcome, or None if it did not end in time."""
         self.stop.set()
+        if not self.started:
+            return None
         self._done.wait(timeout)
         return self.outcome if self.done else None
 
     def _run(self) -> None:
         outcome = Outcome()
         try:
+            # Holds the CPU from the start: the run imports trl/peft/datasets and builds its trainer, and Python's
+            # import machinery hands a half-imported module to one of two threads importing interlinked modules at
+            # once (trl's lazy attributes then fail). A reply meanwhile waits for the first step boundary.
+            self.pause()
             assert self._twin is not None
             outcome.result, outcome.report = self._work(self._twin, self.progress, self.stop)
         except FineTuneInterrupted as e:

@@ -143,6 +143,10 @@ class ChatSession(TeachingCommands):
         try:
             while True:
                 self._background_news(status=True)
+                if self.background is not None:
+                    # Started at the first prompt, once everything before it has run: the main thread imports nothing
+                    # while the run imports (see BackgroundFineTune._run); from then on it computes only in turns.
+                    self.background.start()
                 text = self.user.read()
                 if text is None:
                     break
@@ -438,11 +442,12 @@ class ChatSession(TeachingCommands):
 
             try:
                 return result, self.prepare_report(result, before, config.get("probes"), probe_count, answer)
+            except KeyboardInterrupt:  # stopped while probing: the adapter is complete and saved, only the report is not
+                return result, None
             finally:
                 loop.close()
 
-        self.background = BackgroundFineTune(host, work)
-        self.background.start()
+        self.background = BackgroundFineTune(host, work)  # started at the first prompt (run)
         self.print("The start-up fine-tune runs in the background; replies use the loaded weights until its adapter "
                    "is swapped in between two replies (set startup_fine_tune = \"wait\" to wait for it instead).")
         return True
@@ -501,7 +506,7 @@ class ChatSession(TeachingCommands):
         if self.background is None:
             return
         background, self.background = self.background, None
-        if not background.done:
+        if background.started and not background.done:
             self.print("Stopping the start-up fine-tune...")
         outcome = background.finish()
         if outcome is None:
