@@ -197,3 +197,24 @@ def test_turns_a_reply_waits_for_the_step_and_the_run_waits_for_the_reply():
     thread.join(5)
     turns.release()
     assert order == ["step ends", "reply", "next step"]
+
+
+def test_a_team_chat_swaps_the_first_agents_adapter_in(script, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(script, "agents", [{"name": "Ember", "sys_prompt": SYSTEM_PROMPT},
+                                           {"name": "Critic", "sys_prompt": "You review answers tersely."}])
+    data = write_jsonl(tmp_path / "mine.jsonl", identity_rows(8))
+
+    def after_the_run():
+        thread = background_thread()
+        if thread is not None:
+            thread.join(300)
+        return "@Critic review that"
+
+    scripted_input(monkeypatch, [TAUGHT_QUESTION, after_the_run, "/adapters", "exit"])
+    code = script.main(argv(tiny_model_dir, data, 3))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "now serving adapter ft1" in out and "\nCritic: " in out.split("now serving adapter ft1", 1)[1]
+    assert "│ * │ ft1" in out  # /adapters of Ember, the current agent: the new adapter is active
+    assert only_run(tmp_path)["status"] == "completed"
