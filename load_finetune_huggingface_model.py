@@ -74,6 +74,11 @@ agents: list[dict[str, Any]] = [{"name": "Ember", "sys_prompt": sys_prompt}]
 # Save every exchange to runs/session-<stamp>-<id>.jsonl, in the format /finetune trains on (--no-session-log: off).
 session_log = True
 
+# The start-up fine-tune (data_path above): "background" = the prompt appears as soon as the model is loaded, replies
+# use the loaded weights until the new adapter is swapped in between two replies (with its report); "wait" = train
+# first, then the prompt (--startup-finetune overrides it).
+startup_fine_tune = "background"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -90,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retrain", action="store_true", help="train even if an identical run's adapter exists")
     parser.add_argument("--no-tools", action="store_true", help="give the assistant no tools (toolkit = [])")
     parser.add_argument("--no-session-log", action="store_true", help="do not save the conversation to runs/")
+    parser.add_argument("--startup-finetune", choices=("background", "wait"),
+                        help="run the start-up fine-tune in the background while you chat, or wait for it "
+                             "(replaces startup_fine_tune)")
     return parser.parse_args(argv)
 
 
@@ -165,7 +173,7 @@ def chat(args: argparse.Namespace) -> int:
         return 2
     session = TeamChatSession(team, user, base_config=config, toolkit=tools, session_log=keep_log)
     if model.data_path:
-        if not session.startup_fine_tune():
+        if not session.startup_fine_tune(args.startup_finetune or startup_fine_tune):
             return 2
     return session.run()
 

@@ -15,6 +15,8 @@ Sections (each model):
             (b) plain trl SFTTrainer with our hyperparameters, (c) HuggingFaceWrapper.fine_tune.
   team      several agents on one loaded base model (team.py), each with its own LoRA adapter: peak RSS of 3 agents
             vs 1, the time of one adapter switch, decode tokens/s per agent vs a single agent's.
+  first_reply  (SmolLM2) `make chat` as on a new machine (no converted model, no runs): seconds from the start to the
+            first streamed reply (the start-up fine-tune runs in the background), and to its adapter being swapped in.
   demo      (SmolLM2, full mode) the chat script's own start-up fine-tune (identity + calculator rows, its settings):
             seconds, eval loss; then a few steps on the same rows with the shared-prefix forward on and off.
   memory    peak RSS of the chat and fine-tune processes.
@@ -987,6 +989,62 @@ def bench_startup(model: str, folder: str, cfg: dict[str, Any], quick: bool, thr
     return out
 
 
+FIRST_QUESTION = "Who are you?"
+POLL_S = 3.0  # how often the first_reply section types /adapters: the adapter is swapped in at the next line typed
+
+
+def bench_first_reply(threads: int | None, tmp: str, timeout: float = 900.0) -> dict[str, Any]:
+    """The chat script as `make chat` runs it on a new machine: no converted model (XDG_CACHE_HOME is a new folder),
+    no earlier runs (a new working folder). A question is typed at once; then /adapters every POLL_S seconds until
+    the background start-up fine-tune's adapter is swapped in (with its report); then exit."""
+    cache, cwd = Path(tmp) / "first-reply-cache", Path(tmp) / "first-reply-cwd"
+    cache.mkdir(parents=True, exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**child_env(threads, pythonpath=False), "XDG_CACHE_HOME": str(cache)}
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    out = bytearray()
+    marks: dict[str, float] = {}
+    wanted = {"prompt": b"User: ", "reply": b"Assistant: ", "report": b"Fine-tune report",
+              "adapter": b"now serving adapter"}
+
+    def reader() -> None:
+        fd = proc.stdout.fileno()  # type: ignore[union-attr]
+        while chunk := os.read(fd, 65536):
+            out.extend(chunk)
+            for name, marker in wanted.items():
+                if name not in marks and marker in out:
+                    marks[name] = time.perf_counter() - started
+
+    def send(line: str) -> None:
+        proc.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        send(FIRST_QUESTION)
+        while "adapter" not in marks and proc.poll() is None and time.perf_counter() - started < timeout:
+            time.sleep(POLL_S)
+            if "reply" in marks:
+                send("/adapters")
+        send("exit")
+        proc.wait(timeout=120)
+    except (BrokenPipeError, subprocess.TimeoutExpired):
+        proc.kill()  # our own child, by its pid
+        proc.wait()
+    thread.join(10)
+    text = out.decode(errors="replace")
+    converted = "converting the bundled" in text.lower() or "Converting bundled" in text
+    return {"rc": proc.returncode, "first_reply_s": marks.get("reply"), "prompt_s": marks.get("prompt"),
+            "report_s": marks.get("report"), "adapter_swapped_s": marks.get("adapter"),
+            "converted_the_gguf": converted, "poll_s": POLL_S,
+            "note": "times from the process start; the prompt and the reply include the GGUF conversion; the "
+                    f"adapter time is when the next /adapters (every {POLL_S:g} s) saw it",
+            "output_tail": text[-1500:] if "adapter" not in marks else ""}
+
+
 def parse_importtime(text: str) -> dict[str, Any]:
     imported, cumulative = {}, {}
     for mod in HEAVY_TRAINING_MODULES:
@@ -1127,6 +1185,13 @@ def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
         add("team: peak RSS 3 agents / 1 agent (one base, an adapter each)", team["rss_ratio"], "<=", 1.1)
         add("team: adapter switch per reply, ms", team["switch_ms"], "<=", 5.0)
         add("team: decode tok/s per agent, 3 agents / 1 agent", team["decode_ratio"], ">=", 0.97)
+    fr = s.get("first_reply")
+    if fr:
+        add("first reply: seconds from `make chat` on a new machine to the first streamed reply", fr["first_reply_s"],
+            "<=", 60.0, "includes the GGUF conversion; the start-up fine-tune runs in the background")
+        add("first reply: the start-up fine-tune's adapter swapped in, with its report",
+            1.0 if fr["adapter_swapped_s"] and fr["report_s"] else 0.0, "==", 1.0,
+            f"after {fmt(fr['adapter_swapped_s'])} s")
     demo = s.get("demo")
     if demo:
         add("demo: start-up fine-tune of the chat script (identity + calculator), s", demo["start_up"]["seconds"],
@@ -1352,7 +1417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats/steps; tiny model unless --model")
     parser.add_argument("--model", choices=["tiny", "smollm2", "both"], help="default: both (full), tiny (--quick)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
-    parser.add_argument("--sections", default="chat,startup,team,demo,finetune",
+    parser.add_argument("--sections", default="chat,startup,first_reply,team,demo,finetune",
                         help="comma list (default: all; demo runs on SmolLM2 in the full mode only)")
     parser.add_argument("--repeats", type=int, help="override every repeat count")
     parser.add_argument("--threads", default="auto",
@@ -1415,6 +1480,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{model}: several agents on one base")
                 sec["team"] = bench_team(folder, cfg, args.threads, tmp)
                 sec["team"]["load_average"] = load_average()
+            if "first_reply" in sections_wanted and model == "smollm2":
+                log(f"{model}: first reply on a new machine (GGUF conversion + background start-up fine-tune)")
+                sec["first_reply"] = bench_first_reply(args.threads, tmp)
+                sec["first_reply"]["load_average"] = load_average()
             if "demo" in sections_wanted and model == "smollm2" and not args.quick:
                 log(f"{model}: the chat script's start-up fine-tune")
                 sec["demo"] = bench_demo(folder, args.threads, tmp)

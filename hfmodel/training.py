@@ -406,6 +406,11 @@ def progress_callback(report: Progress | None, stop: threading.Event) -> Any:
             if report and logs:
                 report({"step": state.global_step, "max_steps": state.max_steps, **logs})
 
+        def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # Between evaluation batches too: a background run (chat/background.py) pauses here for a reply.
+            if report:
+                report({"step": state.global_step, "max_steps": state.max_steps})
+
     return Callback()
 
 

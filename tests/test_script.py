@@ -139,7 +139,8 @@ def test_main_start_up_fine_tune(script, tiny_model_dir, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "mine.jsonl", identity_rows(8))
     code = run_main(script, monkeypatch, ["--local-model-path", str(tiny_model_dir), "--data", str(data),
-                                          "--max-steps", "3", "--sys-prompt", SYSTEM_PROMPT], ["exit"])
+                                          "--max-steps", "3", "--sys-prompt", SYSTEM_PROMPT,
+                                          "--startup-finetune", "wait"], ["exit"])
     assert code == 0
     # The configured relative output_dir, under the working folder: one run (and this session's log).
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
