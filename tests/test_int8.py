@@ -185,3 +185,16 @@ def test_export_refuses_int8_weights_with_the_way_out(tiny_model_dir, tmp_path):
     served.load_adapter(_random_adapter(tiny_model_dir, tmp_path / "adapter", seed=3))
     with pytest.raises(FineTuneError, match="int8"):
         served.export_merged(tmp_path / "merged")
+
+
+def test_the_docs_example_runs_on_the_tiny_model(tiny_model_dir, capsys):
+    import re
+    from pathlib import Path
+
+    from huggingface_model import DEFAULT_MODEL_ID
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "int8.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", docs, re.S)
+    assert f'model_id="{DEFAULT_MODEL_ID}"' in code
+    exec(code.replace(f'model_id="{DEFAULT_MODEL_ID}"', f'local_model_path="{tiny_model_dir}"'), {})  # noqa: S102
+    assert "int8 serving weights: eval loss" in capsys.readouterr().out
