@@ -279,6 +279,10 @@ class _CpuLogProbs(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(hidden, head, targets, log_p, entropy if entropy is not None else log_probs)
         ctx.scale, ctx.weight_dtype = scale, weight.dtype
+        # An output the loss does not use (SFT logs the entropy, detached) then reaches the backward as None, not as
+        # zeros: its term (three passes over positions x vocabulary) is skipped. Profiled on SmolLM2, one step of
+        # 151 loss positions: that term took 1.8 s of 16.3 (1 thread, busy machine); the gradients are unchanged.
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq, mean_logits, is_top1) if x is not None))
         return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
