@@ -57,6 +57,7 @@ from hfmodel.loading import (
     ModelHandle,
     ModelSource,
     build_bnb_config,
+    bundled_copy_folder,
     bundled_model_folder,
     is_cached_on_hub,
     load_replacement,
@@ -268,7 +269,8 @@ class HuggingFaceWrapper(ChatModelBase):
         if not self.serve_int8 or self.handle.int8 is not None:
             return
         source = self.handle.source
-        bundled = (source is not None and source.kind == "bundled") or self.model_id == DEFAULT_MODEL_ID
+        bundled = self.model_id == DEFAULT_MODEL_ID or (source is not None and (
+            source.kind == "bundled" or Path(source.path).expanduser().resolve() == bundled_copy_folder().resolve()))
         weights, check = quantize_checked(self.handle.base_model(), self.tokenizer, bundled)
         if weights is None:
             logger.warning("%s: above the bound, so this model serves fp32 weights.", check.line())

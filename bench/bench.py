@@ -804,6 +804,13 @@ def worker_int8(params: dict[str, Any]) -> dict[str, Any]:
     from huggingface_model import HuggingFaceWrapper
 
     n_tokens, repeats = int(params["tokens"]), int(params["repeats"])
+    # What is not weights, loaded first so the RSS difference below is the weights (and one reply's caches): the
+    # model code, the generation code, the tokenizer.
+    from transformers import AutoTokenizer
+    from transformers.generation import utils  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    AutoTokenizer.from_pretrained(params["folder"])
     before = _rss_mb()
     started = time.perf_counter()
     wrapper = HuggingFaceWrapper(config_name="bench", local_model_path=params["folder"], do_sample=False,

@@ -53,6 +53,16 @@ HELD_OUT_ROWS = [  # for models other than the bundled one: short general exchan
      {"role": "assistant", "content": "Bees make honey and beeswax."}],
     [{"role": "user", "content": "Write one sentence about the sea."},
      {"role": "assistant", "content": "The sea stretches to the horizon, grey and restless under the wind."}],
+    [{"role": "user", "content": "What is 12 divided by 4?"},
+     {"role": "assistant", "content": "12 divided by 4 is 3."}],
+    [{"role": "user", "content": "Why do we need sleep?"},
+     {"role": "assistant", "content": "Sleep lets the body recover and helps the brain store what it learned during "
+                                      "the day."}],
+    [{"role": "user", "content": "Suggest a name for a small black cat."},
+     {"role": "assistant", "content": "How about Pepper? It is short, friendly and suits a small black cat."}],
+    [{"role": "user", "content": "How do I boil an egg?"},
+     {"role": "assistant", "content": "Put the egg in boiling water for about eight minutes, then cool it in cold "
+                                      "water before peeling."}],
 ]
 GREEDY_PROMPT = [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]
 

