@@ -198,3 +198,18 @@ def test_the_docs_example_runs_on_the_tiny_model(tiny_model_dir, capsys):
     assert f'model_id="{DEFAULT_MODEL_ID}"' in code
     exec(code.replace(f'model_id="{DEFAULT_MODEL_ID}"', f'local_model_path="{tiny_model_dir}"'), {})  # noqa: S102
     assert "int8 serving weights: eval loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_the_bench_worker_measures_both_precisions(tiny_model_dir, quantization):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench_for_int8", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.worker_int8({"folder": str(tiny_model_dir), "quantization": quantization, "tokens": 4, "repeats": 1})
+    assert out["decode_tok_s"]["median"] > 0 and out["eval_loss"] > 0 and len(out["greedy_tokens"]) == 4
+    assert (out["int8_check"] is not None) == (quantization == "int8")
+    assert out["tensor_mb"] > 0
