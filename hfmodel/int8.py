@@ -261,6 +261,7 @@ def full_precision(handle: Any) -> Iterator[None]:
             embedding = handle.base_model().get_submodule(weights.tied_embedding)
             embedding.weight = embedding.head[0].weight
         del full
+        trim_heap()
 
 
 def full_precision_weights(handle: Any, names: list[str]) -> dict[str, torch.Tensor]:
@@ -380,10 +381,15 @@ def quantize_checked(model: Any, tokenizer: Any, bundled: bool) -> tuple[Int8Wei
 def release_file_mapping(model: Any) -> None:
     """Copy the float tensors left (norms, biases, buffers) out of the weights file that transformers maps into
     memory: while any tensor views the mapping, the pages of the fp32 layers it read stay resident (517 MB for
-    SmolLM2). Then hand freed heap pages back to the system (glibc keeps them otherwise)."""
+    SmolLM2). Then hand freed heap pages back to the system."""
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.is_floating_point():
             tensor.data = tensor.data.clone()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap pages freed by a load or a training run back to the system (glibc keeps them otherwise)."""
     try:
         import ctypes
 
