@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,13 @@ from hfmodel.common import (
     redact,
 )
 from hfmodel.generation import create_engine
+from hfmodel.int8 import INT8, Int8Check, full_precision, int8_wanted, quantize_checked
 from hfmodel.loading import (
     DEFAULT_MODEL_ID,
     ModelHandle,
     ModelSource,
     build_bnb_config,
+    bundled_copy_folder,
     bundled_model_folder,
     is_cached_on_hub,
     load_replacement,
@@ -152,7 +155,8 @@ class HuggingFaceWrapper(ChatModelBase):
             temperature, top_p, repetition_penalty, do_sample, seed: generation settings.
             dtype: "auto" (default: suits the device), "float32", "bfloat16", "float16".
             trust_remote_code: run model code from the hub repository (off unless you trust it).
-            quantization: "4bit" or "8bit" loads the base with bitsandbytes for QLoRA (CUDA only).
+            quantization: "int8" serves int8 weights on the CPU (fine-tuning still trains the fp32 base; see
+                docs/int8.md); "4bit" or "8bit" loads the base with bitsandbytes for QLoRA (CUDA only).
             system_prompt: used for training rows that have none (the agent sets it to its own).
             stream: stream replies to AgentScope (True) or return them whole.
             engine: the generation engine (see hfmodel/generation.py ENGINES).
@@ -180,6 +184,8 @@ class HuggingFaceWrapper(ChatModelBase):
         self.handle = ModelHandle(device=chosen, dtype=pick_dtype(chosen, dtype),
                                   bnb_config=quantization_config(quantization, chosen),
                                   trust_remote_code=trust_remote_code)
+        self.serve_int8 = quantization == INT8 and int8_wanted(chosen)
+        self.int8_check: Int8Check | None = None  # how int8 compared with fp32 when it loaded
         logger.info("Device: %s, dtype: %s", chosen, str(self.handle.dtype).replace("torch.", ""))
         self.engine = create_engine(engine, self.handle)
         self.adapter_set = AdapterSet(self.handle)
@@ -187,6 +193,7 @@ class HuggingFaceWrapper(ChatModelBase):
 
         self.load_model(model_id, local_model_path)
         self.load_tokenizer(model_id, local_tokenizer_path)
+        self.quantize_int8()
         if data_path:
             self.fine_tune(data_path, fine_tune_config)
 
@@ -254,7 +261,26 @@ class HuggingFaceWrapper(ChatModelBase):
             vars(self.adapter_set).update(before[1])
             self.model_id, self.local_model_path, self.model = before[2]
             raise
+        self.handle.int8 = None
         self.handle.sync_tokenizer()
+        if self.handle.tokenizer is not None:  # a replacement (the first load quantises once its tokenizer loads)
+            self.quantize_int8()
+
+    def quantize_int8(self) -> None:
+        """With `"quantization": "int8"`, serve the loaded base with int8 weights, checked against fp32 on held-out
+        rows (one line logged); a model the check rejects keeps its fp32 weights (one warning)."""
+        if not self.serve_int8 or self.handle.int8 is not None:
+            return
+        source = self.handle.source
+        bundled = self.model_id == DEFAULT_MODEL_ID or (source is not None and (
+            source.kind == "bundled" or Path(source.path).expanduser().resolve() == bundled_copy_folder().resolve()))
+        weights, check = quantize_checked(self.handle.base_model(), self.tokenizer, bundled)
+        if weights is None:
+            logger.warning("%s: above the bound, so this model serves fp32 weights.", check.line())
+            return
+        self.handle.int8 = weights
+        self.int8_check = check
+        logger.info("%s.", check.line())
 
     def _reply_state(self, pure_tools: set[str] | None = None) -> None:
         """What this wrapper keeps between replies (a SharedBaseModel starts with it too)."""
@@ -363,8 +389,10 @@ class HuggingFaceWrapper(ChatModelBase):
             from hfmodel import preference
 
             recipe = preference.fine_tune
-        self.last_result = recipe(self.handle, self.adapter_set, str(data_path), cfg, self.system_prompt,
-                                  self.model, progress, stop or threading.Event())
+        # int8 serving weights: the run trains on the fp32 base (reloaded for the run), then int8 serves again.
+        with full_precision(self.handle) if self.handle.int8 is not None else nullcontext():
+            self.last_result = recipe(self.handle, self.adapter_set, str(data_path), cfg, self.system_prompt,
+                                      self.model, progress, stop or threading.Event())
         return self.last_result
 
     def dry_run(self, data_path: str | None = None,

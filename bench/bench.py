@@ -19,6 +19,9 @@ Sections (each model):
             first streamed reply (the start-up fine-tune runs in the background), and to its adapter being swapped in.
   demo      (SmolLM2, full mode) the chat script's own start-up fine-tune (identity + calculator rows, its settings):
             seconds, eval loss; then a few steps on the same rows with the shared-prefix forward on and off.
+  int8      (`"quantization": "int8"`, hfmodel/int8.py) fp32 vs int8 serving weights, each in its own process:
+            decode tok/s at batch 1 (raw generate, greedy), eval loss on the ember_eval rows, RSS of the served
+            weights (RSS after load + a reply minus RSS before the load) and the load time with the int8 check.
   memory    peak RSS of the chat and fine-tune processes.
 
 Every measurement that needs its own peak RSS runs in a child process (this file, `--worker NAME`).
@@ -867,8 +870,63 @@ def worker_demo(params: dict[str, Any]) -> dict[str, Any]:
             "training_args": fine_tune["training_args"], "torch_threads": torch.get_num_threads()}
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker_int8(params: dict[str, Any]) -> dict[str, Any]:
+    """One serving precision (`quantization` None = fp32, or "int8"): decode tok/s at batch 1, eval loss, RSS."""
+    import torch
+
+    from hfmodel.data import load_chat_dataset, with_system_prompt
+    from huggingface_model import HuggingFaceWrapper
+
+    n_tokens, repeats = int(params["tokens"]), int(params["repeats"])
+    # What is not weights, loaded first so the RSS difference below is the weights (and one reply's caches): the
+    # model code, the generation code, the tokenizer.
+    from transformers import AutoTokenizer
+    from transformers.generation import utils  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    AutoTokenizer.from_pretrained(params["folder"])
+    before = _rss_mb()
+    started = time.perf_counter()
+    wrapper = HuggingFaceWrapper(config_name="bench", local_model_path=params["folder"], do_sample=False,
+                                 repetition_penalty=1.0, device="cpu", quantization=params["quantization"])
+    load_s = time.perf_counter() - started
+    model, tok = wrapper.hf_model, wrapper.tokenizer
+    messages = [{"role": "system", "content": SYS_PROMPT}, {"role": "user", "content": CHAT_PROMPT}]
+    enc = dict(tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"))
+    prompt_len = int(enc["input_ids"].shape[1])
+
+    def raw(n: int) -> tuple[float, list[int]]:
+        t = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.0,
+                             pad_token_id=tok.pad_token_id)
+        return time.perf_counter() - t, [int(x) for x in out[0, prompt_len:]]
+
+    raw(4)
+    served_mb = _rss_mb() - before  # weights + what one reply needs (caches), as a user's process holds them
+    decode: list[float] = []
+    tokens: list[int] = []
+    for _ in range(repeats):
+        t1 = raw(1)[0]
+        tn, tokens = raw(n_tokens)
+        decode.append((n_tokens - 1) / (tn - t1) if tn > t1 else float("nan"))
+    eval_rows = with_system_prompt(load_chat_dataset(str(EVAL_DATA)).rows, SYS_PROMPT)
+    seen: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    check = wrapper.int8_check
+    return {"quantization": params["quantization"], "load_s": load_s, "served_rss_mb": served_mb,
+            "tensor_mb": sum(seen.values()) / 2**20, "decode_tok_s": stats(decode), "greedy_tokens": tokens,
+            "eval_loss": assistant_eval_loss(model, tok, eval_rows)["loss"], "torch_threads": torch.get_num_threads(),
+            "int8_check": check.line() if check else None, "sample_text": tok.decode(tokens)[:200]}
+
+
 WORKERS = {"prepare": worker_prepare, "chat": worker_chat, "imports": worker_imports, "finetune": worker_finetune,
-           "team_adapters": worker_team_adapters, "team": worker_team, "demo": worker_demo}
+           "team_adapters": worker_team_adapters, "team": worker_team, "demo": worker_demo, "int8": worker_int8}
 
 
 # =============================================================================================
@@ -1093,6 +1151,31 @@ def bench_finetune(model: str, folder: str, cfg: dict[str, Any], threads: int | 
 # Targets and report
 
 
+def bench_int8(folder: str, cfg: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    """fp32 and int8 serving, each in its own process, interleaved twice (a busy machine drifts)."""
+    runs: dict[str, list[dict[str, Any]]] = {"fp32": [], "int8": []}
+    for _ in range(2):
+        for name, quantization in (("fp32", None), ("int8", "int8")):
+            runs[name].append(run_worker("int8", {"folder": folder, "quantization": quantization,
+                                                  "tokens": cfg["chat_tokens"], "repeats": cfg["chat_repeats"]},
+                                         threads))
+
+    def med(name: str, key: str) -> float | None:
+        return median([r[key]["median"] if isinstance(r[key], dict) else r[key] for r in runs[name]])
+
+    fp32_tokens, int8_tokens = runs["fp32"][0]["greedy_tokens"], runs["int8"][0]["greedy_tokens"]
+    agree = next((i for i, (a, b) in enumerate(zip(fp32_tokens, int8_tokens, strict=False)) if a != b),
+                 min(len(fp32_tokens), len(int8_tokens)))
+    return {"fp32": runs["fp32"], "int8": runs["int8"], "tokens": cfg["chat_tokens"],
+            "decode_ratio": ratio(med("int8", "decode_tok_s"), med("fp32", "decode_tok_s")),
+            "eval_loss": {"fp32": med("fp32", "eval_loss"), "int8": med("int8", "eval_loss")},
+            "eval_loss_ratio": ratio(med("int8", "eval_loss"), med("fp32", "eval_loss")),
+            "served_rss_ratio": ratio(med("int8", "served_rss_mb"), med("fp32", "served_rss_mb")),
+            "tensor_ratio": ratio(med("int8", "tensor_mb"), med("fp32", "tensor_mb")),
+            "load_s": {"fp32": med("fp32", "load_s"), "int8": med("int8", "load_s")},
+            "greedy_tokens_agree": agree, "greedy_tokens": len(fp32_tokens)}
+
+
 def bench_team(folder: str, cfg: dict[str, Any], threads: int | None, tmp: str) -> dict[str, Any]:
     """One agent vs three on one base (each its own process, for its own peak RSS), interleaved over repeats."""
     adapters = run_worker("team_adapters", {"folder": folder, "tmp": tmp}, threads)["adapters"]
@@ -1180,6 +1263,13 @@ def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
         add("finetune: peak RSS (c) / (b)", ratio(ft["c"]["peak_rss_mb"], ft["b"]["peak_rss_mb"]), "<=", 1.1)
         add("finetune: eval loss (c) / (b)", ratio(ft["c"]["eval_loss"]["median"], ft["b"]["eval_loss"]["median"]),
             "<=", 1.02)
+    q8 = s.get("int8")
+    if q8:
+        add("int8: decode tok/s at batch 1, int8 / fp32 serving weights", q8["decode_ratio"], ">=", 1.7)
+        add("int8: eval loss int8 / fp32", q8["eval_loss_ratio"], "<=", 1.01,
+            f"greedy tokens agree {q8['greedy_tokens_agree']}/{q8['greedy_tokens']}")
+        add("int8: RSS of the served weights int8 / fp32", q8["served_rss_ratio"], "<=", 0.4,
+            f"tensor bytes {fmt(q8['tensor_ratio'])}x")
     team = s.get("team")
     if team:
         add("team: peak RSS 3 agents / 1 agent (one base, an adapter each)", team["rss_ratio"], "<=", 1.1)
@@ -1310,6 +1400,24 @@ def render(results: dict[str, Any]) -> str:
                          f"first prompt: {', '.join(st['heavy_modules_imported_at_startup']) or 'none'}{extra}.")
             if st["script"]["errors"]:
                 lines.append(f"Script errors: {st['script']['errors'][0][:300]!r}")
+        q8 = s.get("int8")
+        if q8:
+            lines.append("")
+            lines.append(f"### int8 serving weights ({q8['tokens']} new tokens, greedy, batch 1; each precision in its "
+                         f"own process, twice; load average {q8['load_average']})")
+            lines.append("")
+            lines.append("| serving | decode tok/s | eval loss | served RSS MB | tensors MB | load s |")
+            lines.append("|---|---|---|---|---|---|")
+            for name in ("fp32", "int8"):
+                runs = q8[name]
+                lines.append(f"| {name} | {fmt(median([r['decode_tok_s']['median'] for r in runs]))} | "
+                             f"{fmt(q8['eval_loss'][name], 4)} | {fmt(median([r['served_rss_mb'] for r in runs]))} | "
+                             f"{fmt(median([r['tensor_mb'] for r in runs]))} | {fmt(q8['load_s'][name])} |")
+            lines.append("")
+            lines.append(f"int8 / fp32: decode {fmt(q8['decode_ratio'])} x, eval loss {fmt(q8['eval_loss_ratio'], 4)} x, "
+                         f"served RSS {fmt(q8['served_rss_ratio'])} x; greedy tokens agree "
+                         f"{q8['greedy_tokens_agree']}/{q8['greedy_tokens']}. Check at load: "
+                         f"{q8['int8'][0].get('int8_check')}.")
         team = s.get("team")
         if team:
             lines.append("")
@@ -1417,7 +1525,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats/steps; tiny model unless --model")
     parser.add_argument("--model", choices=["tiny", "smollm2", "both"], help="default: both (full), tiny (--quick)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
-    parser.add_argument("--sections", default="chat,startup,first_reply,team,demo,finetune",
+    parser.add_argument("--sections", default="chat,startup,first_reply,team,demo,finetune,int8",
                         help="comma list (default: all; demo runs on SmolLM2 in the full mode only)")
     parser.add_argument("--repeats", type=int, help="override every repeat count")
     parser.add_argument("--threads", default="auto",
@@ -1488,6 +1596,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{model}: the chat script's start-up fine-tune")
                 sec["demo"] = bench_demo(folder, args.threads, tmp)
                 sec["demo"]["load_average"] = load_average()
+            if "int8" in sections_wanted and model == "smollm2":
+                log(f"{model}: int8 serving weights vs fp32")
+                sec["int8"] = bench_int8(folder, cfg, args.threads)
+                sec["int8"]["load_average"] = load_average()
             if "finetune" in sections_wanted:
                 log(f"{model}: fine-tuning (a, b, c)")
                 sec["finetune"] = bench_finetune(model, folder, cfg, args.threads, tmp)

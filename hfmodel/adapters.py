@@ -323,6 +323,10 @@ class AdapterSet:
                 "Refusing to merge into a 4/8-bit quantized base (the result loses precision). Save the adapter "
                 "(/save), load the full-precision base without \"quantization\", load the adapter, then export."
             )
+        if handle.int8 is not None:
+            raise FineTuneError(
+                "Refusing to merge into int8 serving weights (the result would lose precision). Save the adapter "
+                "(/save), load the base without \"quantization\": \"int8\", load the adapter, then export.")
         dest = Path(dest).expanduser()
         if dest.exists():
             raise FineTuneError(f"{dest} already exists; choose a new folder.")

