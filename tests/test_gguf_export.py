@@ -17,9 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
 
 
-def tiny_family_model(folder: Path, tokenizer_dir: Path, family: str, template: str | None = None) -> Path:
-    """The tiny tokenizer + a 2-layer model of `family` at a realistic weight scale (initializer 0.02: logits
-    without the near-ties of the 0.2 fixture, so f16 and Q8_0 can be judged on them)."""
+def tiny_family_model(folder: Path, tokenizer_dir: Path, family: str, template: str | None = None,
+                      initializer_range: float = 0.02) -> Path:
+    """The tiny tokenizer + a 2-layer model of `family`; by default at a realistic weight scale (initializer 0.02:
+    logits without the near-ties of the 0.2 fixture, so f16 and Q8_0 can be judged on them)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -28,7 +29,7 @@ def tiny_family_model(folder: Path, tokenizer_dir: Path, family: str, template: 
         tokenizer.chat_template = template
     shape = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-             "initializer_range": 0.02, "tie_word_embeddings": True, "eos_token_id": tokenizer.eos_token_id,
+             "initializer_range": initializer_range, "tie_word_embeddings": True, "eos_token_id": tokenizer.eos_token_id,
              "pad_token_id": tokenizer.pad_token_id}
     torch.manual_seed(0)
     model = (LlamaForCausalLM(LlamaConfig(**shape)) if family == "llama" else Qwen2ForCausalLM(Qwen2Config(**shape)))
@@ -166,3 +167,22 @@ def test_the_chat_command_exports_checks_and_records_the_export_for_make_serve(t
     assert "Unknown setting(s) size" in shown[3]
     assert last_export(c.runs) == dest.absolute()
     assert model_id_for(dest) == f"{dest.absolute()}:model-q8_0.gguf"
+
+
+def docs_python_blocks() -> list[str]:
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "deployment.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def test_the_docs_export_example_runs_as_written_on_the_taught_adapter(taught_adapter, tmp_path, monkeypatch):
+    code = docs_python_blocks()[0]
+    assert 'local_model_path="runs/ember-adapter"' in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code.replace("runs/ember-adapter", str(taught_adapter)), "deployment.md", "exec"),  # noqa: S102
+         namespace)
+    result = namespace["result"]
+    assert result.gguf_path == Path("ember-gguf") / "model-q8_0.gguf" and result.gguf_path.exists()
+    assert 'SYSTEM """You are Ember."""' in (tmp_path / "ember-gguf" / "Modelfile").read_text()
