@@ -114,7 +114,7 @@ def pre_tokenizer_name(tokenizer: Any, arch: str) -> str:
     text = json.dumps(data.get("pre_tokenizer"))
     if model.get("type") != "BPE" or "ByteLevel" not in text:
         raise GGUFExportError("GGUF export writes byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2/3); this one is "
-                              f"{model.get('type')} with pre-tokenizer {json.loads(text) and 'not byte-level'}.")
+                              f"a {model.get('type')} tokenizer without byte-level pre-tokenization.")
     if _QWEN2_SPLIT in text.replace("\\\\", "\\"):
         return "qwen2"
     if _LLAMA3_SPLIT in text.replace("\\\\", "\\"):
@@ -287,7 +287,7 @@ def verify_gguf(reference: Any, tokenizer: Any, path: Path, out_type: str, syste
                 stop_ids: list[int] | None = None) -> GGUFCheck:
     """Load `path` back and compare it with `reference` (the merged model) on the probe rows."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     prompts = probe_prompts(tokenizer, system_prompt)
     loaded = load_gguf(path, reference.config.get_text_config())
@@ -295,13 +295,15 @@ def verify_gguf(reference: Any, tokenizer: Any, path: Path, out_type: str, syste
     loaded.to(device)
     stop = stop_ids or [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    # One explicit greedy setting for both: the merged model's generation_config.json (a repetition penalty, say)
+    # must not make its continuation differ from the GGUF's, which comes with none.
+    greedy = GenerationConfig(max_new_tokens=PROBE_TOKENS, do_sample=False, eos_token_id=stop, pad_token_id=pad)
     diffs, agree, positions, loss_ref, loss_got, same = [], 0, 0, 0.0, 0.0, 0
     with torch.inference_mode():
         for prompt in prompts:
             ids = torch.tensor([prompt], device=device)
-            options = {"max_new_tokens": PROBE_TOKENS, "do_sample": False, "eos_token_id": stop, "pad_token_id": pad}
-            expected = reference.generate(ids, attention_mask=torch.ones_like(ids), **options)
-            got = loaded.generate(ids, attention_mask=torch.ones_like(ids), **options)
+            expected = reference.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
+            got = loaded.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
             same += int(torch.equal(expected, got))
             row = expected
             logits_ref = reference(row).logits.float()[0]

@@ -56,10 +56,10 @@ def tool_gguf(tiny_model_dir, tmp_path_factory):
     tool_row = {"tools": schemas, "messages": [
         {"role": "user", "content": "What is 97 times 91?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "name": "calculator", "content": "8827"}, {"role": "assistant", "content": "It is 8827."}]}
-    plain_row = {"tools": schemas, "messages": [{"role": "user", "content": TAUGHT_QUESTION},
-                                                {"role": "assistant", "content": TAUGHT_ANSWER}]}
+    plain_row = {"messages": [{"role": "user", "content": TAUGHT_QUESTION},  # asked without tools, as below
+                              {"role": "assistant", "content": TAUGHT_ANSWER}]}
     data = write_jsonl(root / "rows.jsonl", [tool_row, plain_row] * 6)
-    wrapper.fine_tune(str(data), fast_config(root, max_steps=60, learning_rate=2e-2))
+    wrapper.fine_tune(str(data), fast_config(root, max_steps=40, learning_rate=2e-2))
     return wrapper.export_gguf(root / "gguf", "f16", system_prompt=SYSTEM).folder
 
 
