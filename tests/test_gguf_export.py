@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers import SYSTEM_PROMPT, TAUGHT_ANSWER, TAUGHT_QUESTION, chat, make_wrapper
+from reliability_helpers import finetune_cli  # noqa: F401, F811 - a fixture
 
 from hfmodel.common import UserError
 from hfmodel.gguf_export import check_exportable, load_gguf
@@ -186,3 +187,12 @@ def test_the_docs_export_example_runs_as_written_on_the_taught_adapter(taught_ad
     result = namespace["result"]
     assert result.gguf_path == Path("ember-gguf") / "model-q8_0.gguf" and result.gguf_path.exists()
     assert 'SYSTEM """You are Ember."""' in (tmp_path / "ember-gguf" / "Modelfile").read_text()
+
+
+def test_finetune_py_exports_a_checked_gguf_after_training_and_refuses_a_used_folder_first(finetune_cli, tmp_path):  # noqa: F811
+    status, out, err = finetune_cli("--export-gguf", str(tmp_path / "ember-gguf"), "--gguf-type", "f16")
+    assert status == 0, err
+    assert "model-f16.gguf" in out and "max logit difference" in out
+    assert (tmp_path / "ember-gguf" / "Modelfile").exists()
+    status, out, err = finetune_cli("--export-gguf", str(tmp_path / "ember-gguf"))
+    assert status == 2 and "not an empty folder" in err and "Steps:" not in out  # refused before training
