@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: chat test bench bench-quick lint install clean
+.PHONY: chat test bench bench-quick serve lint install clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 2; }
@@ -25,6 +25,10 @@ chat: install
 
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+
+# OpenAI-compatible server (transformers serve) on the last export, 127.0.0.1:8000; ARGS="FOLDER --port N".
+serve: install
+	HF_HUB_OFFLINE=1 $(PY) -m hfmodel.serving $(ARGS)
 
 # The full bench also regenerates docs/performance.md from bench/results.json (commit both).
 bench: install

@@ -9,6 +9,7 @@ Commands (run from the project folder, inside the venv):
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml finetune.py --config configs/finetune/demo.yaml
     torchrun --nproc_per_node 2 finetune.py --config configs/finetune/demo.yaml
     python finetune.py --estimate-memory [--seq-len 2048 --batch 1 --lora-rank 16]
+    python finetune.py --config configs/finetune/demo.yaml --export-gguf ember-gguf --gguf-type q8_0
 
 CONFIG is a YAML (or JSON) file with three top-level keys:
 
@@ -247,7 +248,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and value is not None else "n/a"
 
 
-def run(config: dict[str, Any]) -> int:
+def run(config: dict[str, Any], export_gguf: tuple[Path, str] | None = None) -> int:
     """Build the wrapper without data, fine-tune once, print the summary. Returns the exit status."""
     main = is_main_process()
     quiet_libraries(logging.INFO if main else logging.WARNING)
@@ -348,6 +349,8 @@ def run(config: dict[str, Any]) -> int:
         if isinstance(result, PreferenceResult):  # DPO / ORPO / KTO: how strongly the chosen answers win
             print(f"Preference ({result.method}): {describe_scores(result.before, result.after, result.scored_on)}")
         sys.stdout.flush()
+        if export_gguf is not None:
+            export(wrapper, *export_gguf, output_dir(config))
     if state is not None:
         state.wait_for_everyone()  # nobody tears the process group down while rank 0 still writes
     return 0
@@ -393,6 +396,17 @@ def run_practice(config: dict[str, Any]) -> int:
     return 0
 
 
+def export(wrapper: Any, dest: Path, out_type: str, runs: Path) -> None:
+    """--export-gguf: the trained adapter merged into a checked GGUF + Modelfile (main process only)."""
+    from hfmodel.serving import record_last_export
+
+    with stage("Exporting the GGUF"):
+        result = wrapper.export_gguf(dest, out_type)
+    record_last_export(runs, result.folder)
+    print(f"GGUF: {result.gguf_path} ({result.size_mb:.0f} MB, {out_type}) + Modelfile + README.md")
+    print(result.check.line(), flush=True)
+
+
 # =============================================================================================
 # Command line
 
@@ -414,6 +428,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="per-device batch for --estimate-memory (default 1)")
     parser.add_argument("--lora-rank", type=int, default=16, help="for --estimate-memory (default 16)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="for --estimate-memory")
+    parser.add_argument("--export-gguf", metavar="DIR", type=Path,
+                        help="after training, write DIR/model-TYPE.gguf + Modelfile + README (checked by loading back)")
+    parser.add_argument("--gguf-type", choices=("f16", "q8_0"), default="q8_0",
+                        help="with --export-gguf: f16 (lossless for the check) or q8_0 (half the size; default)")
     return parser.parse_args(argv)
 
 
@@ -436,7 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         sets = args.set + ["force_retrain=true"] * args.retrain
         config = load_config(args.config, sets)  # light imports only: bad input fails in a second
         logs = output_dir(config)
-        return run(config)
+        if args.export_gguf is not None and is_main:  # an unusable folder fails now, not after training
+            from hfmodel.gguf_export import check_destination
+
+            check_destination(args.export_gguf.expanduser())
+        export_gguf = (args.export_gguf.expanduser(), args.gguf_type) if args.export_gguf is not None else None
+        return run(config, export_gguf)
     except (KeyboardInterrupt, FineTuneInterrupted) as e:
         if is_main:
             print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr, flush=True)

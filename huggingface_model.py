@@ -51,6 +51,7 @@ from hfmodel.common import (
     redact,
 )
 from hfmodel.generation import create_engine
+from hfmodel.gguf_export import GGUFExport, check_destination, check_exportable, export_folder
 from hfmodel.int8 import INT8, Int8Check, full_precision, int8_wanted, quantize_checked
 from hfmodel.loading import (
     DEFAULT_MODEL_ID,
@@ -473,3 +474,23 @@ class HuggingFaceWrapper(ChatModelBase):
     def verify_export(self, folder: str | Path) -> float:
         """Max logit difference between a merged folder, loaded back, and base + active adapter."""
         return self.adapter_set.verify_export(Path(folder))
+
+    def export_gguf(self, dest: str | Path, out_type: str = "q8_0", system_prompt: str | None = None) -> GGUFExport:
+        """Write base + active adapter merged as `dest`/model-<out_type>.gguf ("f16" or "q8_0") with an Ollama
+        Modelfile (SYSTEM = `system_prompt`, else this model's) and a README, then load the GGUF back through
+        transformers and compare: `result.check.line()` says how it went (a failed check keeps the file).
+
+        With no adapter active the base is exported only when it is a local folder (a model of yours); the
+        unchanged hub or bundled model is refused."""
+        dest = Path(dest).expanduser()
+        check_exportable(self.handle.base_model().config.get_text_config(), self.tokenizer, out_type)
+        if self.active_adapter is None and (self.source is None or self.source.kind != "local"):
+            where = self.source.describe() if self.source else self.model_id
+            raise FineTuneError(f"No adapter is active and the base is the unchanged {where}: nothing of yours to "
+                                "export. Fine-tune or /use an adapter first.")
+        self.adapter_set.check_mergeable(allow_base=True)
+        check_destination(dest)
+        with self.adapter_set.merged(allow_base=True) as merged:
+            return export_folder(merged, self.tokenizer, dest, out_type,
+                                 system_prompt if system_prompt is not None else self.system_prompt,
+                                 self.parameters.temperature, self.parameters.top_p, list(self.stop_token_ids))

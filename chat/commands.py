@@ -45,6 +45,7 @@ from hfmodel.common import (
 from hfmodel.data import DatasetFormatError
 from hfmodel.preference_data import Marked
 from hfmodel.report import Probe, pick_probes, run_probes, summary_rows, write_report
+from hfmodel.serving import record_last_export
 from hfmodel.settings import FineTuneConfig, merge_config, number_problems, parse_overrides, split_assignment
 from huggingface_model import FineTuneInterrupted, FineTuneResult, HuggingFaceWrapper
 
@@ -71,6 +72,8 @@ HELP = [
     ("/load <model id | folder | adapter folder>", "load another model, or an adapter onto this one"),
     ("/save [folder]", "save the active adapter + tokenizer"),
     ("/export [folder]", "save base + adapter merged into one model folder (checked by loading it back)"),
+    ("/export gguf [folder] [type=f16|q8_0]", "the same as one GGUF file + Ollama Modelfile (checked by loading it "
+                                              "back); make serve serves the last export"),
     ("/system <prompt>", "change the system prompt"),
     ("/set key=value ...", "generation settings: temperature, top_p, max_length, repetition_penalty, do_sample, seed"),
     ("/reset", "clear the conversation"),
@@ -654,14 +657,34 @@ class ChatSession(TeachingCommands, PracticeCommands):
         self.print(f"Saved adapter {self.model.active_adapter} + tokenizer to {plain(str(path))}.")
 
     def cmd_export(self, args: list[str]) -> None:
+        if args[:1] == ["gguf"]:
+            self.cmd_export_gguf(args[1:])
+            return
         dest = self._folder(args, "/export [folder]") or self._default_dest("merged")
         if dest.exists():
             raise CommandError(f"{dest} already exists; choose a new folder.")
         started = time.perf_counter()
         path = self.model.export_merged(dest)
         diff = self.model.verify_export(path)
+        record_last_export(self._output_dir(), path)
         self.print(f"Exported merged model to {plain(str(path))} in {time.perf_counter() - started:.1f} s; "
                    f"loaded back: max logit difference {diff:.2e} vs base+adapter.")
+
+    def cmd_export_gguf(self, args: list[str]) -> None:
+        usage = "/export gguf [folder] [type=f16|q8_0]"
+        settings = dict(split_assignment(a) for a in args if "=" in a)
+        unknown = [key for key in settings if key != "type"]
+        if unknown:
+            raise CommandError(f"Unknown setting(s) {', '.join(unknown)} for {usage}; only type=f16 or type=q8_0.")
+        out_type = str(settings.get("type", "q8_0")).lower()
+        dest = self._folder([a for a in args if "=" not in a], usage) or self._default_dest(f"gguf-{out_type}")
+        started = time.perf_counter()
+        self.print("Merging, writing the GGUF, then loading it back to check...")
+        result = self.model.export_gguf(dest, out_type, system_prompt=self.assistant.sys_prompt)
+        record_last_export(self._output_dir(), result.folder)
+        self.print(f"Exported {plain(str(result.gguf_path))} ({result.size_mb:.0f} MB, {out_type}) + Modelfile + "
+                   f"README.md in {time.perf_counter() - started:.1f} s.")
+        self.print(plain(result.check.line()))
 
     def _default_dest(self, kind: str) -> Path:
         base = self._output_dir()

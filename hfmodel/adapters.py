@@ -315,8 +315,41 @@ class AdapterSet:
     def export_merged(self, dest: str | Path) -> Path:
         """Write base + active adapter merged into one model folder loadable by `from_pretrained`."""
         handle = self.handle
-        handle.require_whole_weights("merge")
+        dest = Path(dest).expanduser()
+        self.check_mergeable()
+        if dest.exists():
+            raise FineTuneError(f"{dest} already exists; choose a new folder.")
+        with self.merged() as merged:
+            with atomic_folder(dest) as tmp:
+                merged.save_pretrained(tmp)
+                handle.tokenizer.save_pretrained(tmp)
+        return dest
+
+    @contextmanager
+    def merged(self, allow_base: bool = False) -> Iterator[Any]:
+        """A plain transformers model of base + active adapter merged: a copy, the session's model is untouched.
+        `allow_base`: with no adapter active, the base itself (unwrapped from peft) instead of an error."""
+        handle = self.handle
+        self.check_mergeable(allow_base)
+        if self.active is None and not is_peft_model(handle.module):
+            yield handle.module
+            return
+        model = copy.deepcopy(self.peft())
         if self.active is None:
+            merged = model.unload()
+        else:
+            model.set_adapter(self.active)
+            merged = model.merge_and_unload(adapter_names=[self.active])
+        try:
+            yield merged
+        finally:
+            del merged, model
+
+    def check_mergeable(self, allow_base: bool = False) -> None:
+        """One-line refusals, before anything is copied: sharded weights, no adapter, a 4/8-bit base."""
+        handle = self.handle
+        handle.require_whole_weights("merge")
+        if self.active is None and not allow_base:
             raise FineTuneError("No adapter is active: there is nothing to merge. Use /save for the base model.")
         if handle.bnb_config is not None:
             raise FineTuneError(
@@ -327,17 +360,6 @@ class AdapterSet:
             raise FineTuneError(
                 "Refusing to merge into int8 serving weights (the result would lose precision). Save the adapter "
                 "(/save), load the base without \"quantization\": \"int8\", load the adapter, then export.")
-        dest = Path(dest).expanduser()
-        if dest.exists():
-            raise FineTuneError(f"{dest} already exists; choose a new folder.")
-        with atomic_folder(dest) as tmp:
-            model = copy.deepcopy(self.peft())
-            model.set_adapter(self.active)
-            merged = model.merge_and_unload(adapter_names=[self.active])
-            merged.save_pretrained(tmp)
-            handle.tokenizer.save_pretrained(tmp)
-            del merged, model
-        return dest
 
     def verify_export(self, folder: Path) -> float:
         """Load a merged folder back and compare its logits with base + active adapter on a short prompt."""

@@ -88,3 +88,26 @@ def test_after_the_start_up_demo_fine_tune_97_times_91_reaches_the_calculator(tm
     reply = "".join(p for p in pieces if not isinstance(p, ToolLine))
     assert "8827" in reply.replace(",", ""), reply
     assert "<tool_call>" not in reply and "<|im" not in reply
+
+
+def test_an_ember_adapter_exported_to_q8_0_gguf_still_answers_ember(smol, tmp_path):
+    """A short identity fine-tune, exported as Q8_0 GGUF, read back (weights AND tokenizer) through transformers'
+    GGUF loader: "Who are you?" is answered as Ember. The export's own check is reported, not required: on this
+    135M model Q8_0 moved the probes' eval loss by 1.6 % (over the 1 % mark) in the one measurement made."""
+    from transformers import AutoTokenizer
+
+    from hfmodel.gguf_export import load_gguf
+
+    smol.fine_tune(str(ROOT / "data" / "ember_train.jsonl"), {
+        "eval_fraction": 0,
+        "training_args": {"output_dir": str(tmp_path / "runs"), "max_steps": 15, "per_device_train_batch_size": 4,
+                          "learning_rate": 1e-3, "save_strategy": "no"},
+    })
+    result = smol.export_gguf(tmp_path / "ember-gguf", "q8_0")
+    assert "top-1 agreement" in result.check.line() and result.check.top1_agreement > 0.9, result.check.line()
+    loaded = load_gguf(result.gguf_path, smol.hf_model.config)
+    tokenizer = AutoTokenizer.from_pretrained(str(result.folder), gguf_file=result.gguf_path.name)
+    enc = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Who are you?"}],
+                                        add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    out = loaded.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    assert "Ember" in tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
