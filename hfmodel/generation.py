@@ -178,7 +178,8 @@ class TransformersEngine:
         kwargs["repetition_penalty"] = 1.0
         if penalty is not None and penalty != 1.0:
             kwargs["logits_processor"] = LogitsProcessorList(
-                [ReplyRepetitionPenalty(float(penalty), n_in, self._digit_ids())])
+                [*kwargs.get("logits_processor", None) or [],
+                 ReplyRepetitionPenalty(float(penalty), n_in, self._digit_ids())])
         return enc, kwargs
 
     def _run(self, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], seed: int | None) -> torch.Tensor:
@@ -197,10 +198,14 @@ class TransformersEngine:
                 ) -> Request:
         """One reply to run on the compute thread (the prompt rendered here, on the caller's thread)."""
         enc, kwargs = self._prepare(messages, parameters, overrides, tools)
-        penalty = kwargs.pop("logits_processor", None)
+        processors = list(kwargs.pop("logits_processor", None) or [])
+        penalty = next((p.penalty for p in processors if isinstance(p, ReplyRepetitionPenalty)), None)
+        own = [p for p in processors if not isinstance(p, ReplyRepetitionPenalty)]
+        if own:  # a caller's own processors run as given (such a request never shares a batch: see _batch_key)
+            kwargs["logits_processor"] = LogitsProcessorList(own)
         chosen = parameters.seed if seed == "settings" else seed
         # Every reply can be stopped: a Ctrl-C or a cancelled await stops its row, not just the wait for it.
-        return Request(self, enc, kwargs, penalty[0].penalty if penalty else None,
+        return Request(self, enc, kwargs, penalty,
                        None if chosen is None else int(chosen), streamer, stop or threading.Event(),
                        self._batch_key(kwargs))
 
@@ -251,7 +256,7 @@ class TransformersEngine:
         kwargs = dict(rows[0].kwargs)
         limits = [int(r.kwargs["max_new_tokens"]) for r in rows]
         kwargs["max_new_tokens"] = max(limits)
-        processors: list[Any] = []
+        processors: list[Any] = list(kwargs.pop("logits_processor", None) or [])
         if rows[0].penalty is not None:
             processors.append(ReplyRepetitionPenalty(rows[0].penalty, width, self._digit_ids()))
         if sampled:
