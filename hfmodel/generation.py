@@ -178,7 +178,7 @@ class TransformersEngine:
         kwargs["repetition_penalty"] = 1.0
         if penalty is not None and penalty != 1.0:
             kwargs["logits_processor"] = LogitsProcessorList(
-                [*kwargs.get("logits_processor", None) or [],
+                [*(kwargs.get("logits_processor") or []),
                  ReplyRepetitionPenalty(float(penalty), n_in, self._digit_ids())])
         return enc, kwargs
 

@@ -79,7 +79,7 @@ def test_the_prompt_comes_first_a_reply_is_answered_meanwhile_and_exit_stops_the
     assert code == 0
     assert alive_at_prompt == [True]
     assert "start-up fine-tune running in the background" in out
-    assert out.count("Assistant: ") == 1  # answered while the run was going
+    assert out.count("Ember: ") == 1  # answered while the run was going
     # exit stopped the run at a step boundary: one line, the base weights kept, the run recorded as interrupted
     assert "Fine-tuning stopped at step" in out and "still serving the previous weights" in out
     assert "Traceback" not in out and out.rstrip().endswith("Bye.")
@@ -103,7 +103,7 @@ def test_the_adapter_is_swapped_in_between_replies_with_the_report(script, tiny_
     out = capsys.readouterr().out
     assert code == 0
     swap = out.index("now serving adapter ft1")
-    assert out.index("Assistant: ") < out.index("Fine-tune report") < swap  # reply first, then the report
+    assert out.index("Ember: ") < out.index("Fine-tune report") < swap  # reply first, then the report
     table = out[swap:]
     assert "Adapters" in table and "│ * │ ft1" in table  # /adapters: the new adapter is active
     assert "(background)" in table
@@ -131,7 +131,7 @@ def test_a_failing_background_run_leaves_the_chat_on_its_weights_with_one_line(s
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "No known dataset format" in errors[0]
     assert "Chatting with the weights loaded before it." in out.replace("\n", " ")
-    assert out.count("Assistant: ") == 1  # the chat went on
+    assert out.count("Ember: ") == 1  # the chat went on
     assert "│ * │ base" in out  # still the base weights
     assert "Traceback" not in out
 

@@ -743,7 +743,7 @@ def test_system_set_reset_and_history(tiny_wrapper, tmp_path, monkeypatch):
 
 
 FLAGS = ["--model", "--local-model-path", "--data", "--no-finetune", "--device", "--sys-prompt", "--max-steps",
-         "--retrain", "--no-tools", "--no-session-log"]
+         "--retrain", "--no-tools", "--no-session-log", "--startup-finetune"]
 
 
 @pytest.fixture
@@ -789,7 +789,7 @@ def test_script_chats_without_finetune(script_globals, tiny_model_dir, tmp_path,
     assert script.main(["--local-model-path", str(tiny_model_dir), "--no-finetune"]) == 0
     out = capsys.readouterr().out
     assert prompts == ["User: ", "User: "]  # stopped at "exit"
-    assert re.search(r"^Assistant: .*\S", out, re.MULTILINE), out
+    assert re.search(r"^Ember: .*\S", out, re.MULTILINE), out
     assert "Bye." in out
     runs = tmp_path / "runs"
     assert not [p for p in runs.glob("*") if p.is_dir()]  # --no-finetune: no training
@@ -803,7 +803,7 @@ def test_script_data_and_max_steps_flags(script_globals, tiny_model_dir, data_di
     shutil.copy(data_dir / "identity.jsonl", tmp_path / "mine.jsonl")
     feed_input(monkeypatch, ["/adapters"])
     assert script.main(["--local-model-path", str(tiny_model_dir), "--data", "mine.jsonl", "--max-steps", "2",
-                        "--sys-prompt", "You are Zed."]) == 0
+                        "--sys-prompt", "You are Zed.", "--startup-finetune", "wait"]) == 0
     out = capsys.readouterr().out
     (run_dir,) = run_dirs(tmp_path / "runs")  # the configured output_dir, relative to where the script runs
     run = json.loads((run_dir / "run.json").read_text())
