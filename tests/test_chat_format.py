@@ -432,4 +432,5 @@ def test_two_step_lora_fine_tune_and_generation_stop(name, tmp_path):
 def test_padding_free_gives_the_same_loss_as_padded(tmp_path):
     losses = [sft_trainer("llama3_2", padding_free=pf, tmp_path=tmp_path)[0].train().training_loss
               for pf in (False, True)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # fp32 sums over other shapes: 1.9e-5 apart on this CPU (AVX512); a masking difference moves the loss far more
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

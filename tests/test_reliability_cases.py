@@ -146,7 +146,8 @@ def test_b7_a_line_nested_5000_deep_is_one_line_in_dryrun_and_exit_2_at_start_up
     monkeypatch.setattr(script, "quiet_libraries", lambda **kw: None, raising=False)
     monkeypatch.setattr("hfmodel.common.quiet_libraries", lambda **kw: None)
     monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail("the chat started"))
-    status = script.main(["--local-model-path", str(tiny_model_dir), "--data", str(deep)])
+    status = script.main(["--local-model-path", str(tiny_model_dir), "--data", str(deep),
+                          "--startup-finetune", "wait"])
     err = capsys.readouterr()
     assert status == 2
     assert "nested more than 32 levels deep" in err.out + err.err and "Traceback" not in err.out + err.err
