@@ -130,6 +130,7 @@ class Outcome:
     result: FineTuneResult | None = None
     report: Any = None  # what `prepare_report` made, shown at the swap
     message: str | None = None  # interrupted / failed: the line to show
+    stopped: bool = False  # interrupted (Ctrl-C, exit): not a failure
     error: Exception | None = None  # our own bug: logged with its traceback when shown
 
 
@@ -205,8 +206,9 @@ class BackgroundFineTune:
             assert self._twin is not None
             outcome.result, outcome.report = self._work(self._twin, self.progress, self.stop)
         except FineTuneInterrupted as e:
-            outcome.message = str(e)
+            outcome.message, outcome.stopped = str(e), True
         except KeyboardInterrupt:  # stopped outside the trainer (while preparing, or between probes)
+            outcome.stopped = True
             outcome.message = "The start-up fine-tune was stopped before it finished; still serving the previous " \
                               "weights."
         except UserError as e:

@@ -549,6 +549,8 @@ class ChatSession(TeachingCommands, PracticeCommands):
                        "(the next start reuses it).")
         elif outcome.error is not None:
             self.internal_error("The start-up fine-tune", outcome.error)
+        elif outcome.stopped:  # the user is leaving: where it stopped is news, not an error
+            self.print(plain(str(outcome.message)))
         else:
             self.error(str(outcome.message))
 

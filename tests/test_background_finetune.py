@@ -82,6 +82,7 @@ def test_the_prompt_comes_first_a_reply_is_answered_meanwhile_and_exit_stops_the
     assert out.count("Ember: ") == 1  # answered while the run was going
     # exit stopped the run at a step boundary: one line, the base weights kept, the run recorded as interrupted
     assert "Fine-tuning stopped at step" in out and "still serving the previous weights" in out
+    assert not [line for line in out.splitlines() if line.startswith("error:")]  # leaving is not a failure
     assert "Traceback" not in out and out.rstrip().endswith("Bye.")
     assert only_run(tmp_path)["status"] == "interrupted"
     assert background_thread() is None
