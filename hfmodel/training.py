@@ -407,9 +407,10 @@ def progress_callback(report: Progress | None, stop: threading.Event) -> Any:
                 report({"step": state.global_step, "max_steps": state.max_steps, **logs})
 
         def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            # Between evaluation batches too: a background run (chat/background.py) pauses here for a reply.
+            # Between evaluation batches too: a background run (chat/background.py) pauses here for a reply. Marked,
+            # so that whoever counts optimizer steps (finetune.py's per-rank line) does not count eval batches.
             if report:
-                report({"step": state.global_step, "max_steps": state.max_steps})
+                report({"step": state.global_step, "max_steps": state.max_steps, "evaluating": True})
 
     return Callback()
 

@@ -229,7 +229,7 @@ def test_agent_demo_data_is_what_its_script_writes_and_sends_arithmetic_through_
     spec.loader.exec_module(script)
     script.main(tmp_path)
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert len(written) == 5
+    assert len(written) == 6  # with ember_practice.jsonl, the /practice demo tasks
     for name in written:  # the committed files are the script's output (rerun it after editing)
         assert (tmp_path / name).read_text() == (root / name).read_text(), name
     train = load_chat_dataset(str(root / "ember_agent_train.jsonl"))
