@@ -77,3 +77,15 @@ def taught_adapter(tiny_model_dir, tmp_path_factory) -> Path:
 def taught_wrapper(taught_adapter):
     """A fresh wrapper loaded from the taught adapter folder (its base, the tiny model, loads too)."""
     return make_wrapper(taught_adapter, do_sample=False)
+
+
+@pytest.fixture
+def script():
+    """The chat script's module; its `model_configs` restored after the test (tests edit it in place)."""
+    import copy
+    import importlib
+
+    module = importlib.import_module("load_finetune_huggingface_model")
+    saved = copy.deepcopy(module.model_configs)
+    yield module
+    module.model_configs[:] = saved

@@ -5,8 +5,6 @@ replies once it finishes; a failing, interrupted or exited run leaves the chat o
 from __future__ import annotations
 
 import builtins
-import copy
-import importlib
 import json
 import os
 import signal
@@ -22,14 +20,6 @@ from chat.background import THREAD_NAME, Turns
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def script():
-    module = importlib.import_module("load_finetune_huggingface_model")
-    saved = copy.deepcopy(module.model_configs)
-    yield module
-    module.model_configs[:] = saved
 
 
 def background_thread() -> threading.Thread | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import io
 import json
 import os
@@ -11,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from helpers import SYSTEM_PROMPT, TAUGHT_QUESTION, identity_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,14 +48,6 @@ def test_the_chat_reaches_its_prompt_without_trl_peft_or_datasets(tiny_model_dir
                           text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert "LOADED []" in done.stdout, done.stdout  # the prompt was reached, with none of the three imported
-
-
-@pytest.fixture
-def script():
-    module = importlib.import_module("load_finetune_huggingface_model")
-    saved = copy.deepcopy(module.model_configs)
-    yield module
-    module.model_configs[:] = saved
 
 
 def test_exposes_sys_prompt_and_model_configs(script):
