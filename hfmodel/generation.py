@@ -34,6 +34,10 @@ from hfmodel.common import logger
 from hfmodel.loading import ModelHandle
 
 Chat = list[dict[str, str]]
+# Rows of a batch that begin with at least this many equal tokens (the system prompt and tool schemas of practice
+# rollouts or of agents sharing a prompt) have that part computed once for the whole batch. Below it, the extra forward
+# call costs about what it saves.
+SHARED_PREFIX_MIN = 32
 
 
 @dataclass
@@ -182,14 +186,45 @@ class TransformersEngine:
                  ReplyRepetitionPenalty(float(penalty), n_in, self._digit_ids())])
         return enc, kwargs
 
-    def _run(self, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], seed: int | None) -> torch.Tensor:
-        """One generate() call under the lock; reseeded first: same history + settings -> same reply."""
+    def _run(self, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], seed: int | None, shared: int = 0
+             ) -> torch.Tensor:
+        """One generate() call under the lock; reseeded first: same history + settings -> same reply. `shared`: the
+        rows' first `shared` tokens are the same (see `_shared_layout`); they are run once and the batch starts from
+        their cache."""
         with self.handle.lock, torch.inference_mode():
             if self.before_run is not None:
                 self.before_run()
             if seed is not None:
                 torch.manual_seed(seed)
+            if shared:
+                kwargs = {**kwargs, "cache": self._prefix_cache(enc["input_ids"], shared)}
             return self.handle.module.generate(**enc, **kwargs)
+
+    def _prefix_cache(self, ids: torch.Tensor, shared: int) -> Any:
+        """The KV cache of the rows' shared first tokens, computed for one row and repeated for every row."""
+        from transformers import DynamicCache
+
+        module = self.handle.module
+        cache = DynamicCache(config=self.handle.base_model().config)
+        extra = {"logits_to_keep": 1} if self._keeps_logits() else {}
+        module(input_ids=ids[:1, :shared], cache=cache, use_cache=True, **extra)
+        cache.batch_repeat_interleave(int(ids.shape[0]))
+        return cache
+
+    def _keeps_logits(self) -> bool:
+        import inspect
+
+        return "logits_to_keep" in inspect.signature(self.handle.base_model().forward).parameters
+
+    def _can_share_prefix(self) -> bool:
+        """Only for models whose every layer keeps a plain attention cache (no recurrent or linear-attention state,
+        no cache type chosen by the model's generation config), which `DynamicCache` holds exactly."""
+        model = self.handle.base_model()
+        if getattr(model.generation_config, "cache_implementation", None) not in (None, "dynamic"):
+            return False
+        text = model.config.get_text_config()
+        kinds = getattr(text, "layer_types", None) or ["full_attention"]
+        return all(kind in ("full_attention", "sliding_attention") for kind in kinds)
 
     # ------------------------------------------------------------------------------------ requests
 
@@ -251,7 +286,8 @@ class TransformersEngine:
         warpers = self._warpers(rows[0].kwargs) if sampled else []
         if warpers is None:  # a sampling setting the per-row sampler does not reproduce: one row at a time
             return [self._generate_rows([r])[0] for r in rows]
-        enc = rows[0].enc if len(rows) == 1 else self._left_pad(rows)
+        shared = self._shared_prefix(rows)
+        enc = rows[0].enc if len(rows) == 1 else self._shared_layout(rows, shared) if shared else self._left_pad(rows)
         width = int(enc["input_ids"].shape[1])
         kwargs = dict(rows[0].kwargs)
         limits = [int(r.kwargs["max_new_tokens"]) for r in rows]
@@ -270,7 +306,7 @@ class TransformersEngine:
         kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
         if any(r.streamer is not None for r in rows):
             kwargs["streamer"] = _RowStreams(rows, set(self.handle.stop_token_ids), stops)
-        out = self._run(enc, kwargs, rows[0].seed if len(rows) == 1 else None)
+        out = self._run(enc, kwargs, rows[0].seed if len(rows) == 1 else None, shared)
         return [self._row_result(out[i, width:], r, stops.stopped_at[i]) for i, r in enumerate(rows)]
 
     def _row_result(self, new: torch.Tensor, request: Request, stopped_at: int | None) -> Generated:
@@ -290,6 +326,36 @@ class TransformersEngine:
         for i, r in enumerate(rows):
             ids[i, width - r.n_in:] = r.enc["input_ids"][0]
             mask[i, width - r.n_in:] = r.enc.get("attention_mask", torch.ones_like(r.enc["input_ids"]))[0]
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _shared_prefix(self, rows: list[Request]) -> int:
+        """How many first tokens all rows share (the system prompt and tool schemas, typically), when it is worth
+        computing them once for the batch: several rows, at least SHARED_PREFIX_MIN tokens, a model whose cache can
+        be shared. Every row keeps at least one token of its own."""
+        if len(rows) < 2 or any("attention_mask" in r.enc and not bool(r.enc["attention_mask"].all()) for r in rows):
+            return 0
+        first = rows[0].enc["input_ids"][0]
+        n = min(r.n_in for r in rows) - 1
+        for r in rows[1:]:
+            differ = (r.enc["input_ids"][0][:n] != first[:n]).nonzero()
+            n = int(differ[0]) if len(differ) else n
+        return n if n >= SHARED_PREFIX_MIN and self._can_share_prefix() else 0
+
+    def _shared_layout(self, rows: list[Request], shared: int) -> dict[str, torch.Tensor]:
+        """The batch as [shared tokens][padding][each row's own tokens]: the shared part at the same positions in
+        every row (so its cache, computed once, fits every row), the padding masked out, and the position ids that
+        generate() derives from the mask counting on from the shared part, as in a row of its own."""
+        width = shared + max(r.n_in - shared for r in rows)
+        pad = self.handle.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.handle.stop_token_ids[0]
+        ids = torch.full((len(rows), width), int(pad), dtype=torch.long, device=self.handle.device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.handle.device)
+        for i, r in enumerate(rows):
+            own = r.enc["input_ids"][0][shared:]
+            ids[i, :shared] = r.enc["input_ids"][0][:shared]
+            mask[i, :shared] = 1
+            ids[i, width - len(own):] = own
+            mask[i, width - len(own):] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
     def _digit_ids(self) -> torch.Tensor:

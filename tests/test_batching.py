@@ -65,6 +65,40 @@ def test_a_batch_of_one_is_exactly_the_single_reply(tiny_wrapper, monkeypatch):
     assert one.output_tokens == out_a.shape[1] - ids_a.shape[1]
 
 
+def test_rows_that_share_a_long_start_run_it_once_and_still_give_their_single_replies(tiny_wrapper, monkeypatch):
+    """Practice rollouts and agents with one prompt share the system prompt and tool schemas: that part is computed
+    once for the batch (its cache repeated per row), and every row still gets its own single reply, greedy and
+    seeded-sampled."""
+    from hfmodel.generation import SHARED_PREFIX_MIN
+
+    system = "You are a careful assistant who checks every step twice before answering. " * 4
+    conversations = [chat(q, system=system) for q in QUESTIONS]
+    shared: list[int] = []
+    original = tiny_wrapper.engine._prefix_cache
+    monkeypatch.setattr(tiny_wrapper.engine, "_prefix_cache",
+                        lambda ids, n: shared.append(n) or original(ids, n))
+    tiny_wrapper.parameters.do_sample = False
+    alone = [tiny_wrapper.engine.generate(c, tiny_wrapper.parameters, {}) for c in conversations]
+    assert not shared  # a single reply has nothing to share
+    batch = tiny_wrapper.generate_batch(conversations)
+    assert len(shared) == 1 and shared[0] >= SHARED_PREFIX_MIN
+    assert [(b.text, b.output_tokens) for b in batch] == [(g.text, g.output_tokens) for g in alone]
+    # Seeded sampling: the same draws as the left-padded batch (on random weights a padded row can differ from its
+    # single reply in the last bits, see above, so the padded batch is the reference here).
+    tiny_wrapper.parameters.do_sample = True
+    sampled = [b.text for b in tiny_wrapper.generate_batch(conversations)]
+    monkeypatch.setattr("hfmodel.generation.SHARED_PREFIX_MIN", 10**6)
+    assert sampled == [b.text for b in tiny_wrapper.generate_batch(conversations)]
+    assert len(shared) == 2
+
+
+def test_rows_with_little_in_common_are_left_padded_as_before(tiny_wrapper, monkeypatch):
+    called = []
+    monkeypatch.setattr(tiny_wrapper.engine, "_prefix_cache", lambda ids, n: called.append(n))
+    tiny_wrapper.generate_batch([chat(q, system=None) for q in QUESTIONS])
+    assert not called
+
+
 def test_each_row_stops_at_its_own_end_of_turn(taught_wrapper):
     alone = singles(taught_wrapper, [TAUGHT_QUESTION, "Tell me a long story about a cat and a dog, please."])
     taught, other = taught_wrapper.generate_batch([chat(TAUGHT_QUESTION),
