@@ -145,10 +145,12 @@ def grpo_round(model: Any, tasks: list[Task], settings: PracticeSettings, config
 def task_tools(tasks: list[Task], sampling: Sampling) -> tuple[list[Any], dict[str, list[Any]] | None]:
     """(tools for every task, None) when the tasks share one tool set; else ([], {tool set name: its functions}):
     trl then renders and runs each task's own tools (its `environment` column picks the set)."""
-    sets = {tuple(sampling.tool_names(t)) for t in tasks}
-    if len(sets) == 1:
-        return tool_functions(sampling, list(next(iter(sets)))), None
-    return [], {_set_name(list(names)): tool_functions(sampling, list(names)) for names in sets}
+    sets = {_set_name(list(names)): tool_functions(sampling, list(names))
+            for names in {tuple(sampling.tool_names(t)) for t in tasks}}
+    distinct = {tuple(functions) for functions in sets.values()}  # sets that differ only by tools GRPO leaves out
+    if len(distinct) == 1:
+        return list(next(iter(distinct))), None
+    return [], sets
 
 
 def _set_name(names: list[str]) -> str:

@@ -523,6 +523,10 @@ def test_grpo_gives_each_task_its_own_tools_when_the_sets_differ(tool_model_dir,
     assert practice_grpo.task_tools(same, sampling) == ([calculator], None)  # one set: trl's plain `tools`
     mixed = [same[0], Task([{"role": "user", "content": "3?"}], 3, tools=[])]
     assert practice_grpo.task_tools(mixed, sampling) == ([], {"calculator": [calculator], "(no tools)": []})
+    asking = make_toolkit([calculator, word_count])  # word_count asks for permission: GRPO leaves it out
+    sampling_asking = practice.Sampling(practice.agent_factory("a", None), None,
+                                        __import__("asyncio").run(asking.get_tool_schemas()), False, 4, asking)
+    assert practice_grpo.task_tools(same, sampling_asking) == ([calculator], None)
 
     rendered: list[tuple[str, list[str] | None]] = []
     make_tokenizer = practice_grpo._tool_tokenizer
@@ -550,3 +554,12 @@ def test_grpo_gives_each_task_its_own_tools_when_the_sets_differ(tool_model_dir,
     assert wrapper.active_adapter == round_.adapter
     assert {("What is 2 plus 3?", ("calculator",)), ("Say hello.", None)} == {
         (prompt, tuple(tools) if tools else None) for prompt, tools in rendered}
+
+
+def test_the_docs_example_task_rows_load_with_their_tools(tmp_path):
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "practice.md").read_text()
+    (block,) = [b for b in re.findall(r"```text\n(.*?)```", docs, re.S) if '"tools"' in b]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(block)
+    loaded = load_tasks(str(path), tool_names=["calculator"])
+    assert not loaded.skipped and [t.tools for t in loaded.tasks] == [["calculator"], []]
