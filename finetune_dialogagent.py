@@ -113,8 +113,8 @@ class Finetune_DialogAgent(Agent):  # noqa: N801 - the name users of the origina
                  fine_tune_config: dict[str, Any] | None = None, **kwargs: Any) -> PracticeResult:
         """Practise `tasks` with this agent's tools and system prompt (see `HuggingFaceWrapper.practice`): each attempt
         runs in a fresh agent like this one (its own history; this conversation is untouched)."""
-        def factory(view: HuggingFaceWrapper) -> Finetune_DialogAgent:
-            return Finetune_DialogAgent(self.name, self.sys_prompt, view, toolkit=self.toolkit,
+        def factory(view: HuggingFaceWrapper, toolkit: Any) -> Finetune_DialogAgent:
+            return Finetune_DialogAgent(self.name, self.sys_prompt, view, toolkit=toolkit,
                                         max_tool_rounds=self.react_config.max_iters)
 
         return self._wrapper("practise").practice(tasks, settings, fine_tune_config, toolkit=self.toolkit,

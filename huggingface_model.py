@@ -411,23 +411,26 @@ class HuggingFaceWrapper(ChatModelBase):
 
     def practice(self, tasks: str | list[Any], settings: dict[str, Any] | PracticeSettings | None = None,
                  fine_tune_config: dict[str, Any] | None = None, toolkit: Any = None,
-                 agent_factory: Callable[[Any], Any] | None = None, progress: Callable[[dict[str, Any]], None] | None
-                 = None, stop: threading.Event | None = None) -> PracticeResult:
+                 agent_factory: Callable[[Any, Any], Any] | None = None,
+                 progress: Callable[[dict[str, Any]], None] | None = None, stop: threading.Event | None = None
+                 ) -> PracticeResult:
         """Improve from verified outcomes: sample `k` attempts per task through an AgentScope agent with `toolkit`
         (a `Toolkit`), score them (the task's `answer`, or `settings["verifier"]`), train on the accepted ones (RFT)
         or with GRPO; then report before/after on held-out tasks (`report.md` + `loss.png` in the run folder).
 
-        `tasks`: a tasks file or hub id (rows with `prompt` or `messages`, and `answer`), or a list of `Task`s.
+        `tasks`: a tasks file or hub id (rows with `prompt` or `messages`, and `answer`; optional `tools`: the names
+        of the toolkit's tools the task offers, [] for none, all of them without the key), or a list of `Task`s.
         `settings`: practice keys (see `hfmodel.practice.PracticeSettings`: k, rounds, method, keep, temperature,
         ...); `fine_tune_config`: the training step's settings (default: this model's configured ones).
-        `agent_factory`: builds the agent of one attempt around a model view (default: a plain AgentScope Agent).
+        `agent_factory(view, toolkit)`: builds the agent of one attempt around a model view and that task's toolkit
+        (a `Toolkit` of its tools, or None; default: a plain AgentScope Agent).
         On Ctrl-C or a failure the adapter that served before keeps serving.
         """
         from hfmodel import practice
 
         self.handle.require_whole_weights("practise")
         chosen = practice.make_settings(settings)
-        factory = agent_factory or practice.agent_factory("assistant", self.system_prompt, toolkit)
+        factory = agent_factory or practice.agent_factory("assistant", self.system_prompt)
         result = practice.practice(self, tasks, chosen, self._config(fine_tune_config), factory,
                                    practice.tool_schemas(toolkit), self.system_prompt, self.data_path, progress, stop,
                                    toolkit=toolkit)

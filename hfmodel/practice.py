@@ -28,7 +28,7 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from hfmodel.settings import merge_config, parse_overrides, split_assignment
 Chat = list[dict[str, Any]]
 Progress = Callable[[dict[str, Any]], None]
 Verifier = Callable[[str, str, list[dict[str, Any]]], float]
-AgentFactory = Callable[[Any], Any]  # a model view -> an AgentScope Agent with the toolkit
+AgentFactory = Callable[[Any, Any], Any]  # (a model view, the attempt's Toolkit or None) -> an AgentScope Agent
 
 METHODS = ("rft", "grpo")
 
@@ -194,6 +194,7 @@ class Task:
     messages: Chat
     answer: str | float | None = None
     plain: bool = False  # a prompt that needs no tool: only measured (a call is spurious), never practised
+    tools: list[str] | None = None  # the agent's tools this task offers, by name; None = all of them, [] = none
 
     @property
     def prompt(self) -> str:
@@ -219,20 +220,22 @@ class _BadTask(Exception):
     """A row that cannot be a task; its message is the reason counted."""
 
 
-def load_tasks(path: str, has_verifier: bool = False) -> TaskSet:
+def load_tasks(path: str, has_verifier: bool = False, tool_names: Collection[str] = ()) -> TaskSet:
     """Rows with `prompt` (text) or `messages` (ending on the user's turn), and `answer` (a number or a text) unless a
-    verifier decides; `plain: true` marks a prompt that needs no tool. Bad rows are skipped and counted."""
+    verifier decides; `plain: true` marks a prompt that needs no tool; `tools` (optional) lists the agent's tools the
+    task offers (`tool_names`: the agent's). Bad rows are skipped and counted."""
     raw = load_rows(path)
-    return tasks_from_rows(raw, str(path), has_verifier)
+    return tasks_from_rows(raw, str(path), has_verifier, tool_names)
 
 
-def tasks_from_rows(raw: list[Any], source: str, has_verifier: bool = False) -> TaskSet:
+def tasks_from_rows(raw: list[Any], source: str, has_verifier: bool = False, tool_names: Collection[str] = ()
+                    ) -> TaskSet:
     if not raw:
         raise DatasetFormatError(f"{source} has no rows; each task needs a prompt and an answer.")
     tasks, skipped = [], Counter[str]()
     for row in raw:
         try:
-            tasks.append(_task(row, has_verifier))
+            tasks.append(_task(row, has_verifier, tool_names))
         except _BadTask as why:
             skipped[str(why)] += 1
     if not any(not t.plain for t in tasks):
@@ -242,7 +245,7 @@ def tasks_from_rows(raw: list[Any], source: str, has_verifier: bool = False) -> 
     return TaskSet(tasks, source, skipped)
 
 
-def _task(row: Any, has_verifier: bool) -> Task:
+def _task(row: Any, has_verifier: bool, tool_names: Collection[str] = ()) -> Task:
     if not isinstance(row, dict):
         raise _BadTask("not an object")
     if isinstance(row.get("prompt"), str) and row["prompt"].strip():
@@ -261,7 +264,52 @@ def _task(row: Any, has_verifier: bool) -> Task:
         answer = answer.strip() or None
     if answer is None and not has_verifier and not plain:
         raise _BadTask("without answer")
-    return Task(messages, answer, plain)
+    return Task(messages, answer, plain, _task_tools(row.get("tools"), tool_names))
+
+
+BAD_TOOLS = "with tools not a list of tool names or function schemas"
+
+
+def _task_tools(value: Any, agent_tools: Collection[str]) -> list[str] | None:
+    """A row's `tools` as tool names: no key (or null) = the agent's whole toolkit, [] = none. A schema counts by its
+    name only: the schema offered is the agent's own, so what is trained matches what the chat renders."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # a CSV cell, or a column written as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise _BadTask(BAD_TOOLS) from None
+    if not isinstance(value, list):
+        raise _BadTask(BAD_TOOLS)
+    names: list[str] = []
+    for item in value:
+        name = _tool_name(item)
+        if name is None:
+            raise _BadTask(BAD_TOOLS)
+        if name not in agent_tools:
+            have = ", ".join(sorted(agent_tools)) or "it has none"
+            raise _BadTask(f"naming the tool '{name[:60]}' the agent does not have (its tools: {have})")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _tool_name(item: Any) -> str | None:
+    """`"name"`, `{"name": ...}` or `{"type": "function", "function": {"name": ...}}` -> the name."""
+    if isinstance(item, dict):
+        function = item.get("function")
+        item = function.get("name") if isinstance(function, dict) else item.get("name")
+    return item if isinstance(item, str) and item.strip() else None
+
+
+def check_task_tools(tasks: list[Task], tool_names: Collection[str]) -> None:
+    """Tasks built in code (not loaded) name only the agent's tools."""
+    unknown = sorted({n for t in tasks for n in t.tools or [] if n not in tool_names})
+    if unknown:
+        raise PracticeError(f"Tasks name tools the agent does not have: {', '.join(unknown)} (its tools: "
+                            f"{', '.join(sorted(tool_names)) or 'none'}); give the agent those tools or leave them "
+                            "out of the tasks' `tools`.")
 
 
 def _prompt_messages(value: Any) -> Chat:
@@ -283,13 +331,14 @@ def _prompt_messages(value: Any) -> Chat:
     return out
 
 
-def split_tasks(tasks: list[Task], settings: PracticeSettings) -> tuple[list[Task], list[Task]]:
+def split_tasks(tasks: list[Task], settings: PracticeSettings, tool_names: Collection[str] = ()
+                ) -> tuple[list[Task], list[Task]]:
     """(practised, held out): the eval file's tasks, else `eval_fraction` of the tasks (with >= 10), chosen by seed;
     plain prompts are only measured."""
     practice = [t for t in tasks if not t.plain]
     plain = [t for t in tasks if t.plain]
     if settings.eval_data_path:
-        return practice, load_tasks(settings.eval_data_path, bool(settings.verifier)).tasks + plain
+        return practice, load_tasks(settings.eval_data_path, bool(settings.verifier), tool_names).tasks + plain
     n_eval = int(round(len(practice) * settings.eval_fraction)) if len(practice) >= 10 else 0
     order = sorted(range(len(practice)), key=lambda i: _digest(settings.seed, "split", i))
     held = set(order[:n_eval])
@@ -504,10 +553,31 @@ class Sampling:
 
     factory: AgentFactory
     system_prompt: str | None
-    tools: list[dict] | None
+    tools: list[dict] | None  # the schemas of the agent's whole toolkit
     allow_tools: bool
     batch: int
-    toolkit: Any = None  # the AgentScope Toolkit (GRPO hands its functions to trl)
+    toolkit: Any = None  # the agent's AgentScope Toolkit (GRPO hands its functions to trl)
+    _subsets: dict[tuple[str, ...], tuple[Any, list[dict] | None]] = field(default_factory=dict, repr=False)
+
+    def tool_names(self, task: Task) -> list[str]:
+        """The names of the tools `task` offers, in the toolkit's order (the order the chat renders them in)."""
+        every = [s["function"]["name"] for s in self.tools or []]
+        return every if task.tools is None else [n for n in every if n in task.tools]
+
+    async def for_task(self, task: Task) -> tuple[Any, list[dict] | None]:
+        """(Toolkit, schemas) of one attempt at `task`: the agent's whole toolkit, a Toolkit of just the task's tools
+        (the same tool objects, so permissions and read-only flags stay), or (None, None) for no tools."""
+        if task.tools is None:
+            return self.toolkit, self.tools
+        key = tuple(self.tool_names(task))
+        if not key:
+            return None, None
+        if key not in self._subsets:
+            from agentscope.tool import Toolkit
+
+            subset = Toolkit(tools=[await self.toolkit.get_tool(name) for name in key])
+            self._subsets[key] = (subset, await subset.get_tool_schemas() or None)
+        return self._subsets[key]
 
 
 async def sample(model: Any, sampling: Sampling, tasks: list[Task], k: int, settings_of: Callable[[int, int], dict],
@@ -528,13 +598,14 @@ async def sample(model: Any, sampling: Sampling, tasks: list[Task], k: int, sett
                 raise KeyboardInterrupt
             settings = settings_of(t, a)
             view = model_view(model, **settings)
-            agent = sampling.factory(view)
+            toolkit, tools = await sampling.for_task(tasks[t])
+            agent = sampling.factory(view, toolkit)
             limit = view.parameters.max_length
             try:
                 messages, reply, calls, tokens, cut = await run_attempt(agent, tasks[t], sampling.allow_tools, limit,
-                                                                        sampling.system_prompt, sampling.tools)
+                                                                        sampling.system_prompt, tools)
                 attempt = Attempt(t, a, int(settings.get("seed") or 0), messages, reply, calls, tokens, cut=cut,
-                                  unread=view.unread_calls > 0, tools=sampling.tools, rank=rank())
+                                  unread=view.unread_calls > 0, tools=tools, rank=rank())
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as e:  # noqa: BLE001 - a failed attempt scores 0 and the run goes on
@@ -729,10 +800,12 @@ def practice(model: Any, tasks: str | list[Task] | TaskSet, settings: PracticeSe
     adapter that served before keeps serving (the adapters of finished rounds stay listed)."""
     stop = stop or threading.Event()
     verifier = load_verifier(settings.verifier) if settings.verifier else None
+    names = [s["function"]["name"] for s in tools or []]
     task_set = tasks if isinstance(tasks, TaskSet) else \
-        load_tasks(tasks, verifier is not None) if isinstance(tasks, str) else TaskSet(list(tasks), "session")
+        load_tasks(tasks, verifier is not None, names) if isinstance(tasks, str) else TaskSet(list(tasks), "session")
+    check_task_tools(task_set.tasks, names)
     logger.info("Practice tasks: %s", task_set.describe())
-    train_tasks, held_out = split_tasks(task_set.tasks, settings)
+    train_tasks, held_out = split_tasks(task_set.tasks, settings, names)
     if not train_tasks:
         raise PracticeError(f"{task_set.source}: no tasks left to practise after holding out {len(held_out)}.")
     config = training_config(fine_tune_config)
@@ -955,12 +1028,12 @@ def write_report(result: PracticeResult) -> Path:
     return write_text_atomic(result.run_dir / "report.md", "\n".join(lines))
 
 
-def agent_factory(name: str, system_prompt: str | None, toolkit: Any, max_iters: int = 5) -> AgentFactory:
-    """Builds one plain AgentScope `Agent` per attempt, configured as the chat's agent is (round limit, no runtime
-    reminder in the history, no summarising, no retries)."""
+def agent_factory(name: str, system_prompt: str | None, max_iters: int = 5) -> AgentFactory:
+    """Builds one plain AgentScope `Agent` per attempt around a model view and the attempt's toolkit, configured as
+    the chat's agent is (round limit, no runtime reminder in the history, no summarising, no retries)."""
     from agentscope.agent import Agent, ContextConfig, InjectionConfig, ModelConfig, ReActConfig
 
-    def build(view: Any) -> Any:
+    def build(view: Any, toolkit: Any) -> Any:
         return Agent(name=name, system_prompt=system_prompt or "", model=view, toolkit=toolkit,
                      react_config=ReActConfig(max_iters=max_iters),
                      injection_config=InjectionConfig(inject_runtime_state=False),

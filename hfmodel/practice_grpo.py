@@ -4,7 +4,8 @@ serving one, `model.generate` (no vLLM), on CPU or GPU.
 
 Differences from RFT worth knowing: trl samples the attempts itself (with the tool loop of trl, not the AgentScope
 agent's), so the chat's call-reading safeguards (repeat suppression, unread markup) do not apply during training;
-the before/after report still measures through the agent.
+the before/after report still measures through the agent. Tasks with their own `tools` get just those tools in
+trl's loop too (one trl "environment" per tool set) when the tasks do not all share one set.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,11 @@ GRPO_ARGS = {"logging_steps": 1, "save_strategy": "no", "report_to": "none", "di
              "gradient_checkpointing": False, "max_tool_calling_iterations": 5, "dataloader_num_workers": 0}
 
 
-def tool_functions(model: Any, sampling: Sampling) -> list[Any]:
-    """The agent's tools as plain functions for trl (only those that run without asking, unless allow_tools)."""
+def tool_functions(sampling: Sampling, names: list[str] | None = None) -> list[Any]:
+    """The agent's tools (`names`, default all) as plain functions for trl (only those that run without asking, unless
+    allow_tools)."""
     toolkit = sampling.toolkit
-    names = [t["function"]["name"] for t in sampling.tools or []]
+    names = [t["function"]["name"] for t in sampling.tools or []] if names is None else names
     if toolkit is None or not names:
         return []
 
@@ -81,10 +84,12 @@ def grpo_round(model: Any, tasks: list[Task], settings: PracticeSettings, config
 
     handle, adapters = model.handle, model.adapter_set
     cfg = FineTuneConfig.from_dict(config, handle.device)
-    tools = tool_functions(model, sampling)
-    tokenizer = _tool_tokenizer(handle, bool(tools))
+    tools, environments = task_tools(tasks, sampling)
+    tokenizer = _tool_tokenizer(handle, bool(tools) or any(f for f in (environments or {}).values()))
     rows = [{"prompt": ([{"role": "system", "content": sampling.system_prompt}] if sampling.system_prompt else [])
              + t.messages, "task": i} for i, t in enumerate(tasks)]
+    if environments is not None:
+        rows = [{**row, "environment": _set_name(sampling.tool_names(t))} for row, t in zip(rows, tasks, strict=True)]
     rewards: list[float] = []
 
     def reward(prompts: list[Any], completions: list[Any], task: list[int], **_: Any) -> list[float | None]:
@@ -100,9 +105,12 @@ def grpo_round(model: Any, tasks: list[Task], settings: PracticeSettings, config
     started = time.perf_counter()
     trainer = None
     try:
-        trainer = GRPOTrainer(model=peft_model, reward_funcs=[reward], args=GRPOConfig(**args),
-                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                              callbacks=[progress_callback(_staged(progress), stop)], tools=tools or None)
+        with warnings.catch_warnings():  # per-task tool sets use trl's environments, which it calls experimental
+            warnings.filterwarnings("ignore", message="You are using 'environment_factory'")
+            trainer = GRPOTrainer(model=peft_model, reward_funcs=[reward], args=GRPOConfig(**args),
+                                  train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                  callbacks=[progress_callback(_staged(progress), stop)], tools=tools or None,
+                                  environment_factory=_environment_factories(environments))
         use_loraplus(trainer, cfg.lora_config)
         trainer.remove_callback(PrinterCallback)
         peft_model.train()
@@ -132,6 +140,37 @@ def grpo_round(model: Any, tasks: list[Task], settings: PracticeSettings, config
     return RoundLog(1, len(rewards), sum(r >= settings.accept for r in rewards), 0, len(tasks), len(rows), 0,
                     sum(rewards) / len(rewards) if rewards else 0.0, 0.0, seconds, tokens, adapter_name,
                     log_history=history)
+
+
+def task_tools(tasks: list[Task], sampling: Sampling) -> tuple[list[Any], dict[str, list[Any]] | None]:
+    """(tools for every task, None) when the tasks share one tool set; else ([], {tool set name: its functions}):
+    trl then renders and runs each task's own tools (its `environment` column picks the set)."""
+    sets = {_set_name(list(names)): tool_functions(sampling, list(names))
+            for names in {tuple(sampling.tool_names(t)) for t in tasks}}
+    distinct = {tuple(functions) for functions in sets.values()}  # sets that differ only by tools GRPO leaves out
+    if len(distinct) == 1:
+        return list(next(iter(distinct))), None
+    return [], sets
+
+
+def _set_name(names: list[str]) -> str:
+    return "+".join(names) or "(no tools)"
+
+
+def _environment_factories(environments: dict[str, list[Any]] | None) -> dict[str, Any] | None:
+    """trl's per-example tool sets: an "environment" class per set whose methods are the set's functions (trl reads
+    the tools from the class, and resets an instance before each rollout; these tools keep no state)."""
+    if environments is None:
+        return None
+    factories = {}
+    for name, functions in environments.items():
+        members: dict[str, Any] = {f.__name__: staticmethod(f) for f in functions}
+        factories[name] = type("PracticeTools", (), {"reset": _reset, **members})
+    return factories
+
+
+def _reset(self: Any, **_: Any) -> None:
+    """The prompt stays as the task wrote it."""
 
 
 def _staged(progress: Any) -> Any:

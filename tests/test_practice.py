@@ -343,8 +343,6 @@ def test_the_docs_list_every_practice_setting_with_its_default():
 
 
 def test_a_failed_call_and_a_reply_cut_at_max_length_score_zero(tool_model_dir, tmp_path, monkeypatch):
-    from agentscope.tool import Toolkit
-
     monkeypatch.chdir(tmp_path)
     wrapper = make_wrapper(tool_model_dir, max_length=8)
     tok = wrapper.tokenizer
@@ -358,7 +356,7 @@ def test_a_failed_call_and_a_reply_cut_at_max_length_score_zero(tool_model_dir, 
 
     wrapper.hf_model.generate = generate
     tasks = [Task([{"role": "user", "content": "Say 5"}], 5), Task([{"role": "user", "content": "broken"}], 5)]
-    sampling = practice.Sampling(practice.agent_factory("a", None, Toolkit()), None, None, False, 4)
+    sampling = practice.Sampling(practice.agent_factory("a", None), None, None, False, 4)
     attempts = __import__("asyncio").run(practice.sample(wrapper, sampling, tasks, 2, lambda t, a: {"seed": a},
                                                          practice.Scorer(None)))
     cut = [a for a in attempts if a.task == 0]
@@ -412,3 +410,156 @@ def test_rft_under_accelerate_launch_splits_the_attempts_across_two_processes(ta
     assert "round 1: rows trained: 4 accepted" in result.stdout
     (run,) = [p.parent.parent for p in (tmp_path / "runs").glob("*/adapter/adapter_config.json")]
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+# ------------------------------------------------------------------------------------------ per-task tools
+
+
+def word_count(text: str) -> str:
+    """Count the words of a text.
+
+    Args:
+        text (str): The text.
+    """
+    return str(len(text.split()))
+
+
+CALCULATOR_ONLY = "What is 4 plus 5?"
+BY_SCHEMA = "What is 6 plus 7?"
+NO_TOOLS = "Say hello, no tools."
+WHOLE_TOOLKIT = "What is 2 plus 3?"
+
+
+def per_task_tool_rows() -> list[dict]:
+    return [{"prompt": WHOLE_TOOLKIT, "answer": 5},
+            {"prompt": CALCULATOR_ONLY, "answer": 9, "tools": ["calculator"]},
+            {"prompt": BY_SCHEMA, "answer": 13, "tools": [{"type": "function", "function": {
+                "name": "calculator", "description": "not the agent's words: only the name counts"}}]},
+            {"prompt": NO_TOOLS, "answer": "Hello there", "tools": []},
+            {"prompt": "What is 1 plus 1?", "answer": 2, "tools": ["abacus"]}]
+
+
+def test_each_task_samples_with_its_own_tools_and_its_rows_carry_exactly_their_schemas(tool_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    import asyncio
+
+    monkeypatch.chdir(tmp_path)
+    wrapper = make_wrapper(tool_model_dir, max_length=256, do_sample=False)
+    scripted_solver(wrapper)
+    agent = Finetune_DialogAgent(name="Ember", sys_prompt="You are Ember.", model=wrapper,
+                                 toolkit=[calculator, word_count])
+    prompts: list[str] = []
+    solve = wrapper.hf_model.generate
+
+    def recorded(input_ids=None, **kwargs):
+        prompts.append(wrapper.tokenizer.decode(input_ids[0]))
+        return solve(input_ids=input_ids, **kwargs)
+
+    wrapper.hf_model.generate = recorded
+    schemas = {s["function"]["name"]: s for s in asyncio.run(agent.toolkit.get_tool_schemas())}
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", per_task_tool_rows())
+    result = agent.practice(str(tasks), {"k": 2, "keep": 2, "replay": False}, ft_config(tmp_path))
+
+    assert result.tasks.skipped == {"naming the tool 'abacus' the agent does not have (its tools: calculator, "
+                                    "word_count)": 1}
+    first_turn = {p: next(x for x in prompts if x.rstrip().endswith(f"{p}<|im_end|>\n<|im_start|>assistant"))
+                  for p in (WHOLE_TOOLKIT, CALCULATOR_ONLY, BY_SCHEMA, NO_TOOLS)}
+    assert "calculator" in first_turn[WHOLE_TOOLKIT] and "word_count" in first_turn[WHOLE_TOOLKIT]
+    for prompt in (CALCULATOR_ONLY, BY_SCHEMA):
+        assert "calculator" in first_turn[prompt] and "word_count" not in first_turn[prompt]
+    assert "<tools>" not in first_turn[NO_TOOLS] and "calculator" not in first_turn[NO_TOOLS]
+
+    expected = {WHOLE_TOOLKIT: [schemas["calculator"], schemas["word_count"]],
+                CALCULATOR_ONLY: [schemas["calculator"]], BY_SCHEMA: [schemas["calculator"]], NO_TOOLS: None}
+    rollouts = [json.loads(line) for line in (result.run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted({r["prompt"] for r in rollouts}) == sorted(expected)
+    for r in rollouts:
+        assert r.get("tools") == expected[r["prompt"]], r["prompt"]
+    assert all(r["score"] == 1.0 for r in rollouts if r["prompt"] == NO_TOOLS)
+    assert all(not [m for m in r["messages"] if m["role"] == "tool"] for r in rollouts if r["prompt"] == NO_TOOLS)
+    rows = [json.loads(line) for line in (result.run_dir / "round1-train.jsonl").read_text().splitlines()]
+    trained = {r["messages"][1]["content"] for r in rows}
+    assert NO_TOOLS in trained and trained & {CALCULATOR_ONLY, BY_SCHEMA}  # accepted with a subset, and with none
+    for row in rows:
+        assert row.get("tools") == expected[row["messages"][1]["content"]]
+
+
+def test_task_rows_with_unknown_or_malformed_tools_are_skipped_and_counted(tool_model_dir, tmp_path, monkeypatch):
+    rows = [{"prompt": "What is 1 plus 2?", "answer": 3, "tools": '["calculator"]'},  # JSON text, as in a CSV
+            {"prompt": "What is 2 plus 2?", "answer": 4, "tools": [{"name": "calculator"}, "calculator"]},
+            {"prompt": "What is 3 plus 2?", "answer": 5},
+            {"prompt": "What is 4 plus 2?", "answer": 6, "tools": ["abacus"]},
+            {"prompt": "What is 5 plus 2?", "answer": 7, "tools": "calculator"},
+            {"prompt": "What is 6 plus 2?", "answer": 8, "tools": [3]},
+            {"prompt": "What is 7 plus 2?", "answer": 9, "tools": {"name": "calculator"}},
+            {"prompt": "What is 8 plus 2?", "answer": 10, "tools": [{"type": "function"}]}]
+    loaded = load_tasks(str(write_jsonl(tmp_path / "tasks.jsonl", rows)), tool_names=["calculator"])
+    assert [t.tools for t in loaded.tasks] == [["calculator"], ["calculator"], None]
+    assert loaded.skipped == {"with tools not a list of tool names or function schemas": 4,
+                              "naming the tool 'abacus' the agent does not have (its tools: calculator)": 1}
+    assert "skipped 5 (4 with tools not a list" in loaded.describe()
+    bare = load_tasks(str(write_jsonl(tmp_path / "one.jsonl", rows[:3])))  # an agent without tools
+    assert len(bare.tasks) == 1 and "(its tools: it has none)" in bare.describe()
+
+    monkeypatch.chdir(tmp_path)
+    from chat.tools import make_toolkit
+
+    wrapper = make_wrapper(tool_model_dir)
+    with pytest.raises(practice.PracticeError, match="abacus.*its tools: calculator"):
+        wrapper.practice([Task([{"role": "user", "content": "1 + 1?"}], 2, tools=["abacus"])], {"k": 2},
+                         ft_config(tmp_path), toolkit=make_toolkit([calculator]))
+
+
+def test_grpo_gives_each_task_its_own_tools_when_the_sets_differ(tool_model_dir, tmp_path, monkeypatch):
+    from chat.tools import make_toolkit
+    from hfmodel import practice_grpo
+
+    monkeypatch.chdir(tmp_path)
+    toolkit = make_toolkit([calculator])
+    schemas = __import__("asyncio").run(toolkit.get_tool_schemas())
+    sampling = practice.Sampling(practice.agent_factory("a", None), None, schemas, False, 4, toolkit)
+    same = [Task([{"role": "user", "content": "1?"}], 1), Task([{"role": "user", "content": "2?"}], 2,
+                                                               tools=["calculator"])]
+    assert practice_grpo.task_tools(same, sampling) == ([calculator], None)  # one set: trl's plain `tools`
+    mixed = [same[0], Task([{"role": "user", "content": "3?"}], 3, tools=[])]
+    assert practice_grpo.task_tools(mixed, sampling) == ([], {"calculator": [calculator], "(no tools)": []})
+    asking = make_toolkit([calculator, word_count])  # word_count asks for permission: GRPO leaves it out
+    sampling_asking = practice.Sampling(practice.agent_factory("a", None), None,
+                                        __import__("asyncio").run(asking.get_tool_schemas()), False, 4, asking)
+    assert practice_grpo.task_tools(same, sampling_asking) == ([calculator], None)
+
+    rendered: list[tuple[str, list[str] | None]] = []
+    make_tokenizer = practice_grpo._tool_tokenizer
+
+    def recording_tokenizer(handle, with_tools):
+        tokenizer = make_tokenizer(handle, with_tools)
+        render = tokenizer.apply_chat_template
+
+        def apply_chat_template(conversation, tools=None, **kwargs):
+            if kwargs.get("add_generation_prompt") and isinstance(conversation[0], list):  # trl renders a prompt
+                rendered.append((conversation[0][-1]["content"],
+                                 None if tools is None else [getattr(t, "__name__", t) for t in tools]))
+            return render(conversation, tools=tools, **kwargs)
+
+        tokenizer.apply_chat_template = apply_chat_template
+        return tokenizer
+
+    monkeypatch.setattr(practice_grpo, "_tool_tokenizer", recording_tokenizer)
+    wrapper = make_wrapper(tool_model_dir, max_length=48)
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"prompt": "What is 2 plus 3?", "answer": 5},
+                                                   {"prompt": "Say hello.", "answer": "hello", "tools": []}])
+    result = wrapper.practice(str(tasks), {"method": "grpo", "k": 2}, ft_config(tmp_path), toolkit=toolkit)
+    (round_,) = result.rounds
+    assert len([e for e in round_.log_history if "reward" in e]) == 2
+    assert wrapper.active_adapter == round_.adapter
+    assert {("What is 2 plus 3?", ("calculator",)), ("Say hello.", None)} == {
+        (prompt, tuple(tools) if tools else None) for prompt, tools in rendered}
+
+
+def test_the_docs_example_task_rows_load_with_their_tools(tmp_path):
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "practice.md").read_text()
+    (block,) = [b for b in re.findall(r"```text\n(.*?)```", docs, re.S) if '"tools"' in b]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(block)
+    loaded = load_tasks(str(path), tool_names=["calculator"])
+    assert not loaded.skipped and [t.tools for t in loaded.tasks] == [["calculator"], []]
