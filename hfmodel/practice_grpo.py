@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from hfmodel.common import FineTuneInterrupted, logger, redact, write_json_atomic
-from hfmodel.practice import PracticeError, PracticeSettings, RoundLog, Sampling, Scorer, Task
+from hfmodel.practice import (
+    GRPO_SAFE_LEARNING_RATE,
+    GRPO_TRAINING_ARGS,
+    PracticeError,
+    PracticeSettings,
+    RoundLog,
+    Sampling,
+    Scorer,
+    Task,
+)
 from hfmodel.settings import FineTuneConfig
 
 # GRPOConfig settings where they differ from trl's (and from the SFT defaults): trl's tqdm and checkpointing off, every
@@ -99,6 +108,10 @@ def grpo_round(model: Any, tasks: list[Task], settings: PracticeSettings, config
         return list[float | None](scores)
 
     args = grpo_args(cfg, settings, model.parameters, run_dir, len(rows))
+    if float(args.get("learning_rate", 0)) > GRPO_SAFE_LEARNING_RATE:
+        logger.warning("GRPO at learning_rate %g: policy-gradient steps at a fine-tune's learning rate can undo what "
+                       "the model knew within a few steps (SmolLM2 lost its tool calls at 1e-3); %g is the default.",
+                       float(args["learning_rate"]), GRPO_TRAINING_ARGS["learning_rate"])
     set_seed(int(args["seed"]))
     adapter_name, peft_model = adapters.for_training(cfg.lora_config)
     previous = adapters.active

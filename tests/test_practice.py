@@ -330,6 +330,19 @@ def test_typed_keys_split_into_practice_settings_and_fine_tune_settings_over_the
         practice.parse_practice_args(["kk=3"])
 
 
+def test_grpo_trains_at_a_grpo_learning_rate_without_loraplus_unless_told(caplog):
+    """SFT's learning rates wreck a policy-gradient run (SmolLM2 lost its tool calls at 1e-3 with LoRA+ 8)."""
+    base = {"training_args": {"max_steps": 18, "learning_rate": 1e-3}, "lora_config": {"loraplus_lr_ratio": 8}}
+    _, config = practice.parse_practice_args(["method=grpo"], base)
+    assert config["training_args"]["learning_rate"] == practice.GRPO_TRAINING_ARGS["learning_rate"] < 1e-4
+    assert config["lora_config"]["loraplus_lr_ratio"] is None
+    _, typed = practice.parse_practice_args(["method=grpo", "learning_rate=5e-5"], base)
+    assert typed["training_args"]["learning_rate"] == 5e-5
+    from_python = practice.training_config({"training_args": {"max_steps": 3}}, "grpo")
+    assert from_python["training_args"]["learning_rate"] == practice.GRPO_TRAINING_ARGS["learning_rate"]
+    assert practice.training_config(None, "rft")["training_args"]["learning_rate"] == 5e-4
+
+
 def test_the_docs_list_every_practice_setting_with_its_default():
     docs = (Path(__file__).resolve().parent.parent / "docs" / "practice.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", docs, re.M))
