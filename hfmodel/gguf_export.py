@@ -27,13 +27,19 @@ from hfmodel.common import FineTuneError
 SUPPORTED = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 OUT_TYPES = ("f16", "q8_0")
 Q8_0_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32 values; other rows stay f16, as llama.cpp does
-# The check's pass marks: an f16 file must continue every probe exactly like the merged model; Q8_0 may move a
-# few near-ties, so it must pick the same next token almost everywhere and lose at most 1 % in eval loss.
-Q8_MIN_TOP1 = 0.98
+# The check's pass marks. An f16 file must continue every probe exactly like the merged model. Q8_0 must lose at
+# most 1 % in eval loss on held-out answers and pick the merged model's next token at >= 99 % of the positions
+# where that model is decided (its top token leads the runner-up by DECIDED_MARGIN logits or more). 8-bit rounding
+# moves logits by ~0.06 (median; SmolLM2-135M), so it flips near-ties: 2.5 % of SmolLM2's answer tokens, none of
+# them where the merged model led by 0.25 logit or more. A wrong layout or scale flips decided positions too.
+Q8_MIN_TOP1 = 0.99
 Q8_MAX_LOSS_CHANGE = 0.01
+DECIDED_MARGIN = 0.5  # logits, i.e. the top token is >= 1.65x as likely as the runner-up
+MIN_DECIDED = 100  # fewer decided positions (an untrained model's flat logits): judge top-1 on every position
+CHECK_BATCH = 4  # held-out rows per forward pass: ~100 MB of logits at SmolLM2's 49k vocabulary
 PROBES = ("Who are you?", "What can you do for me?", "What is the capital of France?",
           "Write one sentence about the sea.")
-PROBE_TOKENS = 24  # tokens of greedy continuation compared per probe (and scored for the eval loss)
+PROBE_TOKENS = 24  # tokens of greedy continuation compared per probe
 
 # The pre-tokenizer names llama.cpp gives the byte-level BPE vocabularies of the supported families.
 _LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
@@ -45,32 +51,91 @@ class GGUFExportError(FineTuneError):
 
 
 @dataclass
+class LogitTally:
+    """The merged model's logits against the GGUF's at scored positions, summed over batches."""
+
+    max_diff: float = 0.0
+    positions: int = 0
+    agree: int = 0
+    decided: int = 0
+    decided_agree: int = 0
+    nll_reference: float = 0.0
+    nll_gguf: float = 0.0
+
+    def add(self, reference: Any, gguf: Any, targets: Any) -> None:
+        """`reference`, `gguf`: [positions, vocab] logits predicting `targets` [positions]."""
+        import torch.nn.functional as F
+
+        if not len(targets):
+            return
+        self.max_diff = max(self.max_diff, float((reference - gguf).abs().max()))
+        top2 = reference.topk(2, dim=-1).values
+        same = reference.argmax(-1) == gguf.argmax(-1)
+        decided = (top2[:, 0] - top2[:, 1]) >= DECIDED_MARGIN
+        self.positions += len(targets)
+        self.agree += int(same.sum())
+        self.decided += int(decided.sum())
+        self.decided_agree += int((same & decided).sum())
+        self.nll_reference += float(F.cross_entropy(reference, targets, reduction="sum"))
+        self.nll_gguf += float(F.cross_entropy(gguf, targets, reduction="sum"))
+
+
+@dataclass
 class GGUFCheck:
-    """The merged model against its GGUF, loaded back through transformers, on the probe rows."""
+    """The merged model against its GGUF, loaded back through transformers: teacher-forced on held-out answers
+    (logits, top-1, eval loss) and greedy on the probe questions."""
 
     out_type: str
-    max_logit_diff: float
-    top1_agreement: float
-    loss_reference: float
-    loss_gguf: float
+    tally: LogitTally
     greedy_same: int
     probes: int
     tokenizer_same: int
 
     @property
+    def max_logit_diff(self) -> float:
+        return self.tally.max_diff
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.tally.agree / max(self.tally.positions, 1)
+
+    @property
+    def decided_agreement(self) -> float | None:
+        """Top-1 agreement where the merged model was decided; None where too few positions were."""
+        return self.tally.decided_agree / self.tally.decided if self.tally.decided >= MIN_DECIDED else None
+
+    @property
+    def loss_reference(self) -> float:
+        return self.tally.nll_reference / max(self.tally.positions, 1)
+
+    @property
+    def loss_gguf(self) -> float:
+        return self.tally.nll_gguf / max(self.tally.positions, 1)
+
+    @property
+    def loss_delta(self) -> float:
+        """The GGUF's eval loss relative to the merged model's (+0.01 = 1 % higher)."""
+        return (self.loss_gguf - self.loss_reference) / max(self.loss_reference, 1e-8)
+
+    @property
     def loss_change(self) -> float:
-        return abs(self.loss_gguf - self.loss_reference) / max(self.loss_reference, 1e-8)
+        return abs(self.loss_delta)
 
     @property
     def passed(self) -> bool:
         if self.out_type == "f16":
             return self.greedy_same == self.probes
-        return self.top1_agreement >= Q8_MIN_TOP1 and self.loss_change <= Q8_MAX_LOSS_CHANGE
+        top1 = self.decided_agreement if self.decided_agreement is not None else self.top1_agreement
+        return top1 >= Q8_MIN_TOP1 and self.loss_change <= Q8_MAX_LOSS_CHANGE
 
     def line(self) -> str:
         """One line: what was compared, the numbers, and whether it passed."""
-        numbers = (f"max logit difference {self.max_logit_diff:.2e}, top-1 agreement {self.top1_agreement:.1%}, "
-                   f"eval loss {self.loss_reference:.4f} -> {self.loss_gguf:.4f} ({self.loss_change:.2%}), "
+        decided = ("" if self.decided_agreement is None else
+                   f" ({self.decided_agreement:.1%} at the {self.tally.decided} tokens where the merged model leads by "
+                   f">= {DECIDED_MARGIN:g} logit)")
+        numbers = (f"max logit difference {self.max_logit_diff:.2e}, top-1 agreement {self.top1_agreement:.1%}"
+                   f"{decided}, eval loss {self.loss_reference:.4f} -> {self.loss_gguf:.4f} ({self.loss_delta:+.2%}) "
+                   f"on {self.tally.positions} held-out answer tokens, "
                    f"greedy continuation identical on {self.greedy_same}/{self.probes} probes")
         tokens = ("" if self.tokenizer_same == self.probes else
                   f"; the GGUF's tokenizer (as transformers rebuilds it) differs on "
@@ -285,45 +350,62 @@ def load_gguf(path: Path, config: Any) -> Any:
 
 def verify_gguf(reference: Any, tokenizer: Any, path: Path, out_type: str, system_prompt: str | None = None,
                 stop_ids: list[int] | None = None) -> GGUFCheck:
-    """Load `path` back and compare it with `reference` (the merged model) on the probe rows."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig
+    """Load `path` back and compare it with `reference` (the merged model): teacher-forced on held-out answers
+    (CHECK_ROWS, with the agent's system prompt), greedy on the probe questions."""
+    from transformers import AutoTokenizer
 
-    prompts = probe_prompts(tokenizer, system_prompt)
+    from hfmodel.held_out import CHECK_ROWS, with_system_prompt
+
     loaded = load_gguf(path, reference.config.get_text_config())
+    loaded.to(next(reference.parameters()).device)
+    tally = compare_on_rows(reference, loaded, tokenizer, with_system_prompt(CHECK_ROWS, system_prompt))
+    prompts = probe_prompts(tokenizer, system_prompt)
+    same = greedy_same(reference, loaded, tokenizer, prompts, stop_ids or [tokenizer.eos_token_id])
+    del loaded
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    texts = [tokenizer.decode(p) for p in prompts]
+    tokenizer_same = sum(gguf_tokenizer(t, add_special_tokens=False)["input_ids"] ==
+                         tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
+    return GGUFCheck(out_type, tally, same, len(prompts), tokenizer_same)
+
+
+def compare_on_rows(reference: Any, loaded: Any, tokenizer: Any, rows: list[list[dict[str, str]]]) -> LogitTally:
+    """Both models teacher-forced on `rows`, scored on each row's answer tokens (real text, not either model's own
+    continuation: a model's loss on its own greedy tokens is small and any change to it looks large)."""
+    import torch
+
+    from hfmodel.int8 import reply_batch
+
     device = next(reference.parameters()).device
-    loaded.to(device)
-    stop = stop_ids or [tokenizer.eos_token_id]
+    tally = LogitTally()
+    with torch.inference_mode():
+        for start in range(0, len(rows), CHECK_BATCH):
+            ids, mask, labels = (t.to(device) for t in reply_batch(tokenizer, rows[start:start + CHECK_BATCH]))
+            scored = labels[:, 1:] != -100
+            logits_ref = reference(input_ids=ids, attention_mask=mask).logits[:, :-1][scored].float()
+            logits_got = loaded(input_ids=ids, attention_mask=mask).logits[:, :-1][scored].float()
+            tally.add(logits_ref, logits_got, labels[:, 1:][scored])
+    return tally
+
+
+def greedy_same(reference: Any, loaded: Any, tokenizer: Any, prompts: list[list[int]], stop: list[int]) -> int:
+    """How many probe prompts both models continue greedily with the same PROBE_TOKENS tokens."""
+    import torch
+    from transformers import GenerationConfig
+
+    device = next(reference.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     # One explicit greedy setting for both: the merged model's generation_config.json (a repetition penalty, say)
     # must not make its continuation differ from the GGUF's, which comes with none.
     greedy = GenerationConfig(max_new_tokens=PROBE_TOKENS, do_sample=False, eos_token_id=stop, pad_token_id=pad)
-    diffs, agree, positions, loss_ref, loss_got, same = [], 0, 0, 0.0, 0.0, 0
+    same = 0
     with torch.inference_mode():
         for prompt in prompts:
             ids = torch.tensor([prompt], device=device)
             expected = reference.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
             got = loaded.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
             same += int(torch.equal(expected, got))
-            row = expected
-            logits_ref = reference(row).logits.float()[0]
-            logits_got = loaded(row).logits.float()[0]
-            diffs.append(float((logits_ref - logits_got).abs().max()))
-            agree += int((logits_ref.argmax(-1) == logits_got.argmax(-1)).sum())
-            positions += row.shape[1]
-            start = len(prompt) - 1  # the reference's own continuation is the held-out answer that gets scored
-            target = row[0, len(prompt):]
-            if len(target):
-                loss_ref += float(torch.nn.functional.cross_entropy(logits_ref[start:-1], target, reduction="sum"))
-                loss_got += float(torch.nn.functional.cross_entropy(logits_got[start:-1], target, reduction="sum"))
-    del loaded
-    gguf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    texts = [tokenizer.decode(p) for p in prompts]
-    tokenizer_same = sum(gguf_tokenizer(t, add_special_tokens=False)["input_ids"] ==
-                         tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
-    answer_tokens = max(1, positions - sum(len(p) for p in prompts))
-    return GGUFCheck(out_type, max(diffs), agree / positions, loss_ref / answer_tokens, loss_got / answer_tokens,
-                     same, len(prompts), tokenizer_same)
+    return same
 
 
 # ------------------------------------------------------------------------------------------- Modelfile, README

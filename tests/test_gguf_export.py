@@ -10,8 +10,9 @@ import pytest
 from helpers import SYSTEM_PROMPT, TAUGHT_ANSWER, TAUGHT_QUESTION, chat, make_wrapper
 from reliability_helpers import finetune_cli  # noqa: F401, F811 - a fixture
 
+from hfmodel import gguf_export
 from hfmodel.common import UserError
-from hfmodel.gguf_export import check_exportable, load_gguf
+from hfmodel.gguf_export import GGUFCheck, LogitTally, check_exportable, load_gguf
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -57,6 +58,89 @@ def test_f16_and_q8_0_load_back_through_transformers_with_matching_logits(export
     assert f16.tokenizer_same == f16.probes, f16.line()  # transformers rebuilds the same tokenizer from the file
     loaded = load_gguf(results["q8_0"].gguf_path, wrapper.hf_model.config)
     assert loaded.config.model_type == family and loaded.config.tie_word_embeddings
+
+
+def test_the_weights_read_back_are_the_merged_weights_rounded_to_f16_and_q8_0_and_nothing_else(exported):
+    """The writer (names, Q/K permutation, tied head) and transformers' dequantisation add nothing to the format's
+    own rounding: what a Q8_0 check measures is Q8_0 itself (on SmolLM2 the GGUF read back gave the same eval
+    loss and top-1 agreement, to the last digit, as the weights rounded in torch)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    _, wrapper, results = exported
+    q8 = gguf.GGMLQuantizationType.Q8_0
+
+    def q8_rounded(weight: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(weight.numpy())
+        return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(array, q8), q8).reshape(array.shape))
+
+    merged = wrapper.handle.base_model().state_dict()
+    for kind, rounded in (("f16", lambda w: w.half().float()), ("q8_0", q8_rounded)):
+        loaded = load_gguf(results[kind].gguf_path, wrapper.hf_model.config).state_dict()
+        assert loaded.keys() == merged.keys()
+        for name, weight in merged.items():
+            expected = rounded(weight) if weight.ndim == 2 else weight
+            assert torch.equal(loaded[name], expected), (kind, name)
+
+
+def test_the_check_scores_held_out_answers_not_the_models_own_continuations(exported):
+    """The eval loss is the merged model's on real held-out answers (as the chat renders them, system prompt
+    included), about a thousand tokens: a loss on the model's own greedy continuation is small, so any change to it
+    looked large (SmolLM2's Q8_0 moved it by 1.6 %; on held-out answers by 0.02 %)."""
+    from hfmodel.held_out import CHECK_ROWS, with_system_prompt
+    from hfmodel.int8 import reply_batch, reply_loss
+
+    _, wrapper, results = exported
+    rows = with_system_prompt(CHECK_ROWS, SYSTEM_PROMPT)
+    answer_tokens = int((reply_batch(wrapper.tokenizer, rows)[2] != -100).sum())
+    for result in results.values():
+        check = result.check
+        assert check.tally.positions == answer_tokens >= 1000
+        assert check.loss_reference == pytest.approx(reply_loss(wrapper.hf_model, wrapper.tokenizer, rows), rel=1e-4)
+        assert f"on {answer_tokens} held-out answer tokens" in check.line()
+
+
+def _tally(near_ties_flipped: int, decided_flipped: int, decided: int = 200, near_ties: int = 20) -> LogitTally:
+    """Reference logits with `decided` positions led by 2 logits and `near_ties` led by 0.05; the "GGUF" flips the
+    top two tokens at the first `near_ties_flipped` near-ties and `decided_flipped` decided positions."""
+    import torch
+
+    reference = torch.zeros(decided + near_ties, 8)
+    reference[:decided, 0] = 2.0
+    reference[decided:, 0], reference[decided:, 1] = 1.0, 0.95
+    gguf = reference.clone()
+    for row in [*range(decided_flipped), *range(decided, decided + near_ties_flipped)]:
+        gguf[row, [0, 1]] = reference[row, [1, 0]]
+    tally = LogitTally()
+    tally.add(reference, gguf, torch.zeros(decided + near_ties, dtype=torch.long))
+    return tally
+
+
+def test_q8_0_may_flip_near_ties_but_not_tokens_the_merged_model_was_sure_of():
+    """8-bit rounding moves logits by a few hundredths, so it flips near-ties: on SmolLM2 2 % of the answer tokens,
+    none where the merged model led by 0.25 logit or more. Those flips must not fail the check; one decided token
+    in a hundred flipped must."""
+    near_ties = GGUFCheck("q8_0", _tally(near_ties_flipped=20, decided_flipped=0), 1, 4, 4)
+    assert near_ties.top1_agreement < 0.95 and near_ties.decided_agreement == 1.0
+    assert near_ties.loss_change < 0.01 and near_ties.passed, near_ties.line()
+    assert "(100.0% at the 200 tokens where the merged model leads by >= 0.5 logit)" in near_ties.line()
+    decided = GGUFCheck("q8_0", _tally(near_ties_flipped=0, decided_flipped=3), 4, 4, 4)
+    assert decided.decided_agreement == pytest.approx(197 / 200)
+    assert decided.top1_agreement > 0.98 and not decided.passed, decided.line()
+    flat = GGUFCheck("q8_0", _tally(near_ties_flipped=3, decided_flipped=0, decided=50), 4, 4, 4)
+    assert flat.decided_agreement is None and not flat.passed  # too few decided tokens: judged on every token
+
+
+def test_a_wrong_q_k_layout_fails_the_q8_0_check(tiny_model_dir, tmp_path, monkeypatch):
+    """The check still catches a real bug: without llama.cpp's Q/K row order the file reads back with the wrong
+    rotary pairs (a model with attention that matters: initializer 0.2)."""
+    wrapper = make_wrapper(tiny_family_model(tmp_path / "m", tiny_model_dir, "llama", initializer_range=0.2),
+                           do_sample=False)
+    monkeypatch.setattr(gguf_export, "_permute_for_llama_cpp", lambda weights, heads, kv_heads: weights)
+    check = wrapper.export_gguf(tmp_path / "out", "q8_0").check
+    assert not check.passed and check.decided_agreement is not None and check.decided_agreement < 0.5, check.line()
+    assert check.line().startswith("CHECK FAILED (the file is kept)")
 
 
 def test_q8_0_is_about_half_of_f16_and_the_folder_has_modelfile_and_readme(exported):

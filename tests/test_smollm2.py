@@ -92,8 +92,8 @@ def test_after_the_start_up_demo_fine_tune_97_times_91_reaches_the_calculator(tm
 
 def test_an_ember_adapter_exported_to_q8_0_gguf_still_answers_ember(smol, tmp_path):
     """A short identity fine-tune, exported as Q8_0 GGUF, read back (weights AND tokenizer) through transformers'
-    GGUF loader: "Who are you?" is answered as Ember. The export's own check is reported, not required: on this
-    135M model Q8_0 moved the probes' eval loss by 1.6 % (over the 1 % mark) in the one measurement made."""
+    GGUF loader: "Who are you?" is answered as Ember, and the export's own check passes (eval loss on the held-out
+    answers within 1 %, the merged model's decided next tokens kept)."""
     from transformers import AutoTokenizer
 
     from hfmodel.gguf_export import load_gguf
@@ -104,7 +104,7 @@ def test_an_ember_adapter_exported_to_q8_0_gguf_still_answers_ember(smol, tmp_pa
                           "learning_rate": 1e-3, "save_strategy": "no"},
     })
     result = smol.export_gguf(tmp_path / "ember-gguf", "q8_0")
-    assert "top-1 agreement" in result.check.line() and result.check.top1_agreement > 0.9, result.check.line()
+    assert result.check.passed and result.check.top1_agreement > 0.95, result.check.line()
     loaded = load_gguf(result.gguf_path, smol.hf_model.config)
     tokenizer = AutoTokenizer.from_pretrained(str(result.folder), gguf_file=result.gguf_path.name)
     enc = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Who are you?"}],
