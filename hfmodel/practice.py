@@ -187,8 +187,9 @@ def make_settings(values: dict[str, Any] | PracticeSettings | None) -> PracticeS
 
 def training_config(fine_tune_config: dict[str, Any] | None, method: str = "rft") -> dict[str, Any]:
     """The fine-tune config of the training step: the method's defaults under the caller's settings; for RFT always
-    SFT, always a new run (the rows differ every round, and an identical earlier run would still be a different
-    practice)."""
+    SFT. Sampling is seeded, so practising again from the same adapter with the same settings gives the same rows:
+    the fine-tune then reuses that earlier run's adapter, as any identical fine-tune does (`force_retrain=true`
+    trains again)."""
     config = json.loads(json.dumps(fine_tune_config or {}))
     args_defaults, lora_defaults = method_defaults(method)
     args = {**args_defaults, **(config.get("training_args") or {})}
