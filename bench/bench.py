@@ -1174,18 +1174,19 @@ class ChatDriver:
         return self.proc.returncode
 
 
-def bench_practice(threads: int | None, tmp: str, timeout: float = 1800.0) -> dict[str, Any]:
+def bench_practice(threads: int | None, tmp: str, timeout: float = 1800.0, script_args: tuple[str, ...] = ()
+                   ) -> dict[str, Any]:
     """`/practice data/ember_practice.jsonl` typed in the chat script as a newcomer runs it (a new working folder,
     `--startup-finetune wait`, so the demo fine-tune has finished first), timed from typing to the report's last
     line; then the held-out and dev probes (bench/probe_tools.py --fresh) on the adapter that served before and the
-    one that serves after."""
+    one that serves after. `script_args`: more arguments for the script (the tests' `--local-model-path <tiny>`)."""
     cwd = Path(tmp) / "practice-cwd"
     cwd.mkdir(parents=True, exist_ok=True)
     # A user runs from the project folder, where the relative tasks path resolves: the same `data/` here.
     (cwd / "data").symlink_to(ROOT / "data", target_is_directory=True)
     env = {**child_env(threads, pythonpath=False), "COLUMNS": "400"}  # wide tables: no wrapped paths to parse
     out: dict[str, Any] = {"command": PRACTICE_COMMAND, "load_average_start": load_average()}
-    chat = ChatDriver(["--startup-finetune", "wait"], env, cwd)
+    chat = ChatDriver(["--startup-finetune", "wait", *script_args], env, cwd)
     prompt = chat.wait_for(b"User: ", 0, timeout)
     out["prompt_s"] = None if prompt is None else round(prompt[0], 1)
     report = None
@@ -1204,34 +1205,33 @@ def bench_practice(threads: int | None, tmp: str, timeout: float = 1800.0) -> di
         return out
     out["run_dir"] = str(reports[0].parent.relative_to(cwd))
     out["report"] = parse_practice_report(reports[0].read_text(encoding="utf-8"))
-    served = {side: out["report"].get(f"{side}_adapter") for side in ("before", "after")}
-    out["served"] = {side: {"name": name, "path": _relative(dig_path(out.get("adapters"), name), cwd)}
-                     for side, name in served.items()}
-    out["probes"] = {}
-    for which, probes in PROBE_SETS.items():
-        out["probes"][which] = {side: run_probes(dig_path(out.get("adapters"), name), probes, threads)
-                                for side, name in served.items()}
+    folders = {side: adapter_folder(out.get("adapters"), out["report"].get(f"{side}_adapter"), cwd)
+               for side in ("before", "after")}
+    out["served"] = {side: {"name": out["report"].get(f"{side}_adapter"), "path": _relative(folder, cwd)}
+                     for side, folder in folders.items()}
+    out["probes"] = {which: {side: run_probes(folder, probes, threads) for side, folder in folders.items()}
+                     for which, probes in PROBE_SETS.items()}
+    out["load_average_end"] = load_average()
     return out
 
 
-def dig_path(adapters: dict[str, Any] | None, name: str | None) -> str | None:
-    return (adapters or {}).get(name or "", {}).get("path")
+def adapter_folder(adapters: dict[str, Any] | None, name: str | None, cwd: Path) -> Path | None:
+    """The folder of adapter `name` in the /adapters table; the chat prints run folders relative to its own."""
+    path = (adapters or {}).get(name or "", {}).get("path")
+    return None if path is None else cwd / path
 
 
-def _relative(path: str | None, cwd: Path) -> str | None:
+def _relative(path: Path | None, cwd: Path) -> str | None:
     if path is None:
         return None
-    try:
-        return str(Path(path).relative_to(cwd))
-    except ValueError:
-        return path
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
 
 
-def run_probes(adapter: str | None, probes: Path, threads: int | None) -> dict[str, Any]:
+def run_probes(adapter: Path | None, probes: Path, threads: int | None) -> dict[str, Any]:
     """bench/probe_tools.py on one adapter folder (greedy, fresh agent per question); its counts."""
     if adapter is None:
         return {"error": "adapter folder unknown (not in /adapters)"}
-    res = run_child([sys.executable, str(BENCH / "probe_tools.py"), adapter, str(probes), "--fresh"],
+    res = run_child([sys.executable, str(BENCH / "probe_tools.py"), str(adapter), str(probes), "--fresh"],
                     env=child_env(threads), cwd=ROOT, timeout=900)
     counts = last_json_line(res["stdout"])
     if res["rc"] != 0 or counts is None:
@@ -1527,7 +1527,7 @@ def practice_targets(p: dict[str, Any] | None, add: Callable[..., None]) -> None
         return None if plain is None or no_call is None else plain - no_call
 
     add("practice: /practice data/ember_practice.jsonl (RFT defaults), typed to report, s", p.get("practice_s"),
-        "<=", 480.0, f"load average {p.get('load_average_start')} before, {p.get('load_average')} after")
+        "<=", 480.0, f"load average {p.get('load_average_start')} before, {p.get('load_average_end')} after")
     add("practice: blind held-out arithmetic right through the calculator, after (of 40)", after.get("right_answer"),
         ">=", 32.0, f"of {after.get('arithmetic')}", before=before.get("right_answer"))
     add("practice: blind plain prompts with a spurious call, after (of 10)", spurious(after), "<=", 1.0,

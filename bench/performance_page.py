@@ -179,7 +179,7 @@ def practice_section(p: dict[str, Any]) -> list[str]:
     lines = [f"`{p.get('command', '/practice')}` (RFT, default settings) typed in "
              "`python load_finetune_huggingface_model.py --startup-finetune wait`, run from a new working folder, once "
              f"the start-up demo fine-tune has finished. 1-minute load average {p.get('load_average_start') or 'n/a'} "
-             f"when it began, {p.get('load_average') or 'n/a'} after the probes."]
+             f"when it began, {p.get('load_average_end') or p.get('load_average') or 'n/a'} after the probes."]
     report = p.get("report")
     if p.get("practice_s") is None or not report:
         return [*lines, "", f"It did not finish (exit code {p.get('rc')}); see `output_tail` in the results."]

@@ -291,3 +291,31 @@ def test_the_performance_page_shows_practice_before_and_after(bench):
     assert "practice" in not_measured and "fine-tuning" in not_measured
     died = page_module.render_page({"meta": {}, "sections": {"smollm2": {"practice": {"practice_s": None, "rc": 1}}}})
     assert "It did not finish (exit code 1)" in died
+
+
+@pytest.mark.slow  # ~1 minute: the chat script, its start-up fine-tune, /practice and four probe runs, on the tiny model
+def test_the_practice_section_drives_the_real_chat_on_the_tiny_model(bench, tiny_model_dir, tmp_path, monkeypatch):
+    """What `make bench` runs on SmolLM2, on the tiny model: the script's prompt, `/practice` to its report, the
+    /adapters table, the report's figures and the probes on both adapters all reach the results and the page."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = bench.bench_practice(1, str(tmp_path), timeout=600, script_args=("--local-model-path", str(tiny_model_dir)))
+    assert out["rc"] == 0 and out["practice_s"] > 0, out.get("output_tail")
+    assert out["run_dir"].startswith("runs/") and out["run_dir"].endswith("-practice")
+    before, after = out["served"]["before"], out["served"]["after"]
+    assert before["name"] and after["name"] and before["name"] != after["name"]
+    assert out["adapters"][after["name"]]["from"] == before["name"] and out["adapters"][after["name"]]["active"]
+    for side in (before, after):
+        assert side["path"].startswith("runs/") and (tmp_path / "practice-cwd" / side["path"] / "adapter_config.json"
+                                                     ).exists()
+    report = out["report"]
+    assert report["pass_k"]["k"] == 4 and report["rounds"][0]["accepted"][1] > 0
+    assert all(report[key] is not None for key in ("sampling_s", "training_s", "evaluation_s"))
+    for side in ("before", "after"):
+        blind, dev = out["probes"]["blind"][side], out["probes"]["dev"][side]
+        assert (blind["arithmetic"], blind["plain"], blind["identity_total"]) == (40, 10, 10), blind
+        assert (dev["arithmetic"], dev["plain"]) == (64, 15), dev
+    targets = bench.build_targets("smollm2", {"practice": out})
+    assert len(targets) == 4 and all(t["value"] is not None for t in targets)
+    page_module = _module("performance_page_under_test", ROOT / "bench" / "performance_page.py")
+    practice = page_module.render_page({"sections": {"smollm2": {"practice": out}}}).split("### Practice")[1]
+    assert "n/a" not in practice.split("Not measured")[0], practice
