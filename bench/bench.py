@@ -1144,16 +1144,19 @@ class ChatDriver:
         self.proc.stdin.flush()  # type: ignore[union-attr]
         return offset
 
-    def wait_for(self, marker: bytes, offset: int, timeout: float, whole_line: bool = False
-                 ) -> tuple[float, int] | None:
+    def wait_for(self, marker: bytes, offset: int, timeout: float, whole_line: bool = False,
+                 unless: bytes | None = None) -> tuple[float, int] | None:
         """(seconds since the start, position) at which `marker` (with `whole_line`: up to the end of its line)
-        appeared after `offset`; None if the child ended or `timeout` passed first."""
+        appeared after `offset`; None if `unless` appeared first (e.g. the next prompt: the command ended without
+        it), the child ended or `timeout` passed."""
         deadline = time.perf_counter() + timeout
         with self.changed:
             while True:
                 at = self.out.find(marker, offset)
                 if at >= 0 and (not whole_line or self.out.find(b"\n", at) >= 0):
                     return time.perf_counter() - self.started, at
+                if unless is not None and self.out.find(unless, offset) >= 0:
+                    return None
                 left = deadline - time.perf_counter()
                 if left <= 0 or not self.thread.is_alive():
                     return None
@@ -1192,7 +1195,8 @@ def bench_practice(threads: int | None, tmp: str, timeout: float = 1800.0, scrip
     report = None
     if prompt is not None:
         typed = time.perf_counter() - chat.started
-        report = chat.wait_for(b"Report: ", chat.send(PRACTICE_COMMAND), timeout, whole_line=True)
+        report = chat.wait_for(b"Report: ", chat.send(PRACTICE_COMMAND), timeout, whole_line=True,
+                               unless=b"\nUser: ")
         out["practice_s"] = None if report is None else round(report[0] - typed, 1)
     if report is not None and chat.wait_for(b"User: ", report[1], 120) is not None:
         listed = chat.send("/adapters")
