@@ -2,8 +2,8 @@
 
     python bench/bench.py [--quick] [--model tiny|smollm2|both] [--out FILE] [--repeats N] [--threads N]
 
-`make bench` = no flags (both models, full settings, ~8 min on 2 CPU cores); `make bench-quick` = --quick
-(tiny model unless --model says otherwise, fewer repeats/steps, < 3 min). Writes bench/results.json (or --out)
+`make bench` = no flags (both models, full settings; its practice section alone takes ~10 min on 2 CPU cores);
+`make bench-quick` = --quick (tiny model unless --model says otherwise, fewer repeats/steps, < 3 min). Writes bench/results.json (or --out)
 and prints markdown tables; see bench/README.md for what is measured and how.
 
 Sections (each model):

@@ -215,6 +215,7 @@ def practice_section(p: dict[str, Any]) -> list[str]:
     accepted = "; ".join(f"Round {r.get('round')}: {pair(r.get('accepted'))} attempts accepted, "
                          f"{pair(r.get('solved'))} tasks solved at least once" for r in report.get("rounds") or [])
     return [*lines, "", *table(["measure", "before", "after"], rows), "",
+            f"The first prompt (model load and start-up fine-tune) after {num(p.get('prompt_s'))} s. "
             f"From typing the command to the report's last line: {num(p.get('practice_s'))} s (sampling "
             f"{num(report.get('sampling_s'))} s, training {num(report.get('training_s'))} s, evaluation before and "
             f"after {num(report.get('evaluation_s'))} s). {accepted or 'No round finished'}."]
