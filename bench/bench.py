@@ -2,8 +2,8 @@
 
     python bench/bench.py [--quick] [--model tiny|smollm2|both] [--out FILE] [--repeats N] [--threads N]
 
-`make bench` = no flags (both models, full settings, ~8 min on 2 CPU cores); `make bench-quick` = --quick
-(tiny model unless --model says otherwise, fewer repeats/steps, < 3 min). Writes bench/results.json (or --out)
+`make bench` = no flags (both models, full settings; its practice section alone takes ~10 min on 2 CPU cores);
+`make bench-quick` = --quick (tiny model unless --model says otherwise, fewer repeats/steps, < 3 min). Writes bench/results.json (or --out)
 and prints markdown tables; see bench/README.md for what is measured and how.
 
 Sections (each model):
@@ -19,6 +19,9 @@ Sections (each model):
             first streamed reply (the start-up fine-tune runs in the background), and to its adapter being swapped in.
   demo      (SmolLM2, full mode) the chat script's own start-up fine-tune (identity + calculator rows, its settings):
             seconds, eval loss; then a few steps on the same rows with the shared-prefix forward on and off.
+  practice  (SmolLM2, ~10 min) `/practice data/ember_practice.jsonl force_retrain=true` typed in the chat script run
+            from a new working folder with `--startup-finetune wait`: seconds from typing to the report, the report's
+            figures, then bench/probe_tools.py --fresh (blind and dev probes) on the adapters before and after.
   int8      (`"quantization": "int8"`, hfmodel/int8.py) fp32 vs int8 serving weights, each in its own process:
             decode tok/s at batch 1 (raw generate, greedy), eval loss on the ember_eval rows, RSS of the served
             weights (RSS after load + a reply minus RSS before the load) and the load time with the int8 check.
@@ -43,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1103,6 +1107,223 @@ def bench_first_reply(threads: int | None, tmp: str, timeout: float = 900.0) -> 
             "output_tail": text[-1500:] if "adapter" not in marks else ""}
 
 
+PRACTICE_TASKS = "data/ember_practice.jsonl"
+# force_retrain: an identical earlier practice run would otherwise be reused, and its training not timed.
+PRACTICE_COMMAND = f"/practice {PRACTICE_TASKS} force_retrain=true"
+PROBE_SETS = {"blind": ROOT / "data" / "ember_tool_probes.json", "dev": ROOT / "data" / "ember_tool_dev_probes.json"}
+PROBE_KEYS = ("right_answer", "arithmetic", "plain_no_call", "plain", "identity", "identity_total")
+
+
+class ChatDriver:
+    """The chat script as a child process: lines typed on its stdin, its stdout collected, and the time at which a
+    marker first appears after a given point of the output."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        self.out = bytearray()
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        while chunk := os.read(fd, 65536):
+            with self.changed:
+                self.out.extend(chunk)
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def send(self, line: str) -> int:
+        """Types `line`; returns where the output stood, so that markers are looked for in what follows."""
+        with self.changed:
+            offset = len(self.out)
+        self.proc.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return offset
+
+    def wait_for(self, marker: bytes, offset: int, timeout: float, whole_line: bool = False,
+                 unless: bytes | None = None) -> tuple[float, int] | None:
+        """(seconds since the start, position) at which `marker` (with `whole_line`: up to the end of its line)
+        appeared after `offset`; None if `unless` appeared first (e.g. the next prompt: the command ended without
+        it), the child ended or `timeout` passed."""
+        deadline = time.perf_counter() + timeout
+        with self.changed:
+            while True:
+                at = self.out.find(marker, offset)
+                if at >= 0 and (not whole_line or self.out.find(b"\n", at) >= 0):
+                    return time.perf_counter() - self.started, at
+                if unless is not None and self.out.find(unless, offset) >= 0:
+                    return None
+                left = deadline - time.perf_counter()
+                if left <= 0 or not self.thread.is_alive():
+                    return None
+                self.changed.wait(min(left, 1.0))
+
+    def text(self, offset: int = 0) -> str:
+        with self.changed:
+            return self.out[offset:].decode(errors="replace")
+
+    def finish(self) -> int:
+        try:
+            self.send("exit")
+            self.proc.wait(timeout=120)
+        except (BrokenPipeError, subprocess.TimeoutExpired):
+            self.proc.kill()  # our own child, by its pid
+            self.proc.wait()
+        self.thread.join(10)
+        return self.proc.returncode
+
+
+def bench_practice(threads: int | None, tmp: str, timeout: float = 1800.0, script_args: tuple[str, ...] = ()
+                   ) -> dict[str, Any]:
+    """`/practice data/ember_practice.jsonl` typed in the chat script as a newcomer runs it (a new working folder,
+    `--startup-finetune wait`, so the demo fine-tune has finished first), timed from typing to the report's last
+    line; then the held-out and dev probes (bench/probe_tools.py --fresh) on the adapter that served before and the
+    one that serves after. `script_args`: more arguments for the script (the tests' `--local-model-path <tiny>`)."""
+    cwd = Path(tmp) / "practice-cwd"
+    cwd.mkdir(parents=True, exist_ok=True)
+    # A user runs from the project folder, where the relative tasks path resolves: the same `data/` here.
+    (cwd / "data").symlink_to(ROOT / "data", target_is_directory=True)
+    env = {**child_env(threads, pythonpath=False), "COLUMNS": "400"}  # wide tables: no wrapped paths to parse
+    out: dict[str, Any] = {"command": PRACTICE_COMMAND, "load_average_start": load_average()}
+    chat = ChatDriver(["--startup-finetune", "wait", *script_args], env, cwd)
+    prompt = chat.wait_for(b"User: ", 0, timeout)
+    out["prompt_s"] = None if prompt is None else round(prompt[0], 1)
+    report = None
+    if prompt is not None:
+        typed = time.perf_counter() - chat.started
+        report = chat.wait_for(b"Report: ", chat.send(PRACTICE_COMMAND), timeout, whole_line=True,
+                               unless=b"\nUser: ")
+        out["practice_s"] = None if report is None else round(report[0] - typed, 1)
+    if report is not None and chat.wait_for(b"User: ", report[1], 120) is not None:
+        listed = chat.send("/adapters")
+        chat.wait_for(b"User: ", listed, 60)
+        out["adapters"] = parse_adapters_table(chat.text(listed))
+    out["rc"] = chat.finish()
+    reports = sorted((cwd / "runs").glob("*-practice/report.md"))
+    if out.get("practice_s") is None or len(reports) != 1:
+        out["output_tail"] = chat.text()[-3000:]
+        return out
+    out["run_dir"] = str(reports[0].parent.relative_to(cwd))
+    out["report"] = parse_practice_report(reports[0].read_text(encoding="utf-8"))
+    folders = {side: adapter_folder(out.get("adapters"), out["report"].get(f"{side}_adapter"), cwd)
+               for side in ("before", "after")}
+    out["served"] = {side: {"name": out["report"].get(f"{side}_adapter"), "path": _relative(folder, cwd)}
+                     for side, folder in folders.items()}
+    out["probes"] = {which: {side: run_probes(folder, probes, threads) for side, folder in folders.items()}
+                     for which, probes in PROBE_SETS.items()}
+    out["load_average_end"] = load_average()
+    return out
+
+
+def adapter_folder(adapters: dict[str, Any] | None, name: str | None, cwd: Path) -> Path | None:
+    """The folder of adapter `name` in the /adapters table; the chat prints run folders relative to its own."""
+    path = (adapters or {}).get(name or "", {}).get("path")
+    return None if path is None else cwd / path
+
+
+def _relative(path: Path | None, cwd: Path) -> str | None:
+    if path is None:
+        return None
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+
+
+def run_probes(adapter: Path | None, probes: Path, threads: int | None) -> dict[str, Any]:
+    """bench/probe_tools.py on one adapter folder (greedy, fresh agent per question); its counts."""
+    if adapter is None:
+        return {"error": "adapter folder unknown (not in /adapters)"}
+    res = run_child([sys.executable, str(BENCH / "probe_tools.py"), str(adapter), str(probes), "--fresh"],
+                    env=child_env(threads), cwd=ROOT, timeout=900)
+    counts = last_json_line(res["stdout"])
+    if res["rc"] != 0 or counts is None:
+        return {"error": f"rc {res['rc']}: {res['stderr_tail'][-600:]}"}
+    return {key: counts.get(key) for key in PROBE_KEYS} | {"seconds": round(res["wall_s"], 1)}
+
+
+def last_json_line(stdout: str) -> dict[str, Any] | None:
+    """The last line of `stdout` that is a JSON object (probe_tools prints its counts last)."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def parse_adapters_table(text: str) -> dict[str, dict[str, Any]]:
+    """The chat's /adapters table (rich box cells: active, name, from, path, note) as {name: {path, from, active}}."""
+    adapters = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|]", line)]
+        if len(cells) == 7 and cells[2] and cells[2] != "name":  # the border cells at both ends are empty
+            active, name, parent, path = cells[1:5]
+            adapters[name] = {"path": path or None, "from": parent or None, "active": active == "*"}
+    return adapters
+
+
+PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
+FRACTION = re.compile(r"^(\d+)/(\d+)")
+SECONDS = re.compile(r"^(\d+(?:\.\d+)?) s\b")
+
+
+def parse_practice_report(text: str) -> dict[str, Any]:
+    """A practice run's report.md (hfmodel.practice.write_report): the adapters before and after and the figures of
+    its table; a share is a fraction (75% -> 0.75), a count `a/b` is [a, b], a time is seconds."""
+    out: dict[str, Any] = {"rounds": []}
+    head = re.search(r"^\| metric \| before \((.*)\) \| after \((.*)\) \|$", text, re.M)
+    if head:
+        out["before_adapter"], out["after_adapter"] = head.group(1), head.group(2)
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not line.startswith("| "):
+            continue
+        metric, before, after = cells
+        key, value = _report_row(metric, before, after)
+        if key == "round":
+            out["rounds"].append(value)
+        elif key:
+            out[key] = value
+    return out
+
+
+def _report_row(metric: str, before: str, after: str) -> tuple[str | None, Any]:
+    def share(cell: str) -> float | None:
+        m = PERCENT.match(cell)
+        return float(m.group(1)) / 100 if m else None
+
+    def count(cell: str) -> list[int] | None:
+        m = FRACTION.match(cell)
+        return [int(m.group(1)), int(m.group(2))] if m else None
+
+    def seconds(cell: str) -> float | None:
+        m = SECONDS.match(cell)
+        return float(m.group(1)) if m else None
+
+    if m := re.match(r"pass@1, chat settings \((\d+) held-out tasks\)", metric):
+        return "pass1_chat", {"before": share(before), "after": share(after), "tasks": int(m.group(1))}
+    if metric == "pass@1, greedy":
+        return "pass1_greedy", {"before": share(before), "after": share(after)}
+    if m := re.match(r"pass@(\d+) \(temperature ([\d.]+)\)", metric):
+        return "pass_k", {"before": share(before), "after": share(after), "k": int(m.group(1)),
+                          "temperature": float(m.group(2))}
+    if metric.startswith("plain prompts with a spurious call"):
+        return "spurious", {"before": count(before), "after": count(after)}
+    if m := re.match(r"round (\d+): accepted attempts", metric):
+        solved = re.search(r"\((\d+)/(\d+) tasks solved", after)
+        return "round", {"round": int(m.group(1)), "accepted": count(after),
+                         "solved": [int(solved.group(1)), int(solved.group(2))] if solved else None}
+    if metric in ("sampling time", "training time", "evaluation time"):
+        return metric.split()[0] + "_s", seconds(after)
+    return None, None
+
+
 def parse_importtime(text: str) -> dict[str, Any]:
     imported, cumulative = {}, {}
     for mod in HEAVY_TRAINING_MODULES:
@@ -1213,7 +1434,7 @@ def bench_demo(folder: str, threads: int | None, tmp: str) -> dict[str, Any]:
 def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
 
-    def add(name: str, value: Any, op: str, goal: float, note: str = "") -> None:
+    def add(name: str, value: Any, op: str, goal: float, note: str = "", before: Any = None) -> None:
         if value is None:
             met = False
         elif op == ">=":
@@ -1223,7 +1444,8 @@ def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             met = value == goal
         targets.append({"model": model, "name": name, "value": None if value is None else round(float(value), 4),
-                        "target": f"{op} {goal:g}", "met": bool(met), **({"note": note} if note else {})})
+                        "target": f"{op} {goal:g}", "met": bool(met), **({"note": note} if note else {}),
+                        **({"before": before} if before is not None else {})})
 
     chat = s.get("chat")
     if chat:
@@ -1282,6 +1504,7 @@ def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
         add("first reply: the start-up fine-tune's adapter swapped in, with its report",
             1.0 if fr["adapter_swapped_s"] and fr["report_s"] else 0.0, "==", 1.0,
             f"after {fmt(fr['adapter_swapped_s'])} s")
+    practice_targets(s.get("practice"), add)
     demo = s.get("demo")
     if demo:
         add("demo: start-up fine-tune of the chat script (identity + calculator), s", demo["start_up"]["seconds"],
@@ -1289,6 +1512,53 @@ def build_targets(model: str, s: dict[str, Any]) -> list[dict[str, Any]]:
         add("demo: tokens/s, shared prefix on / off (same rows, same steps)", demo["shared_speedup"], ">=", 1.0,
             f"train loss differs by {demo['train_loss_difference']:.4f}")
     return targets
+
+
+def probe_counts(practice: dict[str, Any], which: str, side: str) -> dict[str, Any]:
+    counts = ((practice.get("probes") or {}).get(which) or {}).get(side) or {}
+    return {} if "error" in counts else counts
+
+
+def practice_targets(p: dict[str, Any] | None, add: Callable[..., None]) -> None:
+    """Issue 32's targets for `/practice data/ember_practice.jsonl` (RFT, default settings), after the start-up demo
+    fine-tune, each with the value before practice beside it."""
+    if not p:
+        return
+    before, after = probe_counts(p, "blind", "before"), probe_counts(p, "blind", "after")
+
+    def spurious(counts: dict[str, Any]) -> int | None:
+        plain, no_call = counts.get("plain"), counts.get("plain_no_call")
+        return None if plain is None or no_call is None else plain - no_call
+
+    add("practice: /practice data/ember_practice.jsonl (RFT defaults), typed to report, s", p.get("practice_s"),
+        "<=", 480.0, f"load average {p.get('load_average_start')} before, {p.get('load_average_end')} after")
+    add("practice: blind held-out arithmetic right through the calculator, after (of 40)", after.get("right_answer"),
+        ">=", 32.0, f"of {after.get('arithmetic')}", before=before.get("right_answer"))
+    add("practice: blind plain prompts with a spurious call, after (of 10)", spurious(after), "<=", 1.0,
+        f"of {after.get('plain')}", before=spurious(before))
+    add("practice: identity answers naming Ember, after (of 10)", after.get("identity"), ">=", 9.0,
+        f"of {after.get('identity_total')}", before=before.get("identity"))
+
+
+def practice_summary(p: dict[str, Any]) -> str:
+    if p.get("practice_s") is None or "report" not in p:
+        return f"Did not finish (exit code {p.get('rc')}): {p.get('output_tail', '')[-500:]}"
+    report = p["report"]
+    parts = [f"{fmt(p['practice_s'])} s from typing to the report (sampling {fmt(report.get('sampling_s'))} s, "
+             f"training {fmt(report.get('training_s'))} s, evaluation {fmt(report.get('evaluation_s'))} s)"]
+    for which in ("blind", "dev"):
+        b, a = probe_counts(p, which, "before"), probe_counts(p, which, "after")
+        parts.append(f"{which} probes right through the calculator {b.get('right_answer')} -> {a.get('right_answer')} "
+                     f"of {a.get('arithmetic')}, plain without a call {b.get('plain_no_call')} -> "
+                     f"{a.get('plain_no_call')} of {a.get('plain')}")
+    served = p.get("served") or {}
+    parts.append(f"adapters {dig_name(served, 'before')} -> {dig_name(served, 'after')}")
+    return "; ".join(parts) + "."
+
+
+def dig_name(served: dict[str, Any], side: str) -> str:
+    entry = served.get(side) or {}
+    return f"{entry.get('name')} ({entry.get('path')})"
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -1438,6 +1708,10 @@ def render(results: dict[str, Any]) -> str:
                          f"{on['steps']} steps: {fmt(on['tokens_per_s'])} tokens/s with the shared prefix run once "
                          f"per batch, {fmt(off['tokens_per_s'])} without ({fmt(demo['shared_speedup'])} x); train "
                          f"loss {fmt(on['train_loss'], 4)} against {fmt(off['train_loss'], 4)}.")
+        practice = s.get("practice")
+        if practice:
+            lines += ["", f"### `{practice['command']}` in the chat script (after the start-up fine-tune)", "",
+                      practice_summary(practice)]
         ft = s.get("finetune")
         if ft:
             lines.append("")
@@ -1474,7 +1748,8 @@ def render(results: dict[str, Any]) -> str:
     lines.append("|---|---|---|---|---|")
     for t in results["targets"]:
         note = f" ({t['note']})" if t.get("note") and not t["met"] else ""
-        lines.append(f"| {t['model']} | {t['name']} | {fmt(t['value'], 4)} | {t['target']} | "
+        value = fmt(t["value"], 4) + (f" (before {fmt(t['before'], 4)})" if "before" in t else "")
+        lines.append(f"| {t['model']} | {t['name']} | {value} | {t['target']} | "
                      f"{'MET' if t['met'] else '**NOT MET**'}{note[:200]} |")
     return "\n".join(lines)
 
@@ -1525,7 +1800,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats/steps; tiny model unless --model")
     parser.add_argument("--model", choices=["tiny", "smollm2", "both"], help="default: both (full), tiny (--quick)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
-    parser.add_argument("--sections", default="chat,startup,first_reply,team,demo,finetune,int8",
+    parser.add_argument("--sections", default="chat,startup,first_reply,team,demo,practice,finetune,int8",
                         help="comma list (default: all; demo runs on SmolLM2 in the full mode only)")
     parser.add_argument("--repeats", type=int, help="override every repeat count")
     parser.add_argument("--threads", default="auto",
@@ -1592,6 +1867,10 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{model}: first reply on a new machine (GGUF conversion + background start-up fine-tune)")
                 sec["first_reply"] = bench_first_reply(args.threads, tmp)
                 sec["first_reply"]["load_average"] = load_average()
+            if "practice" in sections_wanted and model == "smollm2":
+                log(f"{model}: /practice in the chat script after the start-up fine-tune, then the probes")
+                sec["practice"] = bench_practice(args.threads, tmp)
+                sec["practice"]["load_average"] = load_average()
             if "demo" in sections_wanted and model == "smollm2" and not args.quick:
                 log(f"{model}: the chat script's start-up fine-tune")
                 sec["demo"] = bench_demo(folder, args.threads, tmp)

@@ -22,7 +22,7 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results.json"
 PAGE = ROOT / "docs" / "performance.md"
 SECTIONS = {"chat": "Chat generation", "startup": "Start-up", "team": "Several agents on one base model",
-            "demo": "The start-up demo fine-tune", "finetune": "Fine-tuning"}
+            "demo": "The start-up demo fine-tune", "practice": "Practice", "finetune": "Fine-tuning"}
 LIBRARIES = ("python", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "agentscope")
 
 
@@ -167,6 +167,60 @@ def demo_section(demo: dict[str, Any]) -> list[str]:
           f"train loss {num(on.get('train_loss'), 4)} against {num(off.get('train_loss'), 4)})."]
 
 
+def of(count: Any, total: Any) -> str:
+    return f"{count}/{total}" if isinstance(count, int) and isinstance(total, int) else "n/a"
+
+
+def share(value: Any) -> str:
+    return f"{100 * value:.0f} %" if isinstance(value, (int, float)) else "n/a"
+
+
+def practice_section(p: dict[str, Any]) -> list[str]:
+    lines = [f"`{p.get('command', '/practice')}` (RFT, default settings) typed in "
+             "`python load_finetune_huggingface_model.py --startup-finetune wait`, run from a new working folder, once "
+             f"the start-up demo fine-tune has finished. 1-minute load average {p.get('load_average_start') or 'n/a'} "
+             f"when it began, {p.get('load_average_end') or p.get('load_average') or 'n/a'} after the probes."]
+    report = p.get("report")
+    if p.get("practice_s") is None or not report:
+        return [*lines, "", f"It did not finish (exit code {p.get('rc')}); see `output_tail` in the results."]
+    probes = p.get("probes") or {}
+
+    def counts(which: str, count: str, total: str) -> list[str]:
+        return [of(dig(probes, which, side, count), dig(probes, which, side, total)) for side in ("before", "after")]
+
+    def scores(key: str, fmt: Callable[[Any], str] = share) -> list[str]:
+        return [fmt(dig(report, key, side)) for side in ("before", "after")]
+
+    def pair(value: Any) -> str:
+        return of(*value) if isinstance(value, list) and len(value) == 2 else "n/a"
+
+    k = dig(report, "pass_k", "k") or "k"
+    rows = [
+        ["blind held-out arithmetic right through the calculator (`bench/probe_tools.py --fresh`, greedy, on "
+         "`data/ember_tool_probes.json`)",
+         *counts("blind", "right_answer", "arithmetic")],
+        ["blind plain prompts answered without a tool call", *counts("blind", "plain_no_call", "plain")],
+        ["identity answers naming Ember", *counts("blind", "identity", "identity_total")],
+        ["dev arithmetic right through the calculator (`data/ember_tool_dev_probes.json`)",
+         *counts("dev", "right_answer", "arithmetic")],
+        ["dev plain prompts answered without a tool call", *counts("dev", "plain_no_call", "plain")],
+        [f"the practice run's held-out tasks ({dig(report, 'pass1_chat', 'tasks') or '?'}): pass@1, chat settings",
+         *scores("pass1_chat")],
+        ["the same, pass@1 greedy", *scores("pass1_greedy")],
+        [f"the same, pass@{k}", *scores("pass_k")],
+        ["the same tasks' plain prompts with a spurious call (greedy)", *scores("spurious", pair)],
+        ["adapter serving", *(f"`{dig(p, 'served', side, 'name')}` (`{dig(p, 'served', side, 'path')}`)"
+                              for side in ("before", "after"))],
+    ]
+    accepted = "; ".join(f"Round {r.get('round')}: {pair(r.get('accepted'))} attempts accepted, "
+                         f"{pair(r.get('solved'))} tasks solved at least once" for r in report.get("rounds") or [])
+    return [*lines, "", *table(["measure", "before", "after"], rows), "",
+            f"The first prompt (model load and start-up fine-tune) after {num(p.get('prompt_s'))} s. "
+            f"From typing the command to the report's last line: {num(p.get('practice_s'))} s (sampling "
+            f"{num(report.get('sampling_s'))} s, training {num(report.get('training_s'))} s, evaluation before and "
+            f"after {num(report.get('evaluation_s'))} s). {accepted or 'No round finished'}."]
+
+
 def finetune_section(ft: dict[str, Any]) -> list[str]:
     names = {"a": "(a) the original recipe: trl, batch 1", "b": "(b) plain trl, batch 8",
              "c": "(c) `HuggingFaceWrapper.fine_tune`, batch 8"}
@@ -187,15 +241,16 @@ def finetune_section(ft: dict[str, Any]) -> list[str]:
 
 RENDER: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "chat": chat_section, "startup": startup_section, "team": team_section, "demo": demo_section,
-    "finetune": finetune_section}
+    "practice": practice_section, "finetune": finetune_section}
 
 
 def goals(results: dict[str, Any]) -> list[str]:
     targets = results.get("targets") or []
     if not targets:
         return []
-    rows = [[t.get("model", ""), t.get("name", ""), num(t.get("value"), 4), t.get("target", ""),
-             "reached" if t.get("met") else "open"] for t in targets]
+    rows = [[t.get("model", ""), t.get("name", ""),
+             num(t.get("value"), 4) + (f" (before {num(t['before'], 4)})" if "before" in t else ""),
+             t.get("target", ""), "reached" if t.get("met") else "open"] for t in targets]
     return ["", "## Goals the bench tracks", "",
             "The development goals `make bench` checks on every run (for contributors; \"open\" means work continues",
             "on it, see `docs/LOG.md`).", "", *table(["model", "measure", "value", "goal", "status"], rows)]

@@ -144,3 +144,178 @@ def test_the_performance_page_renders_every_section_of_a_run(results):
     for title in ("Chat generation", "Start-up", "Several agents on one base model", "Fine-tuning"):
         assert f"### {title}" in page, title
     assert "n/a" not in page.split("## Goals")[0], "a figure of the run did not reach the page"
+
+
+# ------------------------------------------------------------------------------------------ the practice section
+# The section itself drives SmolLM2 for ~10 minutes (`make bench`); here its parsing and rendering run on fabricated
+# inputs: a report.md written by the real writer, the chat's real /adapters table, probe_tools' output lines.
+
+
+def _module(name: str, path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _module("bench_under_test", BENCH)
+
+
+def _practice_result(run_dir: Path):
+    from hfmodel import practice
+
+    held_out = [practice.Task(messages=[{"role": "user", "content": f"story {i}"}], answer=i) for i in range(4)]
+    held_out.append(practice.Task(messages=[{"role": "user", "content": "hello"}], plain=True))
+    before = practice.Scores(pass1_chat=0.5, pass1_greedy=0.25, pass_k=0.75, mean_reward=0.4, valid_calls=0.9,
+                             spurious=(1, 1), greedy_replies=["a"] * 5, seconds=20.5)
+    after = practice.Scores(pass1_chat=1.0, pass1_greedy=0.75, pass_k=1.0, mean_reward=0.8, valid_calls=1.0,
+                            spurious=(0, 1), greedy_replies=["b"] * 5, seconds=19.0)
+    round_ = practice.RoundLog(round=1, attempts=144, accepted=51, solved=31, tasks=36, rows=51, replayed=51,
+                               mean_reward=0.35, sampling_seconds=250.25, training_seconds=78.5, tokens=9000,
+                               adapter="ft-2")
+    return practice.PracticeResult(run_dir=run_dir, method="rft", settings=practice.PracticeSettings(),
+                                   tasks=practice.TaskSet(held_out, "data/ember_practice.jsonl"), held_out=held_out,
+                                   before_adapter="ft-1", adapter="ft-2", rounds=[round_], before=before, after=after)
+
+
+def test_practice_report_figures_are_read_from_the_real_report(bench, tmp_path):
+    from hfmodel import practice
+
+    report = practice.write_report(_practice_result(tmp_path)).read_text()
+    parsed = bench.parse_practice_report(report)
+    assert parsed["before_adapter"] == "ft-1" and parsed["after_adapter"] == "ft-2"
+    assert parsed["pass1_chat"] == {"before": 0.5, "after": 1.0, "tasks": 4}
+    assert parsed["pass1_greedy"] == {"before": 0.25, "after": 0.75}
+    assert parsed["pass_k"] == {"before": 0.75, "after": 1.0, "k": 4, "temperature": 0.8}
+    assert parsed["spurious"] == {"before": [1, 1], "after": [0, 1]}
+    assert parsed["rounds"] == [{"round": 1, "accepted": [51, 144], "solved": [31, 36]}]
+    assert (parsed["sampling_s"], parsed["training_s"], parsed["evaluation_s"]) == (250.2, 78.5, 39.5)
+
+
+def test_practice_adapter_folders_are_read_from_the_chats_adapters_table(bench):
+    """The real /adapters command's table, printed as the piped chat prints it (wide, no colour)."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from chat.commands import ChatSession
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=400, color_system=None)
+    demo = SimpleNamespace(name="ft-1", parent=None, path=Path("/tmp/w/runs/20261207-1-SmolLM2/adapter"),
+                           note="trained 20261207-1-SmolLM2")
+    practised = SimpleNamespace(name="ft-2", parent="ft-1", path=Path("/tmp/w/runs/20261207-2-SmolLM2/adapter"),
+                                note="trained 20261207-2-SmolLM2")
+    model = SimpleNamespace(active_adapter="ft-2", source=SimpleNamespace(path="/models/smollm2"),
+                            adapters={"ft-1": demo, "ft-2": practised})
+    ChatSession.cmd_adapters(SimpleNamespace(model=model, print=console.print), [])
+    table = bench.parse_adapters_table(buffer.getvalue())
+    assert table["ft-1"] == {"path": str(demo.path), "from": "base", "active": False}
+    assert table["ft-2"] == {"path": str(practised.path), "from": "ft-1", "active": True}
+    assert table["base"]["path"] == "/models/smollm2"
+
+
+def test_probe_counts_are_the_last_json_line(bench):
+    stdout = ('  arithmetic | 3 boxes of 4? | -> calculator({"expression": "3*4"}) = 12 | {"a": 1}\n'
+              '{"right_answer": 30, "arithmetic": 40}\n  trailing text\n')
+    assert bench.last_json_line(stdout) == {"right_answer": 30, "arithmetic": 40}
+    assert bench.last_json_line("no counts\n{broken") is None
+
+
+def _practice_fragment(practice_s: float, after_right: int) -> dict:
+    def counts(right, no_call, identity):
+        return {"right_answer": right, "arithmetic": 40, "plain_no_call": no_call, "plain": 10,
+                "identity": identity, "identity_total": 10}
+
+    return {"command": "/practice data/ember_practice.jsonl force_retrain=true", "practice_s": practice_s,
+            "load_average_start": [1.2, 1.0, 0.9], "load_average": [2.1, 1.5, 1.0], "rc": 0,
+            "run_dir": "runs/20261207-2-SmolLM2-practice",
+            "report": {"before_adapter": "ft-1", "after_adapter": "ft-2",
+                       "pass1_chat": {"before": 0.5, "after": 0.75, "tasks": 4},
+                       "pass1_greedy": {"before": 0.25, "after": 0.75},
+                       "pass_k": {"before": 0.75, "after": 1.0, "k": 4, "temperature": 0.8},
+                       "spurious": {"before": [0, 1], "after": [0, 1]},
+                       "rounds": [{"round": 1, "accepted": [51, 144], "solved": [31, 36]}],
+                       "sampling_s": 250.2, "training_s": 78.5, "evaluation_s": 39.5},
+            "served": {"before": {"name": "ft-1", "path": "runs/a/adapter"},
+                       "after": {"name": "ft-2", "path": "runs/b/adapter"}},
+            "probes": {"blind": {"before": counts(24, 10, 10), "after": counts(after_right, 8, 9)},
+                       "dev": {"before": counts(30, 15, 10) | {"arithmetic": 64, "plain": 15, "identity_total": 10},
+                               "after": counts(41, 15, 10) | {"arithmetic": 64, "plain": 15, "identity_total": 10}}}}
+
+
+def test_practice_targets_carry_the_values_before(bench):
+    targets = {t["name"].split(",")[0]: t for t in bench.build_targets("smollm2", {"practice": _practice_fragment(
+        412.0, 33)})}
+    time_ = targets["practice: /practice data/ember_practice.jsonl (RFT defaults)"]
+    assert time_["value"] == 412.0 and time_["met"] is True
+    right = targets["practice: blind held-out arithmetic right through the calculator"]
+    assert (right["value"], right["before"], right["met"]) == (33, 24, True)
+    spurious = targets["practice: blind plain prompts with a spurious call"]
+    assert (spurious["value"], spurious["before"], spurious["met"]) == (2, 0, False)  # 8 of 10 without a call
+    identity = targets["practice: identity answers naming Ember"]
+    assert (identity["value"], identity["before"], identity["met"]) == (9, 10, True)
+    slow = {t["name"].split(",")[0]: t for t in bench.build_targets("smollm2", {"practice": _practice_fragment(
+        500.0, 31)})}
+    assert not slow["practice: /practice data/ember_practice.jsonl (RFT defaults)"]["met"]
+    assert not slow["practice: blind held-out arithmetic right through the calculator"]["met"]
+    unfinished = bench.build_targets("smollm2", {"practice": {"practice_s": None, "rc": 1}})
+    assert unfinished and not any(t["met"] for t in unfinished)  # a run that died meets nothing
+
+
+def test_the_performance_page_shows_practice_before_and_after(bench):
+    page_module = _module("performance_page_under_test", ROOT / "bench" / "performance_page.py")
+    fragment = _practice_fragment(412.0, 33)
+    results = {"meta": {"args": {"sections": ["practice"]}}, "sections": {"smollm2": {"practice": fragment}},
+               "targets": bench.build_targets("smollm2", {"practice": fragment})}
+    page = page_module.render_page(results)
+    practice = page.split("### Practice")[1].split("Not measured")[0]
+    assert "| 24/40 | 33/40 |" in practice  # blind, right through the tool
+    assert "| 30/64 | 41/64 |" in practice  # dev
+    assert "| 10/10 | 9/10 |" in practice  # identity
+    assert "| 50 % | 75 % |" in practice and "| 0/1 | 0/1 |" in practice
+    assert "`ft-1` (`runs/a/adapter`) | `ft-2` (`runs/b/adapter`)" in practice
+    assert "412 s (sampling 250 s, training 78.5 s" in practice and "51/144 attempts accepted" in practice
+    assert "[1.2, 1.0, 0.9]" in practice
+    assert "33 (before 24)" in page.split("## Goals")[1]
+    not_measured = page.split("Not measured in this run: ")[1].split("\n")[0]
+    assert not_measured.startswith("chat generation") and "practice" not in not_measured
+    partial = page_module.render_page({"meta": {}, "sections": {"smollm2": {"demo": {"start_up": {}}}}})
+    not_measured = partial.split("Not measured in this run: ")[1].split("\n")[0]
+    assert "practice" in not_measured and "fine-tuning" in not_measured
+    died = page_module.render_page({"meta": {}, "sections": {"smollm2": {"practice": {"practice_s": None, "rc": 1}}}})
+    assert "It did not finish (exit code 1)" in died
+
+
+@pytest.mark.slow  # ~1 minute: the chat script, its start-up fine-tune, /practice and four probe runs, on the tiny model
+def test_the_practice_section_drives_the_real_chat_on_the_tiny_model(bench, tiny_model_dir, tmp_path, monkeypatch):
+    """What `make bench` runs on SmolLM2, on the tiny model: the script's prompt, `/practice` to its report, the
+    /adapters table, the report's figures and the probes on both adapters all reach the results and the page."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = bench.bench_practice(1, str(tmp_path), timeout=600, script_args=("--local-model-path", str(tiny_model_dir)))
+    assert out["rc"] == 0 and out["practice_s"] > 0, out.get("output_tail")
+    assert out["run_dir"].startswith("runs/") and out["run_dir"].endswith("-practice")
+    before, after = out["served"]["before"], out["served"]["after"]
+    assert before["name"] and after["name"] and before["name"] != after["name"]
+    assert out["adapters"][after["name"]]["from"] == before["name"] and out["adapters"][after["name"]]["active"]
+    for side in (before, after):
+        assert side["path"].startswith("runs/") and (tmp_path / "practice-cwd" / side["path"] / "adapter_config.json"
+                                                     ).exists()
+    report = out["report"]
+    assert report["pass_k"]["k"] == 4 and report["rounds"][0]["accepted"][1] > 0
+    assert all(report[key] is not None for key in ("sampling_s", "training_s", "evaluation_s"))
+    for side in ("before", "after"):
+        blind, dev = out["probes"]["blind"][side], out["probes"]["dev"][side]
+        assert (blind["arithmetic"], blind["plain"], blind["identity_total"]) == (40, 10, 10), blind
+        assert (dev["arithmetic"], dev["plain"]) == (64, 15), dev
+    targets = bench.build_targets("smollm2", {"practice": out})
+    assert len(targets) == 4 and all(t["value"] is not None for t in targets)
+    page_module = _module("performance_page_under_test", ROOT / "bench" / "performance_page.py")
+    practice = page_module.render_page({"sections": {"smollm2": {"practice": out}}}).split("### Practice")[1]
+    assert "n/a" not in practice.split("Not measured")[0], practice
