@@ -361,7 +361,7 @@ PRACTICE_METHODS = ("rft", "grpo")
 
 def run_practice(config: dict[str, Any]) -> int:
     """`method: rft|grpo`: data_path is a tasks file, practised with the shipped tools (the calculator); settings from
-    the `practice` mapping (`--set practice.k=8`). Under a launcher (RFT only) each process samples its share of the
+    the `practice` mapping (`--set practice.k=8`). Under a launcher each process samples its share of the
     attempts and all of them train together, like SFT."""
     from chat.tools import SHIPPED, make_toolkit
     from hfmodel import practice

@@ -1052,6 +1052,7 @@ def bench_startup(model: str, folder: str, cfg: dict[str, Any], quick: bool, thr
 
 
 FIRST_QUESTION = "Who are you?"
+CHAT_AGENT = "Ember"  # the chat script's agent: its replies start with "Ember: " (tests/test_bench.py checks the name)
 POLL_S = 3.0  # how often the first_reply section types /adapters: the adapter is swapped in at the next line typed
 
 
@@ -1068,7 +1069,7 @@ def bench_first_reply(threads: int | None, tmp: str, timeout: float = 900.0) -> 
                             stderr=subprocess.STDOUT, env=env, cwd=cwd)
     out = bytearray()
     marks: dict[str, float] = {}
-    wanted = {"prompt": b"User: ", "reply": b"Assistant: ", "report": b"Fine-tune report",
+    wanted = {"prompt": b"User: ", "reply": f"{CHAT_AGENT}: ".encode(), "report": b"Fine-tune report",
               "adapter": b"now serving adapter"}
 
     def reader() -> None:

@@ -23,6 +23,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -38,6 +39,7 @@ from hfmodel.common import (
     FineTuneInterrupted,
     UserError,
     closest,
+    fsdp_requested,
     is_main_process,
     logger,
     rank,
@@ -134,6 +136,16 @@ RFT_LORA = {"loraplus_lr_ratio": 8}
 GRPO_TRAINING_ARGS = {"learning_rate": 2e-5, "max_steps": 12}
 GRPO_LORA: dict[str, Any] = {"loraplus_lr_ratio": None}
 GRPO_SAFE_LEARNING_RATE = 1e-4  # above this GRPO warns (see above)
+
+
+def sharding_requested() -> str | None:
+    """The launcher's weight sharding (FSDP, DeepSpeed ZeRO-3) as accelerate passes it to its processes, or None."""
+    if fsdp_requested():
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
+            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
 
 
 def method_defaults(method: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -827,8 +839,10 @@ def practice(model: Any, tasks: str | list[Task] | TaskSet, settings: PracticeSe
     config = training_config(fine_tune_config, settings.method)
     from hfmodel.training import shared_run_dir
 
-    if settings.method == "grpo" and world_size() > 1:
-        raise PracticeError("method=grpo runs in one process for now; start it without a launcher, or use method=rft.")
+    if settings.method == "grpo" and world_size() > 1 and sharding_requested():
+        raise PracticeError(f"method=grpo does not run with {sharding_requested()} (the weights split across "
+                            "processes); launch it with a DDP config (configs/accelerate/multi_gpu_ddp.yaml, or "
+                            "cpu_2proc.yaml) or in one process, or use method=rft.")
     output = Path((config.get("training_args") or {}).get("output_dir") or base_dir or "runs").expanduser()
     run_dir = shared_run_dir(output, f"{str(model.model).rstrip('/')}-practice")
     config["training_args"]["output_dir"] = str(output)

@@ -19,7 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from hfmodel.common import FineTuneInterrupted, logger, redact, write_json_atomic
+from hfmodel.common import FineTuneInterrupted, is_main_process, logger, redact, world_size, write_json_atomic
+from hfmodel.distributed import gather_lists, sharded_training
 from hfmodel.practice import (
     GRPO_SAFE_LEARNING_RATE,
     GRPO_TRAINING_ARGS,
@@ -124,6 +125,9 @@ def grpo_round(model: Any, tasks: list[Task], settings: PracticeSettings, config
                                   train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                                   callbacks=[progress_callback(_staged(progress), stop)], tools=tools or None,
                                   environment_factory=_environment_factories(environments))
+        if sharded_training(trainer):  # a launcher config that slipped past practice()'s check
+            raise PracticeError(f"method=grpo does not run with {sharded_training(trainer)}; use a DDP launcher "
+                                "config or one process, or method=rft.")
         use_loraplus(trainer, cfg.lora_config)
         trainer.remove_callback(PrinterCallback)
         peft_model.train()
@@ -135,8 +139,9 @@ def grpo_round(model: Any, tasks: list[Task], settings: PracticeSettings, config
     except (KeyboardInterrupt, Exception) as e:
         peft_model.eval()
         adapters.discard(adapter_name, previous)
-        write_json_atomic(run_dir / "grpo-run.json", {"status": "interrupted" if isinstance(e, KeyboardInterrupt)
-                                                      else "failed", "error": redact(repr(e))[:500]})
+        if is_main_process():
+            write_json_atomic(run_dir / "grpo-run.json", {"status": "interrupted" if isinstance(e, KeyboardInterrupt)
+                                                          else "failed", "error": redact(repr(e))[:500]})
         if isinstance(e, KeyboardInterrupt):
             raise FineTuneInterrupted(f"GRPO stopped at step {trainer.state.global_step if trainer else 0}") from None
         if isinstance(e, ValueError) and "response" in str(e).lower():
@@ -145,8 +150,11 @@ def grpo_round(model: Any, tasks: list[Task], settings: PracticeSettings, config
     seconds = time.perf_counter() - started
     adapters.add_trained(adapter_name, adapter_dir, previous, f"grpo {run_dir.name}")
     history = trainer.state.log_history
-    write_json_atomic(run_dir / "grpo-run.json", {"status": "completed", "steps": trainer.state.global_step,
-                                                  "seconds": round(seconds, 2), "log_history": history})
+    rewards = gather_lists(rewards)  # under a launcher each process scored its own completions
+    if is_main_process():
+        write_json_atomic(run_dir / "grpo-run.json", {"status": "completed", "steps": trainer.state.global_step,
+                                                      "seconds": round(seconds, 2), "log_history": history,
+                                                      "processes": world_size()})
     tokens = int(sum(e.get("completions/mean_length", 0) * settings.k for e in history if "reward" in e))
     logger.info("GRPO in %.1f s (%d steps), mean reward %.2f.", seconds, trainer.state.global_step,
                 sum(rewards) / len(rewards) if rewards else 0.0)

@@ -319,3 +319,15 @@ def test_the_practice_section_drives_the_real_chat_on_the_tiny_model(bench, tiny
     page_module = _module("performance_page_under_test", ROOT / "bench" / "performance_page.py")
     practice = page_module.render_page({"sections": {"smollm2": {"practice": out}}}).split("### Practice")[1]
     assert "n/a" not in practice.split("Not measured")[0], practice
+
+
+def test_the_first_reply_section_waits_for_the_scripts_own_agent(bench):
+    """The first-reply section sees the reply by the speaker's name; with another name it waited its whole timeout."""
+    import ast
+
+    tree = ast.parse((ROOT / "load_finetune_huggingface_model.py").read_text())
+    (agents,) = [node.value for node in tree.body if isinstance(node, ast.AnnAssign)
+                 and getattr(node.target, "id", None) == "agents"]
+    first = agents.elts[0]
+    name = next(v for k, v in zip(first.keys, first.values, strict=True) if ast.literal_eval(k) == "name")
+    assert ast.literal_eval(name) == bench.CHAT_AGENT

@@ -425,6 +425,29 @@ def test_rft_under_accelerate_launch_splits_the_attempts_across_two_processes(ta
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
+def test_grpo_under_accelerate_launch_trains_one_adapter_on_two_processes(taught_with_tools, tmp_path):
+    from helpers import TAUGHT_ANSWER, TAUGHT_QUESTION
+    from test_distributed import _ddp, _run
+
+    write_jsonl(tmp_path / "tasks.jsonl", [{"prompt": TAUGHT_QUESTION, "answer": TAUGHT_ANSWER}] * 4)
+    (tmp_path / "practice.yaml").write_text(json.dumps({
+        "model": {"config_name": "tiny", "local_model_path": str(taught_with_tools), "device": "cpu",
+                  "max_length": 24, "system_prompt": "You are Ember."},
+        "data_path": "tasks.jsonl", "practice": {"k": 2, "temperature": 0.7},
+        "fine_tune_config": {"method": "grpo", "training_args": {
+            "output_dir": "runs", "max_steps": 2, "save_strategy": "no", "bf16": False}}}))
+    result = _run([*_ddp(), "--config", "practice.yaml"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("practice done") == 2
+    (run,) = (tmp_path / "runs").glob("*practice*/grpo-run.json")
+    record = json.loads(run.read_text())
+    assert record["status"] == "completed" and record["steps"] == 2 and record["processes"] == 2
+    assert (run.parent / "grpo-adapter" / "adapter_config.json").exists()
+    # Both processes scored completions; the report counts all of them (2 steps x 2 processes x k=2 ... per step).
+    assert "GRPO: completions accepted" in result.stdout
+
+
 # ------------------------------------------------------------------------------------------ per-task tools
 
 
