@@ -26,6 +26,7 @@ from hfmodel.common import FineTuneError
 # export can be checked). Others (mistral, gemma, phi3...) have llama.cpp converters but no check here yet.
 SUPPORTED = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 OUT_TYPES = ("f16", "q8_0")
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's tensor of Llama 3 RoPE frequency factors
 Q8_0_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32 values; other rows stay f16, as llama.cpp does
 # The check's pass marks. An f16 file must continue every probe exactly like the merged model. Q8_0 must lose at
 # most 1 % in eval loss on held-out answers and pick the merged model's next token at >= 99 % of the positions
@@ -90,6 +91,7 @@ class GGUFCheck:
     greedy_same: int
     probes: int
     tokenizer_same: int
+    rope_factors_ok: bool | None = None  # Llama 3's RoPE frequency factors as written (None: the model has none)
 
     @property
     def max_logit_diff(self) -> float:
@@ -123,6 +125,8 @@ class GGUFCheck:
 
     @property
     def passed(self) -> bool:
+        if self.rope_factors_ok is False:
+            return False
         if self.out_type == "f16":
             return self.greedy_same == self.probes
         top1 = self.decided_agreement if self.decided_agreement is not None else self.top1_agreement
@@ -140,6 +144,9 @@ class GGUFCheck:
         tokens = ("" if self.tokenizer_same == self.probes else
                   f"; the GGUF's tokenizer (as transformers rebuilds it) differs on "
                   f"{self.probes - self.tokenizer_same}/{self.probes} probes")
+        if self.rope_factors_ok is not None:
+            tokens += ("; Llama 3 RoPE factors as the model's" if self.rope_factors_ok else
+                       "; the Llama 3 RoPE factors written differ from the model's")
         verdict = "check passed" if self.passed else "CHECK FAILED (the file is kept)"
         return f"{verdict}: {numbers}{tokens}."
 
@@ -155,13 +162,38 @@ def check_exportable(config: Any, tokenizer: Any, out_type: str) -> str:
     if model_type not in SUPPORTED:
         raise GGUFExportError(f"GGUF export supports the {', '.join(SUPPORTED)} families (Llama/SmolLM2, Qwen2/2.5, "
                               f"Qwen3); this model is '{model_type}'. Use /export for a merged safetensors folder.")
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    if rope_type not in (None, "default"):
-        raise GGUFExportError(f"This model uses '{rope_type}' RoPE scaling, which transformers cannot read back from "
-                              "a GGUF (so the export could not be checked); use /export for a safetensors folder.")
+    rope_type = _rope_type(config)
+    if rope_type not in (None, "default") and not (rope_type == "llama3" and SUPPORTED[model_type] == "llama"):
+        raise GGUFExportError(f"This model uses '{rope_type}' RoPE scaling, which GGUF export does not write (it "
+                              "writes Llama 3's); use /export for a safetensors folder.")
     pre_tokenizer_name(tokenizer, SUPPORTED[model_type])
     return SUPPORTED[model_type]
+
+
+def _rope_type(config: Any) -> str | None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+
+
+def llama3_rope_factors(config: Any) -> np.ndarray:
+    """Llama 3.1/3.2's RoPE scaling as llama.cpp reads it: one factor per frequency, the plain RoPE frequency
+    divided by the scaled one (`rope_freqs.weight`, as convert_hf_to_gguf.py writes it). Computed with transformers'
+    own llama3 RoPE, so the factors are the ones the merged model runs with."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    return _plain_over(config, scaled)
+
+
+def _plain_over(config: Any, scaled: Any) -> np.ndarray:
+    """Plain RoPE frequencies (rope_theta ** (-2i / d)) divided by `scaled`, per frequency."""
+    import torch
+
+    dim = int(scaled.shape[0]) * 2
+    theta = float(config.rope_parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    plain = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (plain / scaled.detach().float().cpu()).numpy().astype(np.float32)
 
 
 def _backend_json(tokenizer: Any) -> dict[str, Any]:
@@ -207,6 +239,8 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, out_type: str, name: str 
     _add_tokenizer(writer, tokenizer, config, arch)
     for gguf_name, array, qtype in _tensors(model, config, arch, out_type):
         writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+    if _rope_type(config) == "llama3":
+        writer.add_tensor(ROPE_FREQS, llama3_rope_factors(config), raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -341,7 +375,10 @@ def load_gguf(path: Path, config: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    extra = {}
+    extra: dict[str, Any] = {}
+    if _rope_type(config) == "llama3":
+        # transformers' GGUF loader reads no RoPE scaling (the factors are checked on their own: `rope_factors_ok`)
+        extra["rope_parameters"] = dict(config.rope_parameters)
     if config.model_type == "qwen3":  # transformers reads no head size from a Qwen3 GGUF and assumes 128
         extra["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
@@ -366,7 +403,24 @@ def verify_gguf(reference: Any, tokenizer: Any, path: Path, out_type: str, syste
     texts = [tokenizer.decode(p) for p in prompts]
     tokenizer_same = sum(gguf_tokenizer(t, add_special_tokens=False)["input_ids"] ==
                          tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
-    return GGUFCheck(out_type, tally, same, len(prompts), tokenizer_same)
+    return GGUFCheck(out_type, tally, same, len(prompts), tokenizer_same, _rope_factors_ok(path, reference))
+
+
+def _rope_factors_ok(path: Path, reference: Any) -> bool | None:
+    """For Llama 3 RoPE: the factors in the file against the model's; None for a model without them."""
+    import gguf
+    import torch
+
+    config = reference.config.get_text_config()
+    if _rope_type(config) != "llama3":
+        return None
+    written = next((t for t in gguf.GGUFReader(path).tensors if t.name == ROPE_FREQS), None)
+    if written is None:
+        return False
+    rotary = next((m for m in reference.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)), None)
+    # What the merged model really runs with (its rotary embedding's frequencies), else what its config says.
+    expected = _plain_over(config, rotary.inv_freq) if rotary is not None else llama3_rope_factors(config)
+    return bool(np.allclose(np.asarray(written.data, dtype=np.float32), expected, rtol=1e-5))
 
 
 def compare_on_rows(reference: Any, loaded: Any, tokenizer: Any, rows: list[list[dict[str, str]]]) -> LogitTally:

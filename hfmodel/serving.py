@@ -30,11 +30,24 @@ def model_id_for(folder: Path | str) -> str:
     path = Path(folder).expanduser().absolute()
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
     if ggufs:
+        if _has_llama3_rope(ggufs[0]):
+            raise ServeError(f"{ggufs[0].name} carries Llama 3's RoPE scaling (rope_freqs), which transformers' GGUF "
+                             "loader does not read, so `transformers serve` would run it with plain RoPE and answer "
+                             "differently: serve the merged folder /export writes (same adapter), or run this GGUF in "
+                             "llama.cpp or Ollama, which read it.")
         return f"{path}:{ggufs[0].name}"
     if (path / "config.json").exists():
         return str(path)
     raise ServeError(f"{path} holds no GGUF file and no config.json; give the folder an /export or "
                      "/export gguf wrote.")
+
+
+def _has_llama3_rope(path: Path) -> bool:
+    import gguf
+
+    from hfmodel.gguf_export import ROPE_FREQS
+
+    return any(t.name == ROPE_FREQS for t in gguf.GGUFReader(path).tensors)
 
 
 def record_last_export(runs_dir: Path | str, folder: Path | str) -> Path:

@@ -280,3 +280,51 @@ def test_finetune_py_exports_a_checked_gguf_after_training_and_refuses_a_used_fo
     assert (tmp_path / "ember-gguf" / "Modelfile").exists()
     status, out, err = finetune_cli("--export-gguf", str(tmp_path / "ember-gguf"))
     assert status == 2 and "not an empty folder" in err and "Steps:" not in out  # refused before training
+
+
+def test_llama_3_rope_scaling_is_written_as_llama_cpp_reads_it_and_checked(tiny_model_dir, tmp_path):
+    """Llama 3.1/3.2 scale RoPE ("llama3"): llama.cpp reads the scaling as one factor per frequency
+    (`rope_freqs.weight`); transformers' GGUF loader reads none, so the check loads the weights back with the
+    model's own RoPE settings and compares the written factors with the model's frequencies on their own."""
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.02, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, rope_parameters=rope))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    wrapper = make_wrapper(tmp_path / "model", do_sample=False)
+    for kind in ("f16", "q8_0"):
+        result = wrapper.export_gguf(tmp_path / kind, kind)
+        assert result.check.passed and result.check.rope_factors_ok, result.check.line()
+        assert "Llama 3 RoPE factors as the model's" in result.check.line()
+    (written,) = [t for t in gguf.GGUFReader(result.gguf_path).tensors if t.name == "rope_freqs.weight"]
+    factors = np.asarray(written.data, dtype=np.float32)
+    # 8 frequencies (head size 16): the fastest unscaled, one smoothed, the slow ones divided by `factor`
+    assert factors[0] == pytest.approx(1.0) and 1.0 < factors[1] < 32.0 and np.allclose(factors[2:], 32.0)
+    # transformers serve would drop the scaling: the launcher says so and names what to serve instead.
+    from hfmodel.serving import ServeError, model_id_for
+
+    with pytest.raises(ServeError, match="merged folder /export writes"):
+        model_id_for(result.gguf_path.parent)
+    # Factors that are not the model's fail the check (here: the model as if it ran plain RoPE).
+    rotary = wrapper.hf_model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq * torch.tensor(factors)
+    assert gguf_export._rope_factors_ok(result.gguf_path, wrapper.hf_model) is False
+
+
+def test_other_rope_scalings_are_refused_in_one_line():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 32768})
+    message = one_line_error(lambda: check_exportable(config, None, "f16"))
+    assert "'yarn' RoPE scaling" in message and "/export" in message
