@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SYSTEM_PROMPT = "You are Ember."
@@ -68,3 +70,27 @@ def scripted_generate(wrapper, replies: list[str], prompts: list[str], settings:
         return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
 
     wrapper.hf_model.generate = generate
+
+
+@contextmanager
+def script_logging_restored() -> Iterator[None]:
+    """The chat script's `main` sets up logging for a terminal (root, "as" and "huggingface_model" loggers,
+    transformers' verbosity and progress bars); put it all back afterwards so later tests log as before."""
+    import logging
+
+    import transformers
+
+    watched = [logging.getLogger(n) for n in ("", "as", "huggingface_model")]
+    saved = [(lg, lg.level, list(lg.handlers), lg.propagate) for lg in watched]
+    verbosity = transformers.utils.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    try:
+        yield
+    finally:
+        for lg, level, handlers, propagate in saved:
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+        transformers.utils.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()

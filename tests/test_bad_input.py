@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import identity_rows, make_wrapper, write_jsonl
+from helpers import identity_rows, make_wrapper, script_logging_restored, write_jsonl
 
 from hfmodel.data import DatasetFormatError, load_chat_dataset
 from huggingface_model import (
@@ -516,7 +516,6 @@ def chat_session(wrapper, lines: list[Any]):
 def run_script(monkeypatch, capsys):
     """`main(argv)` in this process, with typed input, extra model_configs settings, and its global logging
     changes undone afterwards."""
-    import transformers
 
     import load_finetune_huggingface_model as script
 
@@ -534,23 +533,11 @@ def run_script(monkeypatch, capsys):
         monkeypatch.setenv("COLUMNS", "400")  # rich would wrap long error lines at 80 columns
         for key, value in overrides.items():
             monkeypatch.setitem(script.model_configs[0], key, value)
-        watched = [logging.getLogger(n) for n in ("", "as", "huggingface_model")]
-        saved = [(lg, lg.level, list(lg.handlers), lg.propagate) for lg in watched]
-        verbosity = transformers.utils.logging.get_verbosity()
-        bars = transformers.utils.logging.is_progress_bar_enabled()
         capsys.readouterr()
         if "--startup-finetune" not in argv:  # these cases check the start-up fine-tune's own checks, before the
             argv = [*argv, "--startup-finetune", "wait"]  # prompt (a background run's failures: test_background_finetune)
-        try:
+        with script_logging_restored():
             status = script.main(argv)
-        finally:
-            for lg, level, handlers, propagate in saved:
-                lg.setLevel(level)
-                lg.handlers[:] = handlers
-                lg.propagate = propagate
-            transformers.utils.logging.set_verbosity(verbosity)
-            if bars:
-                transformers.utils.logging.enable_progress_bar()
         captured = capsys.readouterr()
         return status, captured.out, captured.err
 

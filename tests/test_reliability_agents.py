@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SYSTEM_PROMPT, identity_rows, make_wrapper, scripted_generate, write_jsonl
+from helpers import SYSTEM_PROMPT, identity_rows, make_wrapper, script_logging_restored, scripted_generate, write_jsonl
 from test_chat_commands import make_chat
 from test_tools import SCHEMA, run_reply, tool_row
 
@@ -45,7 +45,6 @@ def chat_script(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """The real script in this process, in `tmp_path`: `chat_script(lines, agents=..., flags=...)` -> (status,
     stdout + stderr). A line may be a callable: it runs between two turns (e.g. to break the disk) and types nothing.
     Its global logging changes are undone afterwards."""
-    import transformers
 
     import load_finetune_huggingface_model as script
 
@@ -78,19 +77,10 @@ def chat_script(tiny_model_dir, tmp_path, monkeypatch, capsys):
 
         monkeypatch.setattr(builtins, "input", typed)
         monkeypatch.setattr(script, "agents", agents or [{"name": "First", "sys_prompt": SYSTEM_PROMPT}])
-        watched = [logging.getLogger(n) for n in ("", "as", "huggingface_model")]
-        saved = [(lg, lg.level, list(lg.handlers), lg.propagate) for lg in watched]
-        verbosity = transformers.utils.logging.get_verbosity()
         capsys.readouterr()
-        try:
+        with script_logging_restored():
             status = script.main(["--local-model-path", str(model_dir or tiny_model_dir), "--no-finetune",
                                   *(flags or ("--no-tools",))])
-        finally:
-            for lg, level, handlers, propagate in saved:
-                lg.setLevel(level)
-                lg.handlers[:] = handlers
-                lg.propagate = propagate
-            transformers.utils.logging.set_verbosity(verbosity)
         captured = capsys.readouterr()
         return status, captured.out + captured.err
 
