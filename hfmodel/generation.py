@@ -189,7 +189,7 @@ class TransformersEngine:
     def _run(self, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], seed: int | None, shared: int = 0
              ) -> torch.Tensor:
         """One generate() call under the lock; reseeded first: same history + settings -> same reply. `shared`: the
-        rows' first `shared` tokens are the same (see `_shared_layout`); they are run once and the batch starts from
+        rows' first `shared` tokens are the same (see `_layout`); they are run once and the batch starts from
         their cache."""
         with self.handle.lock, torch.inference_mode():
             if self.before_run is not None:
@@ -287,7 +287,7 @@ class TransformersEngine:
         if warpers is None:  # a sampling setting the per-row sampler does not reproduce: one row at a time
             return [self._generate_rows([r])[0] for r in rows]
         shared = self._shared_prefix(rows)
-        enc = rows[0].enc if len(rows) == 1 else self._shared_layout(rows, shared) if shared else self._left_pad(rows)
+        enc = rows[0].enc if len(rows) == 1 else self._layout(rows, shared)
         width = int(enc["input_ids"].shape[1])
         kwargs = dict(rows[0].kwargs)
         limits = [int(r.kwargs["max_new_tokens"]) for r in rows]
@@ -317,17 +317,6 @@ class TransformersEngine:
         text = self.handle.tokenizer.decode(new[:count], skip_special_tokens=True).strip()
         return Generated(text, request.n_in, count)
 
-    def _left_pad(self, rows: list[Request]) -> dict[str, torch.Tensor]:
-        width = max(r.n_in for r in rows)
-        pad = self.handle.tokenizer.pad_token_id
-        pad = pad if pad is not None else self.handle.stop_token_ids[0]
-        ids = torch.full((len(rows), width), int(pad), dtype=torch.long, device=self.handle.device)
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.handle.device)
-        for i, r in enumerate(rows):
-            ids[i, width - r.n_in:] = r.enc["input_ids"][0]
-            mask[i, width - r.n_in:] = r.enc.get("attention_mask", torch.ones_like(r.enc["input_ids"]))[0]
-        return {"input_ids": ids, "attention_mask": mask}
-
     def _shared_prefix(self, rows: list[Request]) -> int:
         """How many first tokens all rows share (the system prompt and tool schemas, typically), when it is worth
         computing them once for the batch: several rows, at least SHARED_PREFIX_MIN tokens, a model whose cache can
@@ -341,21 +330,22 @@ class TransformersEngine:
             n = int(differ[0]) if len(differ) else n
         return n if n >= SHARED_PREFIX_MIN and self._can_share_prefix() else 0
 
-    def _shared_layout(self, rows: list[Request], shared: int) -> dict[str, torch.Tensor]:
-        """The batch as [shared tokens][padding][each row's own tokens]: the shared part at the same positions in
-        every row (so its cache, computed once, fits every row), the padding masked out, and the position ids that
-        generate() derives from the mask counting on from the shared part, as in a row of its own."""
+    def _layout(self, rows: list[Request], shared: int = 0) -> dict[str, torch.Tensor]:
+        """The batch as [shared tokens][padding][each row's own tokens]; with nothing shared, plain left padding.
+        The shared part sits at the same positions in every row (so its cache, computed once, fits every row), the
+        padding is masked out, and the position ids generate() derives from the mask count on from the shared part,
+        as in a row of its own."""
         width = shared + max(r.n_in - shared for r in rows)
         pad = self.handle.tokenizer.pad_token_id
         pad = pad if pad is not None else self.handle.stop_token_ids[0]
         ids = torch.full((len(rows), width), int(pad), dtype=torch.long, device=self.handle.device)
         mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.handle.device)
         for i, r in enumerate(rows):
-            own = r.enc["input_ids"][0][shared:]
-            ids[i, :shared] = r.enc["input_ids"][0][:shared]
-            mask[i, :shared] = 1
-            ids[i, width - len(own):] = own
-            mask[i, width - len(own):] = 1
+            row_ids = r.enc["input_ids"][0]
+            row_mask = r.enc.get("attention_mask", torch.ones_like(r.enc["input_ids"]))[0]
+            ids[i, :shared], mask[i, :shared] = row_ids[:shared], row_mask[:shared]
+            own = r.n_in - shared
+            ids[i, width - own:], mask[i, width - own:] = row_ids[shared:], row_mask[shared:]
         return {"input_ids": ids, "attention_mask": mask}
 
     def _digit_ids(self) -> torch.Tensor:
