@@ -175,6 +175,11 @@ def _rope_type(config: Any) -> str | None:
     return rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
 
 
+def _rope_theta(config: Any) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
 def llama3_rope_factors(config: Any) -> np.ndarray:
     """Llama 3.1/3.2's RoPE scaling as llama.cpp reads it: one factor per frequency, the plain RoPE frequency
     divided by the scaled one (`rope_freqs.weight`, as convert_hf_to_gguf.py writes it). Computed with transformers'
@@ -191,7 +196,7 @@ def _plain_over(config: Any, scaled: Any) -> np.ndarray:
     import torch
 
     dim = int(scaled.shape[0]) * 2
-    theta = float(config.rope_parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    theta = _rope_theta(config)
     plain = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     return (plain / scaled.detach().float().cpu()).numpy().astype(np.float32)
 
@@ -253,14 +258,13 @@ def _add_hyper_parameters(writer: Any, config: Any, arch: str, out_type: str) ->
 
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     if arch == "llama":
