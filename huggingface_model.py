@@ -316,18 +316,25 @@ class HuggingFaceWrapper(ChatModelBase):
         return self.engine.generate(messages, self.parameters, overrides).text
 
     def generate_batch(self, conversations: list[Chat], n: int = 1, tools: list[dict] | None = None,
-                       **overrides: Any) -> list[replies.BatchReply]:
+                       adapters: list[str | None] | None = None, **overrides: Any) -> list[replies.BatchReply]:
         """Reply to several conversations (or `n` times to each) in one left-padded `generate`.
 
         Returns `n` replies per conversation, conversation-major (all of the first conversation's, then the next).
         Each row stops at its own end of turn and reads its own tool calls (when `tools`, AgentScope tool schemas,
         are given). The settings are this model's, as for `generate`; with a seed, sample `i` is seeded with
-        `seed + i`, so sample 0 is exactly the reply `generate` gives.
+        `seed + i`, so sample 0 is exactly the reply `generate` gives. `adapters`: one adapter name per
+        conversation (None or "base" = the base model) instead of the active adapter for all; rows for different
+        adapters still share the batch.
         """
         if n < 1:
             raise UserError(f"generate_batch: n must be at least 1 (got {n}).")
+        if adapters is not None:
+            if len(adapters) != len(conversations):
+                raise UserError(f"generate_batch: adapters names one adapter per conversation ({len(conversations)}), "
+                                f"got {len(adapters)}.")
+            adapters = [self._known_adapter(name) for name in adapters]
         offered = replies.offered_tools(tools, None, self.handle.format)
-        generated = self.engine.generate_batch(conversations, self.parameters, overrides, offered, n)
+        generated = self.engine.generate_batch(conversations, self.parameters, overrides, offered, n, adapters)
         chats = [chat for chat in conversations for _ in range(n)]
         return [replies.batch_reply(self.handle.format, g, chat, offered, self._count_unread)
                 for g, chat in zip(generated, chats, strict=True)]
@@ -462,6 +469,21 @@ class HuggingFaceWrapper(ChatModelBase):
     def serving(self, name: str | None) -> Any:
         """Serve with adapter `name` (None = base) inside a `with` block only."""
         return self.adapter_set.serving(name)
+
+    def reply_adapter(self, name: str | None) -> Any:
+        """Inside this `with` block (in this thread or asyncio task), this model's replies are served with adapter
+        `name` (None or "base" = the base model) while the active adapter stays as it is; concurrent replies for
+        different adapters share one batch."""
+        from hfmodel.generation import reply_adapter
+
+        return reply_adapter(self._known_adapter(name))
+
+    def _known_adapter(self, name: str | None) -> str | None:
+        if name in (None, "base"):
+            return None
+        if name not in self.adapter_set.records:
+            raise UserError(f"No adapter named '{name}'. Available: base, {', '.join(self.adapter_set.records) or '(none)'}.")
+        return name
 
     def save_adapter(self, dest: str | Path, name: str | None = None) -> Path:
         """Save adapter `name` (default: the active one) + tokenizer to a new folder `dest`."""

@@ -382,34 +382,36 @@ class ChatSession(TeachingCommands, PracticeCommands):
         self.print(f"Now serving adapter [bold]{result.adapter_name}[/]. The conversation is kept.")
         return result
 
-    def _answer(self, prompt: str, adapter: str | None) -> str:
-        return self._answers([prompt], adapter)[0]
-
-    def _answers(self, prompts: list[str], adapter: str | None, model: HuggingFaceWrapper | None = None,
+    def _answers(self, prompts: list[str], adapters: list[str | None], model: HuggingFaceWrapper | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
                  assistant: Finetune_DialogAgent | None = None) -> list[str]:
-        """Fresh single-turn answers with the given adapter (None = base), same settings and seed, all in one batch.
-        An agent with tools answers as in the chat: its calls run, shown as `-> calculator(...) = result` lines
-        before the reply (the probe agents run concurrently, so their model calls still share batches).
-        `model`, `loop`, `assistant`: another model (the background run's copy), event loop and agent."""
+        """Fresh single-turn answers, prompt i with adapter `adapters[i]` (None = base), same settings and seed, all in
+        one batch (peft serves each row its own adapter). An agent with tools answers as in the chat: its calls run,
+        shown as `-> calculator(...) = result` lines before the reply (the probe agents run concurrently, so their
+        model calls still share batches). `model`, `loop`, `assistant`: another model (the background run's copy),
+        event loop and agent."""
         model, loop, assistant = model or self.model, loop or self.loop, assistant or self.assistant
         limit = min(model.parameters.max_length, 64)
         toolkit = getattr(assistant, "toolkit", None)
-        with model.serving(adapter):
-            if toolkit is None:
-                system = {"role": "system", "content": assistant.sys_prompt}
-                conversations = [[system, {"role": "user", "content": p}] for p in prompts]
-                return [r.text for r in model.generate_batch(conversations, max_new_tokens=limit)]
-            probes = [Finetune_DialogAgent(name=assistant.name, sys_prompt=assistant.sys_prompt, model=model,
-                                           toolkit=toolkit) for _ in prompts]
-            parameters = model.parameters
-            model.parameters = parameters.model_copy(update={"max_length": limit})
-            try:
-                answers = loop.run_until_complete(_gather(
-                    _collect(probe.stream_reply(UserMsg(name=self.user.name, content=prompt)))
-                    for probe, prompt in zip(probes, prompts, strict=True)))
-            finally:
-                model.parameters = parameters
+        if toolkit is None:
+            system = {"role": "system", "content": assistant.sys_prompt}
+            conversations = [[system, {"role": "user", "content": p}] for p in prompts]
+            return [r.text for r in model.generate_batch(conversations, adapters=adapters, max_new_tokens=limit)]
+        probes = [Finetune_DialogAgent(name=assistant.name, sys_prompt=assistant.sys_prompt, model=model,
+                                       toolkit=toolkit) for _ in prompts]
+
+        async def probe_answer(probe: Finetune_DialogAgent, prompt: str, adapter: str | None) -> list[str]:
+            with model.reply_adapter(adapter):  # this task's model calls only
+                return await _collect(probe.stream_reply(UserMsg(name=self.user.name, content=prompt)))
+
+        parameters = model.parameters
+        model.parameters = parameters.model_copy(update={"max_length": limit})
+        try:
+            answers = loop.run_until_complete(_gather(
+                probe_answer(probe, prompt, adapter) for probe, prompt, adapter in zip(probes, prompts, adapters,
+                                                                                       strict=True)))
+        finally:
+            model.parameters = parameters
         return [_probe_text(pieces) for pieces in answers]
 
     def report(self, result: FineTuneResult, before: str | None, configured: list[str] | None = None,
@@ -418,10 +420,11 @@ class ChatSession(TeachingCommands, PracticeCommands):
 
     @staticmethod
     def prepare_report(result: FineTuneResult, before: str | None, configured: list[str] | None, probe_count: int,
-                       answer: Callable[[list[str], str | None], list[str]]) -> PreparedReport:
-        """Answer the probes before and after (`answer(prompts, adapter)`, all in one batch) and write the report files."""
+                       answer: Callable[[list[str], list[str | None]], list[str]]) -> PreparedReport:
+        """Answer the probes before and after (`answer(prompts, adapters)`, all in one batch) and write the report
+        files."""
         prompts = pick_probes(result, configured, probe_count)
-        probes = run_probes(prompts, lambda ps: answer(ps, before), lambda ps: answer(ps, result.adapter_name))
+        probes = run_probes(prompts, answer, before, result.adapter_name)
         before_label, after_label = before or "base", result.adapter_name
         path = write_report(result, probes, before_label, after_label)
         return PreparedReport(result, before_label, after_label, probes, path)
@@ -468,10 +471,10 @@ class ChatSession(TeachingCommands, PracticeCommands):
                 return result, None
             loop = asyncio.new_event_loop()  # the chat's loop belongs to the main thread
 
-            def answer(prompts: list[str], adapter: str | None) -> list[str]:
+            def answer(prompts: list[str], adapters: list[str | None]) -> list[str]:
                 assert self.background is not None
                 self.background.pause()  # a reply waiting for its turn goes first
-                return self._answers(prompts, adapter, model=twin, loop=loop, assistant=assistant)
+                return self._answers(prompts, adapters, model=twin, loop=loop, assistant=assistant)
 
             try:
                 return result, self.prepare_report(result, before, config.get("probes"), probe_count, answer)
@@ -577,8 +580,7 @@ class ChatSession(TeachingCommands, PracticeCommands):
         current = self.model.active_adapter
         if current is None:
             raise CommandError("No adapter is active, so base and current are the same model. Fine-tune first.")
-        base_answer = self._answer(prompt, None)
-        tuned_answer = self._answer(prompt, current)
+        base_answer, tuned_answer = self._answers([prompt, prompt], [None, current])  # one batch
         table = Table(title=cell(f"/compare: {prompt}"), show_lines=True)
         table.add_column("base")
         table.add_column(cell(current))

@@ -8,10 +8,12 @@ An engine knows nothing of AgentScope or the chat loop. To add a backend, write 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import threading
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,21 @@ Chat = list[dict[str, str]]
 # rollouts or of agents sharing a prompt) have that part computed once for the whole batch. Below it, the extra forward
 # call costs about what it saves.
 SHARED_PREFIX_MIN = 32
+# A reply's adapter chosen per reply (`reply_adapter`, `generate_batch(adapters=...)`), rather than the model's active
+# one: such replies share a batch whatever their adapters (peft serves each row its own, see `_serving_rows`).
+ACTIVE = "<active>"  # Request.adapter: no per-reply choice, the model serves whichever adapter is active
+_REPLY_ADAPTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("reply_adapter")
+
+
+@contextmanager
+def reply_adapter(name: str | None) -> Iterator[None]:
+    """Replies requested inside the block (in this thread, or this asyncio task) are served with adapter `name`
+    (None = the base model) whatever adapter is active, and batch with replies for other adapters."""
+    token = _REPLY_ADAPTER.set(name)
+    try:
+        yield
+    finally:
+        _REPLY_ADAPTER.reset(token)
 
 
 @dataclass
@@ -62,6 +79,7 @@ class Request:
     streamer: Any
     stop: threading.Event
     key: Hashable
+    adapter: str | None = ACTIVE  # the adapter this row is served with (ACTIVE: the model's active one)
     future: Future = field(default_factory=Future)
     streamed: bool = False  # text of this reply has reached its reader (it cannot be generated again unseen)
 
@@ -186,19 +204,22 @@ class TransformersEngine:
                  ReplyRepetitionPenalty(float(penalty), n_in, self._digit_ids())])
         return enc, kwargs
 
-    def _run(self, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], seed: int | None, shared: int = 0
-             ) -> torch.Tensor:
+    def _run(self, enc: dict[str, torch.Tensor], kwargs: dict[str, Any], seed: int | None, shared: int = 0,
+             adapters: list[str | None] | None = None) -> torch.Tensor:
         """One generate() call under the lock; reseeded first: same history + settings -> same reply. `shared`: the
         rows' first `shared` tokens are the same (see `_layout`); they are run once and the batch starts from
-        their cache."""
+        their cache. `adapters`: each row's own adapter (None = the base), else the active one serves every row."""
+        from hfmodel.speedups import serving_rows
+
         with self.handle.lock, torch.inference_mode():
             if self.before_run is not None:
                 self.before_run()
-            if seed is not None:
-                torch.manual_seed(seed)
-            if shared:
-                kwargs = {**kwargs, "cache": self._prefix_cache(enc["input_ids"], shared)}
-            return self.handle.module.generate(**enc, **kwargs)
+            with serving_rows(self.handle.module, adapters) as extra:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                if shared:
+                    kwargs = {**kwargs, "cache": self._prefix_cache(enc["input_ids"], shared)}
+                return self.handle.module.generate(**enc, **kwargs, **extra)
 
     def _prefix_cache(self, ids: torch.Tensor, shared: int) -> Any:
         """The KV cache of the rows' shared first tokens, computed for one row and repeated for every row."""
@@ -229,9 +250,11 @@ class TransformersEngine:
     # ------------------------------------------------------------------------------------ requests
 
     def request(self, messages: Chat, parameters: Any, overrides: dict[str, Any], tools: list[dict] | None = None,
-                streamer: Any = None, stop: threading.Event | None = None, seed: int | None | str = "settings"
-                ) -> Request:
-        """One reply to run on the compute thread (the prompt rendered here, on the caller's thread)."""
+                streamer: Any = None, stop: threading.Event | None = None, seed: int | None | str = "settings",
+                adapter: str | None = ACTIVE) -> Request:
+        """One reply to run on the compute thread (the prompt rendered here, on the caller's thread). `adapter`: the
+        adapter to serve it with (None = the base); by default the one `reply_adapter` chose, else the agent's own
+        (a team, see team.py), else the active one."""
         enc, kwargs = self._prepare(messages, parameters, overrides, tools)
         processors = list(kwargs.pop("logits_processor", None) or [])
         penalty = next((p.penalty for p in processors if isinstance(p, ReplyRepetitionPenalty)), None)
@@ -239,21 +262,26 @@ class TransformersEngine:
         if own:  # a caller's own processors run as given (such a request never shares a batch: see _batch_key)
             kwargs["logits_processor"] = LogitsProcessorList(own)
         chosen = parameters.seed if seed == "settings" else seed
+        if adapter == ACTIVE:
+            adapter = _REPLY_ADAPTER.get(self.adapter_key() if self.adapter_key is not None else ACTIVE)
         # Every reply can be stopped: a Ctrl-C or a cancelled await stops its row, not just the wait for it.
         return Request(self, enc, kwargs, penalty,
                        None if chosen is None else int(chosen), streamer, stop or threading.Event(),
-                       self._batch_key(kwargs))
+                       self._batch_key(kwargs, adapter), adapter)
 
-    def _batch_key(self, kwargs: dict[str, Any]) -> Hashable:
-        """Requests with equal keys may share one generate(): the same model, adapter and settings (each row keeps
-        its own max_new_tokens and seed)."""
+    def _batch_key(self, kwargs: dict[str, Any], adapter: str | None = ACTIVE) -> Hashable:
+        """Requests with equal keys may share one generate(): the same model and settings, and the same adapter unless
+        each row names its own (each row keeps its own max_new_tokens, seed and named adapter)."""
         settings = {k: v for k, v in kwargs.items() if k != "max_new_tokens"}
         try:
             frozen = repr(sorted((k, _frozen(v)) for k, v in settings.items()))
         except TypeError:  # an override we cannot compare (a processor object, ...): this reply runs alone
             return object()
-        serving = self.adapter_key() if self.adapter_key is not None else (
-            None if self.before_run is None else id(self))
+        if adapter != ACTIVE:
+            serving: Hashable = "each row its own adapter"
+        else:
+            serving = self.adapter_key() if self.adapter_key is not None else (
+                None if self.before_run is None else id(self))
         return id(self.handle), serving, frozen
 
     def run_group(self, group: list[Request]) -> None:
@@ -282,11 +310,22 @@ class TransformersEngine:
 
     def _generate_rows(self, rows: list[Request]) -> list[Generated]:
         """One generate() over `rows` (left-padded when there are several), each row cut at its own end of turn."""
+        from hfmodel.speedups import can_mix_adapters
+
+        adapters = [r.adapter for r in rows]
+        named = adapters[0] != ACTIVE
+        mixed = named and len(set(adapters)) > 1
+        if mixed and not can_mix_adapters(self.handle.module, adapters):  # one generate() per adapter
+            results: dict[int, Generated] = {}
+            for name in dict.fromkeys(adapters):
+                part = [i for i, a in enumerate(adapters) if a == name]
+                results.update(zip(part, self._generate_rows([rows[i] for i in part]), strict=True))
+            return [results[i] for i in range(len(rows))]
         sampled = bool(rows[0].kwargs.get("do_sample")) and len(rows) > 1
         warpers = self._warpers(rows[0].kwargs) if sampled else []
         if warpers is None:  # a sampling setting the per-row sampler does not reproduce: one row at a time
             return [self._generate_rows([r])[0] for r in rows]
-        shared = self._shared_prefix(rows)
+        shared = 0 if mixed else self._shared_prefix(rows)  # the shared part's cache differs between adapters
         enc = rows[0].enc if len(rows) == 1 else self._layout(rows, shared)
         width = int(enc["input_ids"].shape[1])
         kwargs = dict(rows[0].kwargs)
@@ -306,7 +345,8 @@ class TransformersEngine:
         kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
         if any(r.streamer is not None for r in rows):
             kwargs["streamer"] = _RowStreams(rows, set(self.handle.stop_token_ids), stops)
-        out = self._run(enc, kwargs, rows[0].seed if len(rows) == 1 else None, shared)
+        out = self._run(enc, kwargs, rows[0].seed if len(rows) == 1 else None, shared,
+                        [a for a in adapters if a != ACTIVE] if named else None)
         return [self._row_result(out[i, width:], r, stops.stopped_at[i]) for i, r in enumerate(rows)]
 
     def _row_result(self, new: torch.Tensor, request: Request, stopped_at: int | None) -> Generated:
@@ -398,15 +438,18 @@ class TransformersEngine:
             raise
 
     def generate_batch(self, conversations: list[Chat], parameters: Any, overrides: dict[str, Any],
-                       tools: list[dict] | None = None, n: int = 1) -> list[Generated]:
+                       tools: list[dict] | None = None, n: int = 1, adapters: list[str | None] | None = None
+                       ) -> list[Generated]:
         """`n` replies to each conversation (conversation-major order) in as few generate() calls as fit.
 
         Each reply is the one `generate` would give alone: the same settings, and with a seed, sample `i` of a
-        conversation is seeded with `seed + i` (sample 0 is the single reply)."""
+        conversation is seeded with `seed + i` (sample 0 is the single reply). `adapters`: each conversation's
+        adapter (None = the base); the rows still share one batch."""
         seed = parameters.seed
+        chosen = adapters or [ACTIVE] * len(conversations)
         requests = [self.request(chat, parameters, overrides, tools,
-                                 seed=None if seed is None else (seed + i) % 2**32)
-                    for chat in conversations for i in range(n)]
+                                 seed=None if seed is None else (seed + i) % 2**32, adapter=adapter)
+                    for chat, adapter in zip(conversations, chosen, strict=True) for i in range(n)]
         futures = self.handle.compute.submit_all(requests)
         try:
             return [self._result(f) for f in futures]

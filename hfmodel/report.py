@@ -39,12 +39,14 @@ def pick_probes(result: FineTuneResult, configured: list[str] | None, n: int = 4
     return prompts[:n]
 
 
-def run_probes(prompts: list[str], answer_before: Callable[[list[str]], list[str]],
-               answer_after: Callable[[list[str]], list[str]]) -> list[Probe]:
-    """Each prompt answered before and after; each side answers all prompts at once (one batch per adapter)."""
+def run_probes(prompts: list[str], answer: Callable[[list[str], list[str | None]], list[str]], before: str | None,
+               after: str | None) -> list[Probe]:
+    """Each prompt answered with adapter `before` and with `after` (None = the base): `answer(prompts, adapters)`
+    answers prompt i with adapters[i], so both sides run as one batch."""
     if not prompts:
         return []
-    return [Probe(p, b, a) for p, b, a in zip(prompts, answer_before(prompts), answer_after(prompts), strict=True)]
+    answers = answer([*prompts, *prompts], [before] * len(prompts) + [after] * len(prompts))
+    return [Probe(p, b, a) for p, b, a in zip(prompts, answers[:len(prompts)], answers[len(prompts):], strict=True)]
 
 
 def loss_curves(log_history: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

@@ -452,18 +452,7 @@ def switch_adapter(model: Any, name: str | None) -> None:
     weights keep their `requires_grad` (serving never trains). Models that peft's calls must handle (merged layers,
     `modules_to_save`, anything but one active adapter per layer) go through peft's own calls.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    adapters = tuple(model.peft_config)
-    cached = _tuner_layers.get(model)
-    if cached is None or cached[0] != adapters:
-        modules = list(model.modules())
-        special = any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
-        layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
-        fits = not special and all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for m in layers)
-        cached = _tuner_layers[model] = (adapters, layers if fits else [])
-    layers = cached[1]
+    layers = _lora_layers(model)
     if not layers or any(layer.merged for layer in layers):
         from hfmodel.adapters import serve_with_peft
 
@@ -476,3 +465,69 @@ def switch_adapter(model: Any, name: str | None) -> None:
     if name is not None:
         model.active_adapter = model.base_model.active_adapter = name
 
+
+def _lora_layers(model: Any) -> list[Any]:
+    """The tuner layers of a peft model whose serving state is one flag and one active adapter each ([] for any
+    other model: `modules_to_save`, layers without those fields), found once per set of adapters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    adapters = tuple(model.peft_config)
+    cached = _tuner_layers.get(model)
+    if cached is None or cached[0] != adapters:
+        modules = list(model.modules())
+        special = any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules)
+        layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+        fits = not special and all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for m in layers)
+        cached = _tuner_layers[model] = (adapters, layers if fits else [])
+    return cached[1]
+
+
+def served_adapter(model: Any) -> str | None:
+    """The adapter a peft model serves now (None = the base: its adapter layers are off)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next(iter(_lora_layers(model)), None) or next(
+        (m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+    return None if layer is None or layer.disable_adapters else model.active_adapter
+
+
+PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch (`adapter_names=`)
+
+
+def can_mix_adapters(model: Any, names: list[str | None]) -> bool:
+    """Whether one generate() can serve each row its own adapter through peft's mixed batches (`adapter_names=`).
+
+    Checked against peft 0.21.2: every LoRA layer adds each row's own adapter to the base layer's output; merged
+    layers and DoRA adapters are refused by peft (and layers we do not recognise are left to peft's own switch)."""
+    from hfmodel.common import is_peft_model
+
+    if not is_peft_model(model):
+        return all(name is None for name in names)
+    layers = _lora_layers(model)
+    return bool(layers) and not any(layer.merged for layer in layers) and not any(
+        getattr(layer, "use_dora", {}).get(name, False) for layer in layers for name in set(names) if name)
+
+
+@contextmanager
+def serving_rows(model: Any, names: list[str | None] | None) -> Iterator[dict[str, Any]]:
+    """For one generate() of the block: row i served with adapter `names[i]` (None = the base); yields the extra
+    generate() arguments. All rows the same: a switch to that adapter; different ones: peft's mixed batch (see
+    `can_mix_adapters`). Afterwards the model serves what it served before. `names` None: nothing changes."""
+    from hfmodel.common import is_peft_model
+
+    if names is None or not is_peft_model(model):
+        yield {}
+        return
+    before = served_adapter(model)
+    distinct = set(names)
+    if len(distinct) == 1:
+        switch_adapter(model, names[0])
+        extra: dict[str, Any] = {}
+    else:
+        switch_adapter(model, next(name for name in names if name))  # adapter layers on; each row picks its own
+        extra = {"adapter_names": [name or PEFT_BASE for name in names]}
+    try:
+        yield extra
+    finally:
+        switch_adapter(model, before)

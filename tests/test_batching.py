@@ -10,7 +10,7 @@ import pytest
 import torch
 from agentscope.message import UserMsg
 from agentscope.model import ChatResponse
-from helpers import TAUGHT_ANSWER, TAUGHT_QUESTION, TINY_MAX_LENGTH, chat, make_wrapper
+from helpers import SYSTEM_PROMPT, TAUGHT_ANSWER, TAUGHT_QUESTION, TINY_MAX_LENGTH, chat, make_wrapper
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -255,23 +255,90 @@ def test_the_docs_example_runs_on_the_tiny_model(tool_model_dir, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 5  # three replies, the samples, the tool-call line
 
 
-def test_team_agents_on_the_same_adapter_share_a_batch_and_others_do_not(tiny_model_dir):
+def test_team_agents_on_different_adapters_share_one_batch_and_each_gets_its_own_reply(tiny_model_dir, taught_adapter,
+                                                                                    monkeypatch):
+    """@all: Ember serves the base, Critic the taught adapter; both replies come from one generate() (peft serves each
+    row its own adapter), equal to each agent's reply alone, and each agent keeps serving its own adapter."""
     from chat.team import build_team
 
     wrapper = make_wrapper(tiny_model_dir, do_sample=False, stream=False)
-    team = build_team(wrapper, [{"name": "Ember", "sys_prompt": "You are Ember."},
-                                {"name": "Critic", "sys_prompt": "You are Critic."}])
+    team = build_team(wrapper, [{"name": "Ember", "sys_prompt": SYSTEM_PROMPT},
+                                {"name": "Critic", "sys_prompt": SYSTEM_PROMPT, "adapter": str(taught_adapter)}])
     models = [team.agent("Ember").model, team.agent("Critic").model]
-    ask = [UserMsg(name="user", content="Hi")]
+    ask = [UserMsg(name="user", content=TAUGHT_QUESTION)]
 
     async def both():
-        return await asyncio.gather(*(m(messages=ask) for m in models))
+        return [r.content[0].text for r in await asyncio.gather(*(m(messages=ask) for m in models))]
 
-    compute = wrapper.handle.compute
-    asyncio.run(both())
-    assert compute.batches[-1] == 2  # both serve the base model
-    models[1].adapter_set.active = "Critic-other"  # as if Critic served an adapter of its own
-    models[1].engine.before_run = lambda: None
+    async def alone(model):
+        return (await model(messages=ask)).content[0].text
+
+    singles_ = [asyncio.run(alone(m)) for m in models]
+    assert singles_[0] != singles_[1]  # the adapter changes the reply
+    compute, generated = wrapper.handle.compute, []
+    original = wrapper.handle.module.generate
+    monkeypatch.setattr(wrapper.handle.module, "generate", lambda **kw: generated.append(kw) or original(**kw))
     before = len(compute.batches)
-    asyncio.run(both())
-    assert compute.batches[before:] == [1, 1]
+    assert asyncio.run(both()) == singles_
+    assert compute.batches[before:] == [2] and len(generated) == 1
+    assert generated[0]["adapter_names"][0] == "__base__" and generated[0]["adapter_names"][1].startswith("Critic-")
+    # Where peft cannot mix adapters in one batch (merged layers, DoRA), the group runs once per adapter.
+    monkeypatch.setattr("hfmodel.speedups.can_mix_adapters", lambda model, names: False)
+    generated.clear()
+    assert asyncio.run(both()) == singles_
+    assert len(generated) == 2 and all("adapter_names" not in kw for kw in generated)
+    assert [asyncio.run(alone(m)) for m in models] == singles_  # each agent still serves its own adapter
+
+
+def test_rows_for_different_adapters_share_one_batch_and_each_equals_its_single_reply(taught_wrapper, monkeypatch):
+    name = taught_wrapper.active_adapter
+    questions = [TAUGHT_QUESTION, TAUGHT_QUESTION, "Hi"]
+    adapters = [None, name, "base"]
+    expected = []
+    for q, adapter in zip(questions, adapters, strict=True):
+        with taught_wrapper.serving(None if adapter == "base" else adapter):
+            expected.append(taught_wrapper.generate(chat(q)))
+    assert expected[1] == TAUGHT_ANSWER != expected[0]
+    generated = []
+    original = taught_wrapper.hf_model.generate
+    monkeypatch.setattr(taught_wrapper.hf_model, "generate", lambda **kw: generated.append(kw) or original(**kw))
+    batch = taught_wrapper.generate_batch([chat(q) for q in questions], adapters=adapters)
+    assert [b.text for b in batch] == expected
+    assert [kw["adapter_names"] for kw in generated] == [["__base__", name, "__base__"]]
+    assert taught_wrapper.active_adapter == name and taught_wrapper.generate(chat()) == TAUGHT_ANSWER
+
+
+def test_a_reply_adapter_serves_one_task_while_the_active_adapter_stays(taught_wrapper):
+    """`reply_adapter` picks the adapter of the replies made inside it (per asyncio task): the base here, the taught
+    adapter in the task next to it; both run as one batch."""
+    name = taught_wrapper.active_adapter
+    ask = [UserMsg(name="user", content=TAUGHT_QUESTION)]
+
+    async def reply(adapter):
+        with taught_wrapper.reply_adapter(adapter):
+            chunks = [chunk async for chunk in await taught_wrapper(messages=ask)]  # streamed, as in the chat
+            return "".join(b.text for b in chunks[-1].content if b.type == "text").strip()
+
+    async def both():
+        return await asyncio.gather(reply("base"), reply(name))
+
+    with taught_wrapper.serving(None):
+        base = taught_wrapper.generate(chat(TAUGHT_QUESTION, system=None))
+    tuned = taught_wrapper.generate(chat(TAUGHT_QUESTION, system=None))
+    assert base != tuned
+    compute = taught_wrapper.handle.compute
+    before = len(compute.batches)
+    assert asyncio.run(both()) == [base, tuned]
+    assert compute.batches[before:] == [2]
+    assert taught_wrapper.active_adapter == name
+
+
+def test_unknown_or_miscounted_adapters_are_refused_in_one_line(taught_wrapper):
+    from huggingface_model import UserError
+
+    with pytest.raises(UserError, match="No adapter named 'nope'. Available: base, ft1"):
+        taught_wrapper.generate_batch([chat()], adapters=["nope"])
+    with pytest.raises(UserError, match="one adapter per conversation"):
+        taught_wrapper.generate_batch([chat(), chat()], adapters=[None])
+    with pytest.raises(UserError, match="No adapter named 'nope'"):
+        taught_wrapper.reply_adapter("nope")

@@ -654,6 +654,10 @@ def test_compare_shows_base_and_current_side_by_side(adapted, tmp_path, monkeypa
         body = " ".join(re.sub(r"[│┃┏┓┗┛┡┩└┘├┤┌┐─━╇╈┼╋]", " ", shown).split())
         assert " ".join(safe_text(base_answer).split()) in body and " ".join(safe_text(tuned_answer).split()) in body
     assert "I am Ember" in c.step("/compare").console  # ft1 answers the taught question
+    compute = adapted.handle.compute
+    before = len(compute.batches)
+    c.run(["/compare Hi"])
+    assert compute.batches[before:] == [2]  # base and ft1 answered in one batch
     # Comparing switched nothing for good.
     assert adapted.active_adapter == "ft1" and adapted.adapter_stack == stack
     assert adapted.hf_model.active_adapters == ["ft1"]

@@ -498,7 +498,7 @@ def test_report_probes_and_compare_answer_with_the_agents_tools(tool_model_dir, 
     prompts: list[str] = []
     scripted_generate(session.model, [CALL, "97 times 91 is 8827."], prompts)
     max_length = session.model.parameters.max_length
-    answer = session._answer("What is 97 times 91?", None)
+    answer = session._answers(["What is 97 times 91?"], [None])[0]
     assert answer == '-> calculator(expression="97 * 91") = 8827\n97 times 91 is 8827.'
     assert "calculator" in prompts[0] and "8827" in prompts[1]  # the tools were offered; the result came back
     assert session.assistant.state.context == [] and session.model.parameters.max_length == max_length
