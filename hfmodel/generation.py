@@ -263,7 +263,8 @@ class TransformersEngine:
             kwargs["logits_processor"] = LogitsProcessorList(own)
         chosen = parameters.seed if seed == "settings" else seed
         if adapter == ACTIVE:
-            adapter = _REPLY_ADAPTER.get(self.adapter_key() if self.adapter_key is not None else ACTIVE)
+            agents = self.adapter_key() if self.adapter_key is not None else ACTIVE  # a team agent's own adapter
+            adapter = _REPLY_ADAPTER.get(agents if agents is None or isinstance(agents, str) else ACTIVE)
         # Every reply can be stopped: a Ctrl-C or a cancelled await stops its row, not just the wait for it.
         return Request(self, enc, kwargs, penalty,
                        None if chosen is None else int(chosen), streamer, stop or threading.Event(),
