@@ -238,21 +238,27 @@ def test_n_must_be_positive(tiny_wrapper):
         tiny_wrapper.generate_batch([chat()], n=0)
 
 
-def test_the_docs_example_runs_on_the_tiny_model(tool_model_dir, capsys):
-    """docs/batched-generation.md's example, as written, with the tiny model in place of SmolLM2."""
+def test_the_docs_example_runs_on_the_tiny_model(tool_model_dir, capsys, tmp_path, monkeypatch):
+    """docs/batched-generation.md's examples, as written, with the tiny model in place of SmolLM2."""
     import re
     from pathlib import Path
 
     from huggingface_model import DEFAULT_MODEL_ID
 
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "batched-generation.md").read_text()
-    [code] = re.findall(r"```python\n(.*?)```", doc, re.S)
-    assert f'model_id="{DEFAULT_MODEL_ID}"' in code
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)  # the fine-tune writes its run folder here
+    (tmp_path / "data").symlink_to(root / "data")
+    first, mixed = re.findall(r"```python\n(.*?)```", (root / "docs" / "batched-generation.md").read_text(), re.S)
+    assert f'model_id="{DEFAULT_MODEL_ID}"' in first
     namespace: dict = {}
-    exec(compile(code.replace(f'model_id="{DEFAULT_MODEL_ID}"', f'local_model_path="{tool_model_dir}"'),  # noqa: S102
+    exec(compile(first.replace(f'model_id="{DEFAULT_MODEL_ID}"', f'local_model_path="{tool_model_dir}"'),  # noqa: S102
                   "batched-generation.md", "exec"), namespace)
     assert len(namespace["samples"]) == 4 and namespace["reply"].input_tokens > 0
     assert len(capsys.readouterr().out.splitlines()) == 5  # three replies, the samples, the tool-call line
+    exec(compile(mixed, "batched-generation.md", "exec"), namespace)  # noqa: S102
+    model, name = namespace["model"], namespace["result"].adapter_name
+    assert model.active_adapter == name and model.handle.compute.batches[-1] == 2  # base and adapter: one batch
+    assert capsys.readouterr().out.startswith("base: ")
 
 
 def test_team_agents_on_different_adapters_share_one_batch_and_each_gets_its_own_reply(tiny_model_dir, taught_adapter,
