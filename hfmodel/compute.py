@@ -120,11 +120,16 @@ class ComputeWorker:
 
     def _serve(self) -> None:
         while True:
-            group = self._next_group()
-            self.batches = [*self.batches[-99:], len(group)]
-            try:
-                group[0].run_group(group)
-            except BaseException as e:  # noqa: BLE001 - the thread outlives one bad job; its callers get the error
-                for job in group:
-                    if not job.future.done():
-                        job.future.set_exception(e)
+            self._run(self._next_group())
+
+    def _run(self, group: list[Any]) -> None:
+        """Run one group. Its own frame, so nothing of the finished jobs stays referenced while the thread waits for
+        the next: a job holds its engine and so the whole model, which would outlive its wrapper otherwise (one model
+        in memory per wrapper the process ever made)."""
+        self.batches = [*self.batches[-99:], len(group)]
+        try:
+            group[0].run_group(group)
+        except BaseException as e:  # noqa: BLE001 - the thread outlives one bad job; its callers get the error
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(e)

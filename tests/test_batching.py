@@ -231,6 +231,22 @@ def test_generation_runs_on_one_long_lived_thread(tiny_wrapper, monkeypatch):
     assert len(seen) == 1 and threading.get_ident() not in seen
 
 
+def test_a_wrapper_that_is_gone_leaves_no_model_behind_on_the_compute_thread(tiny_model_dir):
+    """The compute thread waits for its next job holding nothing of the last: a job holds its engine and so the whole
+    model (the background fine-tune's copy shares the host's thread and would stay in memory until the next reply)."""
+    import gc
+    import weakref
+
+    wrapper = make_wrapper(tiny_model_dir)
+    wrapper.generate(chat(), max_new_tokens=2)
+    wrapper.generate_batch([chat(), chat("Hi")], max_new_tokens=2)
+    compute, model = wrapper.handle.compute, weakref.ref(wrapper.hf_model)
+    del wrapper
+    gc.collect()
+    assert model() is None
+    assert compute._thread is not None and compute._thread.is_alive()  # the thread itself lives on, idle
+
+
 def test_n_must_be_positive(tiny_wrapper):
     from huggingface_model import UserError
 
