@@ -91,9 +91,11 @@ def header(results: dict[str, Any]) -> list[str]:
             ["threads per process", f"{meta.get('threads') or 'unknown'} ({meta.get('threads_reason') or ''})"],
             ["load average", load],
             ["libraries", ", ".join(f"{name} {versions[name]}" for name in LIBRARIES if name in versions) or "unknown"],
-            *[[f"merged from a later run ({run.get('date') or '?'})",
+            *[[f"merged from another run ({run.get('date') or '?'})",
                f"sections: {', '.join(run.get('sections') or [])}; load average {run.get('load_average_start')} -> "
-               f"{run.get('load_average_end')}" + (f"; {run['note']}" if run.get("note") else "")]
+               f"{run.get('load_average_end')}"
+               + (f"; commit `{run['git']['commit']}`" if (run.get("git") or {}).get("commit") else "")
+               + (f"; {run['note']}" if run.get("note") else "")]
               for run in meta.get("merged_runs") or []],
         ]),
         *busy_note(meta),

@@ -41,7 +41,7 @@ Chat = list[dict[str, str]]
 # call costs about what it saves.
 SHARED_PREFIX_MIN = 32
 # A reply's adapter chosen per reply (`reply_adapter`, `generate_batch(adapters=...)`), rather than the model's active
-# one: such replies share a batch whatever their adapters (peft serves each row its own, see `_serving_rows`).
+# one: such replies share a batch whatever their adapters (peft serves each row its own, see `speedups.serving_rows`).
 ACTIVE = "<active>"  # Request.adapter: no per-reply choice, the model serves whichever adapter is active
 _REPLY_ADAPTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("reply_adapter")
 
