@@ -33,8 +33,9 @@ def test_import_starts_nothing():
     assert lines[2] == "[]"  # no model, no torch: nothing was loaded
 
 
-def test_the_chat_reaches_its_prompt_without_trl_peft_or_datasets(tiny_model_dir):
-    """Starting the chat must not import the training libraries (seconds of start-up): only a fine-tune does."""
+def test_the_chat_reaches_its_prompt_without_trl_peft_or_datasets(tiny_model_dir, tmp_path):
+    """Starting the chat must not import the training libraries (seconds of start-up): only a fine-tune does. Run
+    from a temporary folder: the chat starts its session log in runs/ there."""
     code = (
         "import sys, builtins\n"
         "def prompt(*args):\n"
@@ -44,10 +45,11 @@ def test_the_chat_reaches_its_prompt_without_trl_peft_or_datasets(tiny_model_dir
         "import load_finetune_huggingface_model as m\n"
         f"sys.exit(m.main(['--no-finetune', '--local-model-path', {str(tiny_model_dir)!r}]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert "LOADED []" in done.stdout, done.stdout  # the prompt was reached, with none of the three imported
+    assert list((tmp_path / "runs").glob("session-*.jsonl"))  # the session log, here and not in the checkout
 
 
 def test_exposes_sys_prompt_and_model_configs(script):
