@@ -127,6 +127,21 @@ def test_adapter_switch_under_int8_matches_peft_on_the_dequantised_weights(tiny_
     assert lora and all(p.dtype == torch.float32 for p in lora)
 
 
+def test_rows_for_different_adapters_under_int8_share_a_batch_and_equal_their_single_replies(tiny_model_dir, tmp_path):
+    served = make_wrapper(tiny_model_dir, quantization="int8", do_sample=False, max_length=8)
+    a = served.load_adapter(_random_adapter(tiny_model_dir, tmp_path / "first", seed=1)).name
+    b = served.load_adapter(_random_adapter(tiny_model_dir, tmp_path / "second", seed=2)).name
+    conversation = [{"role": "user", "content": "Who are you?"}]
+    singles = []
+    for name in ("base", a, b):
+        served.use_adapter(name)
+        singles.append(served.generate(conversation))
+    assert len(set(singles)) == 3  # each adapter answers differently
+    batch = served.generate_batch([conversation] * 3, adapters=["base", a, b])
+    assert [r.text for r in batch] == singles
+    assert served.handle.compute.batches[-1] == 3 and served.active_adapter == b
+
+
 def test_fine_tune_with_int8_serving_trains_on_the_fp32_base(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
