@@ -479,10 +479,10 @@ class HuggingFaceWrapper(ChatModelBase):
         return reply_adapter(self._known_adapter(name))
 
     def _known_adapter(self, name: str | None) -> str | None:
+        """`name` as served: None for the base ("base" too); an unknown name is refused in one line."""
         if name in (None, "base"):
             return None
-        if name not in self.adapter_set.records:
-            raise UserError(f"No adapter named '{name}'. Available: base, {', '.join(self.adapter_set.records) or '(none)'}.")
+        self.adapter_set._check_known(name)
         return name
 
     def save_adapter(self, dest: str | Path, name: str | None = None) -> Path:
