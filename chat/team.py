@@ -46,10 +46,10 @@ def serve(adapter_set: AdapterSet) -> None:
 
 
 def serve_own_adapter(engine: Any, adapter_set: AdapterSet) -> None:
-    """Before each reply `engine` switches the shared model to `adapter_set`'s adapter; replies of agents that serve
-    the same adapter (or all the base) can share one batch (see hfmodel/compute.py)."""
-    engine.before_run = lambda: serve(adapter_set)
-    engine.adapter_key = lambda: adapter_set.active
+    """Each reply of `engine` is served with `adapter_set`'s active adapter (the switch happens under the lock, with
+    the reply); replies of several agents share one batch, each row on its own agent's adapter (see
+    hfmodel/generation.py)."""
+    engine.agent_adapter = lambda: adapter_set.active
 
 
 class AgentAdapterSet(AdapterSet):

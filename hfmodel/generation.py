@@ -119,13 +119,11 @@ class Pending:
 class TransformersEngine:
     """`model.generate` from transformers, on the handle's model (with whichever adapter is active)."""
 
-    def __init__(self, handle: ModelHandle, before_run: Callable[[], None] | None = None) -> None:
+    def __init__(self, handle: ModelHandle) -> None:
         self.handle = handle
-        # Called under the generation lock right before generate(): agents sharing one base switch to their own
-        # adapter there, so the switch and the reply are one step (see team.py).
-        self.before_run = before_run
-        # With `before_run`: the adapter it switches to, so that replies for the same adapter can share a batch.
-        self.adapter_key: Callable[[], Hashable] | None = None
+        # An agent sharing one base with others (team.py): its own adapter, named by each of its replies, so the
+        # switch happens under the generation lock with the reply it serves, and agents' replies share batches.
+        self.agent_adapter: Callable[[], str | None] | None = None
         self._digits: tuple[Any, torch.Tensor] | None = None  # (tokenizer, its digit token ids), for the penalty
 
     # ------------------------------------------------------------------------------------ prompt
@@ -211,15 +209,12 @@ class TransformersEngine:
         their cache. `adapters`: each row's own adapter (None = the base), else the active one serves every row."""
         from hfmodel.speedups import serving_rows
 
-        with self.handle.lock, torch.inference_mode():
-            if self.before_run is not None:
-                self.before_run()
-            with serving_rows(self.handle.module, adapters) as extra:
-                if seed is not None:
-                    torch.manual_seed(seed)
-                if shared:
-                    kwargs = {**kwargs, "cache": self._prefix_cache(enc["input_ids"], shared)}
-                return self.handle.module.generate(**enc, **kwargs, **extra)
+        with self.handle.lock, torch.inference_mode(), serving_rows(self.handle.module, adapters) as extra:
+            if seed is not None:
+                torch.manual_seed(seed)
+            if shared:
+                kwargs = {**kwargs, "cache": self._prefix_cache(enc["input_ids"], shared)}
+            return self.handle.module.generate(**enc, **kwargs, **extra)
 
     def _prefix_cache(self, ids: torch.Tensor, shared: int) -> Any:
         """The KV cache of the rows' shared first tokens, computed for one row and repeated for every row."""
@@ -263,8 +258,7 @@ class TransformersEngine:
             kwargs["logits_processor"] = LogitsProcessorList(own)
         chosen = parameters.seed if seed == "settings" else seed
         if adapter == ACTIVE:
-            agents = self.adapter_key() if self.adapter_key is not None else ACTIVE  # a team agent's own adapter
-            adapter = _REPLY_ADAPTER.get(agents if agents is None or isinstance(agents, str) else ACTIVE)
+            adapter = _REPLY_ADAPTER.get(self.agent_adapter() if self.agent_adapter is not None else ACTIVE)
         # Every reply can be stopped: a Ctrl-C or a cancelled await stops its row, not just the wait for it.
         return Request(self, enc, kwargs, penalty,
                        None if chosen is None else int(chosen), streamer, stop or threading.Event(),
@@ -278,12 +272,7 @@ class TransformersEngine:
             frozen = repr(sorted((k, _frozen(v)) for k, v in settings.items()))
         except TypeError:  # an override we cannot compare (a processor object, ...): this reply runs alone
             return object()
-        if adapter != ACTIVE:
-            serving: Hashable = "each row its own adapter"
-        else:
-            serving = self.adapter_key() if self.adapter_key is not None else (
-                None if self.before_run is None else id(self))
-        return id(self.handle), serving, frozen
+        return id(self.handle), adapter == ACTIVE, frozen
 
     def run_group(self, group: list[Request]) -> None:
         """Run requests that share a key as one batch (the compute thread calls this). If the batch fails, each
@@ -346,8 +335,7 @@ class TransformersEngine:
         kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
         if any(r.streamer is not None for r in rows):
             kwargs["streamer"] = _RowStreams(rows, set(self.handle.stop_token_ids), stops)
-        out = self._run(enc, kwargs, rows[0].seed if len(rows) == 1 else None, shared,
-                        [a for a in adapters if a != ACTIVE] if named else None)
+        out = self._run(enc, kwargs, rows[0].seed if len(rows) == 1 else None, shared, adapters if named else None)
         return [self._row_result(out[i, width:], r, stops.stopped_at[i]) for i, r in enumerate(rows)]
 
     def _row_result(self, new: torch.Tensor, request: Request, stopped_at: int | None) -> Generated:
