@@ -839,8 +839,9 @@ def practice(model: Any, tasks: str | list[Task] | TaskSet, settings: PracticeSe
     config = training_config(fine_tune_config, settings.method)
     from hfmodel.training import shared_run_dir
 
-    if settings.method == "grpo" and world_size() > 1 and sharding_requested():
-        raise PracticeError(f"method=grpo does not run with {sharding_requested()} (the weights split across "
+    sharding = sharding_requested() if settings.method == "grpo" and world_size() > 1 else None
+    if sharding:
+        raise PracticeError(f"method=grpo does not run with {sharding} (the weights split across "
                             "processes); launch it with a DDP config (configs/accelerate/multi_gpu_ddp.yaml, or "
                             "cpu_2proc.yaml) or in one process, or use method=rft.")
     output = Path((config.get("training_args") or {}).get("output_dir") or base_dir or "runs").expanduser()

@@ -125,8 +125,9 @@ def grpo_round(model: Any, tasks: list[Task], settings: PracticeSettings, config
                                   train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                                   callbacks=[progress_callback(_staged(progress), stop)], tools=tools or None,
                                   environment_factory=_environment_factories(environments))
-        if sharded_training(trainer):  # a launcher config that slipped past practice()'s check
-            raise PracticeError(f"method=grpo does not run with {sharded_training(trainer)}; use a DDP launcher "
+        sharding = sharded_training(trainer)
+        if sharding:  # a launcher config that slipped past practice()'s check
+            raise PracticeError(f"method=grpo does not run with {sharding}; use a DDP launcher "
                                 "config or one process, or method=rft.")
         use_loraplus(trainer, cfg.lora_config)
         trainer.remove_callback(PrinterCallback)
