@@ -1,10 +1,10 @@
-"""`Finetune_DialogAgent` (an AgentScope `Agent` whose model can be fine-tuned) and a terminal `UserAgent`."""
+"""`Finetune_DialogAgent` (an AgentScope `Agent` whose model can be fine-tuned); `build_model`; the terminal
+`UserAgent` (defined in chat/terminal.py, importable from here)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,8 +20,9 @@ from agentscope.event import (
     ToolResultTextDeltaEvent,
     UserConfirmResultEvent,
 )
-from agentscope.message import Msg, ToolCallBlock, UserMsg
+from agentscope.message import Msg, ToolCallBlock
 
+from chat.terminal import UserAgent  # noqa: F401 - the terminal user, importable from here as before
 from hfmodel.practice import PracticeResult, PracticeSettings
 from hfmodel.replies import result_text
 from huggingface_model import FineTuneError, FineTuneResult, HuggingFaceWrapper, ModelLoadError
@@ -207,32 +208,3 @@ class ToolLine(str):
             shown = call["input"]
         result = " ".join(call["output"].split())
         return cls(f"-> {call['name']}({shown}) = {result[:200]}")
-
-
-class UserAgent:
-    """Reads the user's turns from the terminal (or any `input_fn`, for tests and scripts)."""
-
-    def __init__(self, name: str = "User", input_fn: Callable[[str], str] | None = None,
-                 prompt: str = "User: ") -> None:
-        self.name = name
-        self.input_fn = input_fn or input
-        self.prompt = prompt
-        if input_fn is None and hasattr(sys.stdin, "reconfigure"):
-            sys.stdin.reconfigure(errors="replace")  # non-UTF-8 bytes become U+FFFD, not a crash
-
-    def read(self) -> str | None:
-        """The next non-empty line; None on `exit` (any case, spaces around it), EOF or Ctrl-C."""
-        while True:
-            try:
-                text = self.input_fn(self.prompt)
-            except (EOFError, KeyboardInterrupt):
-                return None
-            text = text.strip()
-            if text.lower() == "exit":
-                return None
-            if text:
-                return text
-
-    def __call__(self) -> Msg | None:
-        text = self.read()
-        return None if text is None else UserMsg(name=self.name, content=text)

@@ -27,7 +27,6 @@ from agentscope.credential import CredentialBase
 from agentscope.formatter import OllamaChatFormatter
 from agentscope.message import Msg
 from agentscope.model import ChatModelBase, ChatResponse
-from pydantic import BaseModel, Field, ValidationError
 
 from hfmodel import replies, training
 from hfmodel.adapters import AdapterRecord, AdapterSet, check_layers
@@ -38,7 +37,6 @@ from hfmodel.common import (
     FineTuneInterrupted,
     ModelLoadError,
     UserError,
-    closest,
     cpu_has_bf16,
     describe_validation,
     distributed_state,
@@ -46,7 +44,6 @@ from hfmodel.common import (
     hf_token,
     is_main_process,
     logger,
-    pick_device,
     pick_dtype,
     redact,
 )
@@ -55,7 +52,6 @@ from hfmodel.gguf_export import GGUFExport, check_destination, check_exportable,
 from hfmodel.int8 import INT8, Int8Check, full_precision, int8_wanted, quantize_checked
 from hfmodel.loading import (
     DEFAULT_MODEL_ID,
-    ModelHandle,
     ModelSource,
     build_bnb_config,
     bundled_copy_folder,
@@ -69,6 +65,13 @@ from hfmodel.loading import (
 )
 from hfmodel.practice import PracticeResult, PracticeSettings
 from hfmodel.preference import PreferenceDryRun
+from hfmodel.preload import (
+    GenerationParameters,
+    Preloaded,
+    generation_parameters,
+    model_handle,
+    reject_unknown_keys,
+)
 from hfmodel.settings import (
     DEFAULT_LORA_CONFIG,
     DEFAULT_TRAINING_ARGS,
@@ -93,28 +96,11 @@ __all__ = [  # what tests, the bench and users import from here
 Chat = list[dict[str, str]]
 
 
-def _reject_unknown_keys(unknown: dict[str, Any]) -> None:
-    unknown = {k: v for k, v in unknown.items() if k != "model_type"}
-    if unknown:
-        code = HuggingFaceWrapper.__init__.__code__
-        valid = list(code.co_varnames[1:code.co_argcount])
-        raise ModelLoadError(f"Unknown model_configs key(s): {', '.join(unknown)}{closest(next(iter(unknown)), valid)}"
-                             f". Valid keys: model_type, {', '.join(valid)}.")
-
-
 class HuggingFaceWrapper(ChatModelBase):
     """A local Hugging Face causal LM as an AgentScope chat model, with SFT + LoRA fine-tuning."""
 
-    class Parameters(BaseModel):
+    class Parameters(GenerationParameters):
         """Generation settings (live: `/set` changes them between replies)."""
-
-        max_length: int = Field(512, ge=1, description="max NEW tokens per reply (the original example's name)")
-        temperature: float = Field(0.3, gt=0, le=5, description="sampling temperature (with do_sample)")
-        top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass (with do_sample)")
-        repetition_penalty: float = Field(1.1, gt=0, le=5, description=">1 discourages loops in small models")
-        do_sample: bool = Field(True, description="False = greedy decoding")
-        seed: int | None = Field(1234, ge=0, le=2**32 - 1,
-                                 description="reseeded before every reply: same history + settings -> same reply")
 
     type = "huggingface"
     parameters: Parameters  # ChatModelBase declares a plain BaseModel
@@ -140,6 +126,8 @@ class HuggingFaceWrapper(ChatModelBase):
         system_prompt: str | None = None,
         stream: bool = True,
         engine: str = "transformers",
+        *,
+        preloaded: Preloaded | None = None,
         **unknown: Any,
     ) -> None:
         """Load the model once; if `data_path` is given, fine-tune once (or reuse an identical earlier run).
@@ -161,14 +149,13 @@ class HuggingFaceWrapper(ChatModelBase):
             system_prompt: used for training rows that have none (the agent sets it to its own).
             stream: stream replies to AgentScope (True) or return them whole.
             engine: the generation engine (see hfmodel/generation.py ENGINES).
+            preloaded: the weights and tokenizer `hfmodel.preload.preload(config)` loaded for these settings
+                (the chat script loads them before AgentScope is imported): taken over, not loaded again.
         """
-        _reject_unknown_keys(unknown)
-        try:
-            parameters = self.Parameters(max_length=max_length, temperature=temperature, top_p=top_p,
-                                         repetition_penalty=repetition_penalty, do_sample=do_sample, seed=seed)
-        except ValidationError as e:
-            raise ModelLoadError(f"Invalid generation settings in model_configs: {describe_validation(e)} "
-                                 "(for greedy decoding set do_sample=False rather than temperature=0).") from None
+        reject_unknown_keys(unknown)
+        parameters = generation_parameters(self.Parameters, max_length=max_length, temperature=temperature,
+                                           top_p=top_p, repetition_penalty=repetition_penalty, do_sample=do_sample,
+                                           seed=seed)
         super().__init__(credential=CredentialBase(), model=str(local_model_path or model_id or config_name),
                          parameters=parameters, stream=stream, max_retries=0)
         self.formatter = OllamaChatFormatter()
@@ -181,19 +168,27 @@ class HuggingFaceWrapper(ChatModelBase):
         # Fail fast on a wrong config before a long load; field names are checked against trl/peft
         # only when fine-tuning starts (importing them costs seconds at every start-up).
         FineTuneConfig.from_dict(fine_tune_config, check_fields=bool(data_path))
-        chosen = pick_device(device)
-        self.handle = ModelHandle(device=chosen, dtype=pick_dtype(chosen, dtype),
-                                  bnb_config=quantization_config(quantization, chosen),
-                                  trust_remote_code=trust_remote_code)
-        self.serve_int8 = quantization == INT8 and int8_wanted(chosen)
+        if preloaded is None:
+            self.handle = model_handle(device, dtype, quantization, trust_remote_code)
+        else:
+            self.handle = preloaded.take({"model_id": model_id, "local_model_path": local_model_path,
+                                          "device": device, "local_tokenizer_path": local_tokenizer_path,
+                                          "dtype": dtype, "quantization": quantization,
+                                          "trust_remote_code": trust_remote_code})
+        self.serve_int8 = quantization == INT8 and int8_wanted(self.handle.device)
         self.int8_check: Int8Check | None = None  # how int8 compared with fp32 when it loaded
-        logger.info("Device: %s, dtype: %s", chosen, str(self.handle.dtype).replace("torch.", ""))
         self.engine = create_engine(engine, self.handle)
         self.adapter_set = AdapterSet(self.handle)
         self._reply_state()
 
-        self.load_model(model_id, local_model_path)
-        self.load_tokenizer(model_id, local_tokenizer_path)
+        if preloaded is None:
+            self.load_model(model_id, local_model_path)
+            self.load_tokenizer(model_id, local_tokenizer_path)
+        else:  # the handle holds the weights and tokenizer already
+            self.model_id, self.local_model_path = model_id, local_model_path
+            self.model = str(local_model_path or model_id or preloaded.source.path)
+            if preloaded.source.adapter:
+                self.load_adapter(preloaded.source.adapter)
         self.quantize_int8()
         if data_path:
             self.fine_tune(data_path, fine_tune_config)

@@ -136,46 +136,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    from hfmodel.common import failure_line, log_traceback, quiet_libraries, redact, safe_text
+    from hfmodel.common import quiet_libraries
 
-    quiet_libraries(rich=True)
-    from chat.commands import UserError
-    from finetune_dialogagent import UserAgent, build_model
+    quiet_libraries(rich=True, agentscope=False)  # AgentScope is imported while you type your first line
+    from chat.startup import Chat
 
     entries = [{**agents[0], "sys_prompt": args.sys_prompt or agents[0]["sys_prompt"]}, *agents[1:]]
-    prompt = entries[0]["sys_prompt"]
-    config = apply_overrides(model_configs[0], args)
-    try:
-        # Load here and fine-tune below (not inside the constructor) so the start-up fine-tune shows
-        # progress and a report, and Ctrl-C during it leaves a working chat on the base weights.
-        model = build_model(config["config_name"], [config], system_prompt=prompt, data_path=None)
-    except UserError as e:
-        print(f"error: {safe_text(redact(str(e)))}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - our bug: one line, the traceback in the runs folder's errors.log
-        runs = ((config.get("fine_tune_config") or {}).get("training_args") or {}).get("output_dir", "runs")
-        log = log_traceback("Loading the model", e, runs)
-        print(f"error: {safe_text(redact(failure_line('Loading the model', e, log)))}", file=sys.stderr)
-        return 2
-    model.data_path = config.get("data_path")
-
-    tools = [] if args.no_tools else toolkit
-    user = UserAgent(name="User")
-    keep_log = session_log and not args.no_session_log
-    # One agent or several, all on the one loaded model (team.py): `/agent add` grows a one-agent chat into a team.
-    from chat.team import build_team
-    from chat.team_chat import TeamChatSession
-
-    try:
-        team = build_team(model, entries, tools)
-    except UserError as e:
-        print(f"error: {safe_text(redact(str(e)))}", file=sys.stderr)
-        return 2
-    session = TeamChatSession(team, user, base_config=config, toolkit=tools, session_log=keep_log)
-    if model.data_path:
-        if not session.startup_fine_tune(args.startup_finetune or startup_fine_tune):
-            return 2
-    return session.run()
+    # One agent or several, all on the one loaded model (chat/team.py): `/agent add` grows a one-agent chat into a
+    # team. The model loads first, then the prompt shows (docs/startup.md).
+    return Chat(apply_overrides(model_configs[0], args), entries, [] if args.no_tools else toolkit,
+                mode=args.startup_finetune or startup_fine_tune,
+                session_log=session_log and not args.no_session_log).run()
 
 
 if __name__ == "__main__":

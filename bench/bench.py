@@ -129,9 +129,10 @@ def child_env(threads: int | None = None, pythonpath: bool = True) -> dict[str, 
 
 
 def run_child(cmd: list[str], *, env: dict[str, str], cwd: Path | str | None = None, stdin: bytes | None = None,
-              marker: bytes | None = None, timeout: float = 900.0, full_stderr: bool = False) -> dict[str, Any]:
+              marker: bytes | None = None, timeout: float = 900.0, full_stderr: bool = False,
+              then: bytes | None = None) -> dict[str, Any]:
     """Run one child; return wall time, exit code, its own peak RSS (wait4), stdout, stderr tail and the time
-    at which `marker` first appeared on its stdout."""
+    at which `marker` first appeared on its stdout (and `then`, after it: `then_s`)."""
     errfile = tempfile.TemporaryFile()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errfile, env=env,
@@ -147,6 +148,8 @@ def run_child(cmd: list[str], *, env: dict[str, str], cwd: Path | str | None = N
                 return
             out.extend(chunk)
             if marker and not marker_at and marker in out:
+                marker_at.append(time.perf_counter() - started)
+            if then and len(marker_at) == 1 and then in out[out.index(marker) + len(marker):]:  # type: ignore[arg-type]
                 marker_at.append(time.perf_counter() - started)
 
     thread = threading.Thread(target=reader, daemon=True)
@@ -178,7 +181,8 @@ def run_child(cmd: list[str], *, env: dict[str, str], cwd: Path | str | None = N
     err = errfile.read().decode(errors="replace")
     errfile.close()
     return {"rc": proc.returncode, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0,
-            "marker_s": marker_at[0] if marker_at else None, "stdout": out.decode(errors="replace"),
+            "marker_s": marker_at[0] if marker_at else None,
+            "then_s": marker_at[1] if len(marker_at) > 1 else None, "stdout": out.decode(errors="replace"),
             "stderr_tail": err[-3000:], "timed_out": bool(killed), **({"stderr": err} if full_stderr else {})}
 
 
@@ -988,8 +992,9 @@ def bench_startup(model: str, folder: str, cfg: dict[str, Any], quick: bool, thr
     script_args = ["--no-finetune"] + (["--local-model-path", folder] if model == "tiny" else [])
     script_cmd = [sys.executable, "-c", SCRIPT_SHIM, str(SCRIPT), *script_args]
     base_cmd = [sys.executable, "-c", BASELINE_CODE, folder]
-    rec: dict[str, list[float]] = {k: [] for k in ("script_prompt_s", "script_exit_s", "script_rss_mb",
-                                                    "base_ready_s", "base_exit_s", "base_rss_mb", "ratio")}
+    rec: dict[str, list[float]] = {k: [] for k in ("script_prompt_s", "script_answer_s", "script_exit_s",
+                                                    "script_rss_mb", "base_ready_s", "base_exit_s", "base_rss_mb",
+                                                    "ratio", "ratio_answer")}
     errors: list[str] = []
     modules_seen: list[list[str] | None] = []
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as cwd:  # the script may write files in its cwd
@@ -1003,8 +1008,10 @@ def bench_startup(model: str, folder: str, cfg: dict[str, Any], quick: bool, thr
                     got[name] = run_child(cmd, env=child_env(threads, pythonpath=False), cwd=cwd,
                                           marker=b"BENCH-READY", timeout=600)
                 else:
+                    # `exit` is typed at once: "Bye." shows once the chat could have answered (AgentScope is
+                    # imported and the agents built while the prompt waits; chat/startup.py)
                     got[name] = run_child(cmd, env=child_env(threads, pythonpath=False), cwd=cwd,
-                                          stdin=b"exit\n", marker=b"User:", timeout=600)
+                                          stdin=b"exit\n", marker=b"User:", then=b"Bye.", timeout=600)
             b, s = got["base"], got["script"]
             if b["rc"] != 0 or b["marker_s"] is None:
                 raise RuntimeError(f"bare from_pretrained baseline failed: {b['stderr_tail'][-1500:]}")
@@ -1017,6 +1024,9 @@ def bench_startup(model: str, folder: str, cfg: dict[str, Any], quick: bool, thr
                 continue
             modules_seen.append(_shim_modules(s["stderr_tail"]))
             rec["script_prompt_s"].append(s["marker_s"])
+            if s["then_s"] is not None:
+                rec["script_answer_s"].append(s["then_s"])
+                rec["ratio_answer"].append(s["then_s"] / b["marker_s"])
             rec["script_exit_s"].append(s["wall_s"])
             rec["script_rss_mb"].append(s["peak_rss_mb"])
             rec["ratio"].append(s["marker_s"] / b["marker_s"])
@@ -1028,9 +1038,13 @@ def bench_startup(model: str, folder: str, cfg: dict[str, Any], quick: bool, thr
                       "exit_after_ready_s": stats([e - p for e, p in zip(rec["base_exit_s"], rec["base_ready_s"], strict=True)]),
                       "peak_rss_mb": stats(rec["base_rss_mb"])},
         "script": {"prompt_s": stats(rec["script_prompt_s"]), "exit_s": stats(rec["script_exit_s"]),
+                   "answer_ready_s": stats(rec["script_answer_s"]),
                    "exit_after_prompt_s": stats([e - p for e, p in zip(rec["script_exit_s"], rec["script_prompt_s"], strict=True)]),
                    "peak_rss_mb": stats(rec["script_rss_mb"]), "errors": errors},
         "ratio_prompt_vs_bare": stats(rec["ratio"]),
+        "ratio_answer_ready_vs_bare": stats(rec["ratio_answer"]),
+        "answer_ready_note": "answer_ready_s: to the 'Bye.' that follows an `exit` typed at once, i.e. until the "
+                             "chat could answer (AgentScope imported and the agents built behind the prompt)",
     }
     # Which heavy training modules load before the first prompt: a worker that does what main() does up to
     # the chat loop, and (full run) `python -X importtime` on the real script.
@@ -1665,6 +1679,10 @@ def render(results: dict[str, Any]) -> str:
             if it and "cumulative_import_s" in it and any(it["imported"].values()):
                 extra = " (-X importtime cumulative: " + ", ".join(
                     f"{m} {fmt(v)} s" for m, v in it["cumulative_import_s"].items() if it["imported"][m]) + ")"
+            ready = st["script"].get("answer_ready_s")
+            if ready and ready.get("n"):
+                lines.append(f"Ready to answer (the 'Bye.' after an `exit` typed at once): {spread(ready)} s, "
+                             f"{spread(st['ratio_answer_ready_vs_bare'])} x bare.")
             lines.append(f"Script / bare: {spread(st['ratio_prompt_vs_bare'])}. Exit after 'exit': script "
                          f"{spread(st['script']['exit_after_prompt_s'])} s, bare {spread(st['bare_load']['exit_after_ready_s'])} s."
                          f" Training modules imported before the "

@@ -147,6 +147,11 @@ def startup_section(st: dict[str, Any]) -> list[str]:
         [f"`{st.get('script_command', 'the chat script')}`", med(script.get("prompt_s")),
          med(script.get("peak_rss_mb"))],
     ])
+    if dig(script, "answer_ready_s", "n"):
+        lines += ["", f"The prompt shows once the model is loaded; AgentScope is imported and the agents are built "
+                      f"while the user types (docs/startup.md). Ready to answer (the `Bye.` after an `exit` typed at "
+                      f"once): {med(script.get('answer_ready_s'))} s, {med(st.get('ratio_answer_ready_vs_bare'))} x "
+                      f"the baseline."]
     heavy = st.get("heavy_modules_imported_at_startup")
     heavy_text = "none" if heavy == [] else ", ".join(heavy) if heavy else "n/a"
     return [*lines, "", f"Chat script / baseline: {med(st.get('ratio_prompt_vs_bare'))}. Training libraries imported "

@@ -26,6 +26,7 @@ import torch
 from agentscope.credential import CredentialBase
 from agentscope.model import ChatModelBase
 
+from chat.startup import status_line
 from hfmodel.adapters import AdapterSet
 from hfmodel.common import FineTuneInterrupted, UserError, logger
 from hfmodel.generation import ENGINES, create_engine
@@ -181,12 +182,7 @@ class BackgroundFineTune:
 
     def status(self) -> str:
         """One line: where the run is."""
-        seconds = time.perf_counter() - self.began
-        step, total = self.state.get("step"), self.state.get("max_steps")
-        where = f"step {step}/{total}" if step is not None and total else "preparing"
-        loss = f", loss {self.state['loss']:.3f}" if isinstance(self.state.get("loss"), float) else ""
-        return (f"(start-up fine-tune running in the background: {where}{loss}, {seconds:.0f} s; replies use the "
-                "weights loaded before it until it finishes)")
+        return status_line(self.state, time.perf_counter() - self.began)
 
     def finish(self, timeout: float | None = None) -> Outcome | None:
         """Stop the run (at its next step boundary) and wait for it: the outcome, or None if it did not end in time."""

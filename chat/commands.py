@@ -29,6 +29,7 @@ from rich.text import Text
 from chat.background import MODES, BackgroundFineTune, Outcome, own_random_state
 from chat.practice import PracticeCommands
 from chat.session_log import SessionLog
+from chat.startup import BACKGROUND_LINE, check_background_run, log_warning, opening_lines, output_dir
 from chat.teaching import CommandError, Taught, TeachingCommands, cell, plain
 from finetune_dialogagent import Finetune_DialogAgent, ToolLine, UserAgent
 from hfmodel.common import (
@@ -46,7 +47,7 @@ from hfmodel.data import DatasetFormatError
 from hfmodel.preference_data import Marked
 from hfmodel.report import Probe, pick_probes, run_probes, summary_rows, write_report
 from hfmodel.serving import record_last_export
-from hfmodel.settings import FineTuneConfig, merge_config, number_problems, parse_overrides, split_assignment
+from hfmodel.settings import merge_config, number_problems, parse_overrides, split_assignment
 from huggingface_model import FineTuneInterrupted, FineTuneResult, HuggingFaceWrapper
 
 __all__ = ["HELP", "ChatSession", "CommandError", "DatasetFormatError", "UserError", "cell", "merge_config",
@@ -119,12 +120,15 @@ class ChatSession(TeachingCommands, PracticeCommands):
     """Runs the user <-> assistant loop and the commands, on one persistent event loop."""
 
     def __init__(self, assistant: Finetune_DialogAgent, user: UserAgent, base_config: dict[str, Any] | None = None,
-                 console: Console | None = None, out: Any = None, session_log: bool = False) -> None:
-        """`session_log`: write every exchange to runs/session-<stamp>-<id>.jsonl (see session_log.py)."""
+                 console: Console | None = None, out: Any = None, session_log: bool | SessionLog | None = False
+                 ) -> None:
+        """`session_log`: write every exchange to runs/session-<stamp>-<id>.jsonl (see session_log.py); or the
+        `SessionLog` to write to (the chat's start creates it)."""
         self.assistant = assistant
         self.user = user
         self.base_config = base_config or {}
-        self.session_log = SessionLog(self._output_dir()) if session_log else None
+        self.session_log = session_log if isinstance(session_log, SessionLog) else \
+            SessionLog(self._output_dir()) if session_log else None
         self.raw_arguments = ""
         self.console = console or Console(highlight=False)
         self.out = out or sys.stdout
@@ -150,23 +154,30 @@ class ChatSession(TeachingCommands, PracticeCommands):
 
     # ------------------------------------------------------------------------------------------- loop
 
-    def run(self) -> int:
-        self.print(f"[bold]{self.assistant.name}[/] is ready ({plain(self.model.model)}). "
-                   "Type a message, /help for commands, exit to leave.")
-        tools = self._tool_schemas()
-        if tools:
-            self.print(f"Tools: {plain(', '.join(t['function']['name'] for t in tools))}.")
-        if self.session_log and not self._log_problem(self.session_log.start()):
-            self.print(f"This conversation is saved as training data in {plain(str(self.session_log.path))} "
-                       "(--no-session-log turns that off).")
+    def agent_names(self) -> list[str]:
+        return [self.assistant.name]
+
+    def run(self, first: str | None = None, opened: bool = False) -> int:
+        """The chat until `exit`. `opened`: the opening lines and the first prompt were shown already (the chat's
+        start, chat/startup.py), and `first` is what the user typed there (None: they left)."""
+        if not opened:
+            tools = self._tool_schemas()
+            lines, self.session_log = opening_lines(self.agent_names(), self.model.model,
+                                                    [t["function"]["name"] for t in tools or []], self.session_log)
+            for line in lines:
+                self.print(line)
         try:
             while True:
-                self._background_news(status=True)
-                if self.background is not None:
-                    # Started at the first prompt, once everything before it has run: the main thread imports nothing
-                    # while the run imports (see BackgroundFineTune._run); from then on it computes only in turns.
-                    self.background.start()
-                text = self.user.read()
+                if opened:
+                    text, opened = first, False
+                else:
+                    self._background_news(status=True)
+                    if self.background is not None:
+                        # Started at the first prompt, once everything before it has run: the main thread imports
+                        # nothing while the run imports (see BackgroundFineTune._run); from then on it computes only
+                        # in turns.
+                        self.background.start()
+                    text = self.user.read()
                 if text is None:
                     break
                 self._background_news(status=False)  # a finished run is swapped in before this line is handled
@@ -177,14 +188,15 @@ class ChatSession(TeachingCommands, PracticeCommands):
         self.print("Bye.")
         return 0
 
-    def startup_fine_tune(self, mode: str = "wait") -> bool:
+    def startup_fine_tune(self, mode: str = "wait", announce: bool = True) -> bool:
         """The configured fine-tune: before the first prompt ("wait"), or in the background while the chat answers
-        from the loaded weights ("background", see chat/background.py); False if its configuration is wrong."""
+        from the loaded weights ("background", see chat/background.py; `announce`: say so); False if its
+        configuration is wrong."""
         if mode not in MODES:
             self.error(f"startup_fine_tune must be one of {', '.join(MODES)}, got {mode!r}.")
             return False
         if mode == "background":
-            return self._start_background(self._config_with([]), probe_count=3)
+            return self._start_background(self._config_with([]), probe_count=3, announce=announce)
         try:
             self._fine_tune(None, self._config_with([]), probe_count=3)
         except FineTuneInterrupted as e:
@@ -312,8 +324,7 @@ class ChatSession(TeachingCommands, PracticeCommands):
     def _log_problem(self, problem: str | None) -> bool:
         """A session log that cannot be written is one warning, and the chat goes on without it."""
         if problem:
-            self.print(f"[yellow]warning:[/] cannot write the session log ({plain(problem)}); the chat goes on "
-                       "without it (fix the folder, set training_args.output_dir, or use --no-session-log).")
+            self.print(log_warning(problem))
             self.session_log = None
         return bool(problem)
 
@@ -451,13 +462,11 @@ class ChatSession(TeachingCommands, PracticeCommands):
 
     # ------------------------------------------------------------------------------------------- background run
 
-    def _start_background(self, config: dict[str, Any], probe_count: int) -> bool:
-        """Start the configured fine-tune on a copy of the model; False if its configuration is wrong."""
+    def _start_background(self, config: dict[str, Any], probe_count: int, announce: bool = True) -> bool:
+        """Set the configured fine-tune up on a copy of the model (it starts at the first prompt); False if its
+        configuration is wrong."""
         try:
-            FineTuneConfig.from_dict(config, check_fields=False)  # structure now; field names in the run (trl import)
-            runs = (config.get("training_args") or {}).get("output_dir") or "runs"
-            if isinstance(runs, str):
-                check_writable_folder(runs, "training_args.output_dir")
+            check_background_run(config)
         except UserError as e:
             self.error(str(e))
             return False
@@ -484,8 +493,8 @@ class ChatSession(TeachingCommands, PracticeCommands):
                 loop.close()
 
         self.background = BackgroundFineTune(host, work)  # started at the first prompt (run)
-        self.print("The start-up fine-tune runs in the background; replies use the loaded weights until its adapter "
-                   "is swapped in between two replies (set startup_fine_tune = \"wait\" to wait for it instead).")
+        if announce:
+            self.print(BACKGROUND_LINE)
         return True
 
     def _background_running(self) -> bool:
@@ -558,8 +567,7 @@ class ChatSession(TeachingCommands, PracticeCommands):
             self.error(str(outcome.message))
 
     def _output_dir(self) -> Path:
-        ftc = self.base_config.get("fine_tune_config") or {}
-        return Path((ftc.get("training_args") or {}).get("output_dir", "runs")).expanduser()
+        return output_dir(self.base_config)
 
     # ------------------------------------------------------------------------------------------- commands
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentscope.message import AssistantMsg
-from rich.markup import escape
 from rich.text import Text
 
+from chat.startup import plain  # noqa: F401 - the chat modules import it from here too
 from hfmodel.common import UserError, create_exclusive, safe_text, write_text_atomic
 from hfmodel.data import DatasetFormatError
 from hfmodel.preference_data import Marked, Pair, PreferenceDataset, load_preference_dataset, preference_mix
@@ -28,11 +28,6 @@ if TYPE_CHECKING:
     from chat.session_log import SessionLog
     from finetune_dialogagent import Finetune_DialogAgent
     from huggingface_model import FineTuneResult
-
-
-def plain(text: str) -> str:
-    """Data or model text inside a markup string: control characters stripped, then markup escaped."""
-    return escape(safe_text(text))
 
 
 def cell(text: str) -> Text:

@@ -23,19 +23,13 @@ from typing import Any
 from agentscope.credential import CredentialBase
 from agentscope.model import ChatModelBase
 
+from chat.startup import AGENT_KEYS, NAME_PATTERN, TeamError, check_entries  # noqa: F401 - importable from here
 from finetune_dialogagent import Finetune_DialogAgent
 from hfmodel.adapters import AdapterSet
-from hfmodel.common import UserError, is_peft_model
+from hfmodel.common import is_peft_model
 from hfmodel.generation import create_engine
 from hfmodel.speedups import switch_adapter
 from huggingface_model import HuggingFaceWrapper
-
-NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-AGENT_KEYS = ("name", "sys_prompt", "adapter", "data_path")
-
-
-class TeamError(UserError):
-    """A wrong `agents` entry or team command; the message says what to change."""
 
 
 def serve(adapter_set: AdapterSet) -> None:
@@ -132,31 +126,6 @@ class Team:
         if len(self.agents) == 1 and self.find(name) is None:  # no team yet: "@home is ..." is just a message
             return [self.agents[self.current]], text
         return [self.agent(name)], rest.strip()
-
-
-def check_entries(entries: list[dict[str, Any]]) -> None:
-    """Every problem of the `agents` list at once, each naming the entry and the fix."""
-    problems, seen = [], set()
-    if not entries:
-        problems.append("`agents` is empty: give at least one {\"name\": ..., \"sys_prompt\": ...}")
-    for i, entry in enumerate(entries):
-        unknown = sorted(set(entry) - set(AGENT_KEYS))
-        if unknown:
-            problems.append(f"agents[{i}] has unknown key(s) {', '.join(unknown)}; valid: {', '.join(AGENT_KEYS)}")
-        name = str(entry.get("name", ""))
-        if not NAME_PATTERN.match(name) or name.lower() == "all":
-            problems.append(f"agents[{i}] name {name!r} must be a word of letters, digits, - or _ "
-                            "(starting with a letter; not 'all'), so that @Name can address it")
-        elif name.lower() in seen:
-            problems.append(f"agents[{i}] name {name!r} is used twice")
-        seen.add(name.lower())
-        if not isinstance(entry.get("sys_prompt"), str):
-            problems.append(f"agents[{i}] ({name or 'unnamed'}) needs a \"sys_prompt\" string")
-        adapter = entry.get("adapter")
-        if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").exists():
-            problems.append(f"agents[{i}] adapter {adapter!r} is not an adapter folder (no adapter_config.json)")
-    if problems:
-        raise TeamError("Invalid `agents`: " + "; ".join(problems) + ".")
 
 
 def build_team(host: HuggingFaceWrapper, entries: list[dict[str, Any]], toolkit: Any = None) -> Team:

@@ -79,11 +79,9 @@ class TeamChatSession(ChatSession):
     def assistant(self, agent: Finetune_DialogAgent) -> None:
         self.team.current = agent.name
 
-    def run(self) -> int:
-        if len(self.team.agents) > 1:
-            self.print(f"Agents: {plain(', '.join(self.team.agents))} (one base model, each with its own adapters); "
-                       f"plain messages go to {plain(self.team.current)}; @Name or @all to address others.")
-        return super().run()
+    def agent_names(self) -> list[str]:
+        """The current agent first (plain messages go to it), then the others."""
+        return [self.team.current, *(n for n in self.team.agents if n != self.team.current)]
 
     # ------------------------------------------------------------------------------------------- agents
 

@@ -444,8 +444,10 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
 # Logging
 
 
-def quiet_libraries(ours: int = logging.INFO, rich: bool = False) -> None:
-    """Our log lines on stderr at level `ours`; library chatter (progress bars, deprecations) off."""
+def quiet_libraries(ours: int = logging.INFO, rich: bool = False, agentscope: bool = True) -> None:
+    """Our log lines on stderr at level `ours`; library chatter (progress bars, deprecations) off. `agentscope`:
+    import AgentScope now and quiet its logger (else call `quiet_agentscope` once it has been imported: its import
+    sets its own logger up)."""
     if rich:
         from rich.console import Console
         from rich.logging import RichHandler
@@ -459,8 +461,15 @@ def quiet_libraries(ours: int = logging.INFO, rich: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     import transformers
+
+    if agentscope:
+        quiet_agentscope()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def quiet_agentscope() -> None:
+    """AgentScope's own logger (it logs at INFO from its import on) at WARNING."""
     from agentscope import setup_logger
 
     setup_logger("WARNING")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()

@@ -17,12 +17,18 @@ import pytest
 from helpers import SYSTEM_PROMPT, TAUGHT_QUESTION, identity_rows, write_jsonl
 
 from chat.background import THREAD_NAME, Turns
+from chat.startup import START_THREAD
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def background_thread() -> threading.Thread | None:
+    """The run's thread, once the chat's start has built the session behind the first prompt (chat/startup.py:
+    the run starts there, while the user types)."""
+    start = next((t for t in threading.enumerate() if t.name == START_THREAD), None)
+    if start is not None:
+        start.join(120)
     return next((t for t in threading.enumerate() if t.name == THREAD_NAME), None)
 
 

@@ -449,16 +449,18 @@ def test_the_performance_page_takes_a_partial_or_older_run():
 # ------------------------------------------------------------------------------------------ layering
 
 # Layers from the bottom: a module may import its own layer and those below, never one above.
-# chat/tools.py is plain functions that import nothing of the project, so the agent may offer them.
-LAYERS = {"hfmodel": 0, "chat.tools": 0, "huggingface_model": 1, "finetune_dialogagent": 2, "chat": 3,
+# chat/tools.py is plain functions that import nothing of the project, so the agent may offer them; chat/terminal.py
+# (the terminal's UserAgent) imports nothing of the project either, so the prompt can show before AgentScope loads.
+LAYERS = {"hfmodel": 0, "chat.tools": 0, "chat.terminal": 0, "huggingface_model": 1, "finetune_dialogagent": 2,
+          "chat": 3,
           "load_finetune_huggingface_model": 4, "finetune": 4, "bench": 5, "data": 5, "tests": 5}
 PROJECT = {"hfmodel", "chat", "huggingface_model", "finetune_dialogagent", "load_finetune_huggingface_model",
            "finetune", "bench", "tests", "helpers", "tiny_model"}
 
 
 def layer(module: str) -> int:
-    if module.startswith("chat.tools"):
-        return LAYERS["chat.tools"]
+    if module.startswith(("chat.tools", "chat.terminal")):
+        return 0
     if module.split(".")[0] in ("helpers", "tiny_model"):
         return LAYERS["tests"]
     return LAYERS[module.split(".")[0]]
@@ -487,7 +489,7 @@ def test_nothing_imports_upward():
 
 
 def test_the_engine_and_the_tools_import_no_chat_and_no_root_module():
-    for path in [*ROOT.glob("hfmodel/*.py"), ROOT / "chat" / "tools.py"]:
+    for path in [*ROOT.glob("hfmodel/*.py"), ROOT / "chat" / "tools.py", ROOT / "chat" / "terminal.py"]:
         assert {m.split(".")[0] for m in project_imports(path)} <= {"hfmodel"}, rel(path)
 
 
