@@ -185,7 +185,11 @@ class Chat:
                                    daemon=True)  # `attempt` always appends: a session or an exit status
         builder.start()
         first = self.user.read()  # while AgentScope imports and the agents are built
-        builder.join()
+        try:
+            builder.join()
+        except KeyboardInterrupt:  # Ctrl-C while the start finishes: leave, as Ctrl-C at the prompt does (a
+            first = None  # background run it started is stopped and recorded by the session)
+            builder.join()
         session = built[0]
         return session if isinstance(session, int) else session.run(first=first, opened=True)
 
