@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -241,7 +242,5 @@ class Chat:
         return self.error(failure_line(what, e, log))
 
     def error(self, message: str) -> int:
-        import sys
-
         print(f"error: {safe_text(redact(message))}", file=sys.stderr)
         return 2
