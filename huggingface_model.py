@@ -47,7 +47,7 @@ from hfmodel.common import (
     pick_dtype,
     redact,
 )
-from hfmodel.generation import create_engine
+from hfmodel.generation import check_engine, create_engine
 from hfmodel.gguf_export import GGUFExport, check_destination, check_exportable, export_folder
 from hfmodel.int8 import INT8, Int8Check, full_precision, int8_wanted, quantize_checked
 from hfmodel.loading import (
@@ -69,7 +69,7 @@ from hfmodel.preload import (
     GenerationParameters,
     Preloaded,
     generation_parameters,
-    model_handle,
+    load,
     reject_unknown_keys,
 )
 from hfmodel.settings import (
@@ -151,6 +151,7 @@ class HuggingFaceWrapper(ChatModelBase):
             engine: the generation engine (see hfmodel/generation.py ENGINES).
             preloaded: the weights and tokenizer `hfmodel.preload.preload(config)` loaded for these settings
                 (the chat script loads them before AgentScope is imported): taken over, not loaded again.
+                Without it they load here, the same way (`hfmodel.preload.load`).
         """
         reject_unknown_keys(unknown)
         parameters = generation_parameters(self.Parameters, max_length=max_length, temperature=temperature,
@@ -168,27 +169,21 @@ class HuggingFaceWrapper(ChatModelBase):
         # Fail fast on a wrong config before a long load; field names are checked against trl/peft
         # only when fine-tuning starts (importing them costs seconds at every start-up).
         FineTuneConfig.from_dict(fine_tune_config, check_fields=bool(data_path))
-        if preloaded is None:
-            self.handle = model_handle(device, dtype, quantization, trust_remote_code)
-        else:
-            self.handle = preloaded.take({"model_id": model_id, "local_model_path": local_model_path,
-                                          "device": device, "local_tokenizer_path": local_tokenizer_path,
-                                          "dtype": dtype, "quantization": quantization,
-                                          "trust_remote_code": trust_remote_code})
+        check_engine(engine)  # before the load, as every other setting
+        settings = {"model_id": model_id, "local_model_path": local_model_path, "device": device,
+                    "local_tokenizer_path": local_tokenizer_path, "dtype": dtype, "quantization": quantization,
+                    "trust_remote_code": trust_remote_code}
+        preloaded = preloaded or load(settings)
+        self.handle = preloaded.take(settings)
         self.serve_int8 = quantization == INT8 and int8_wanted(self.handle.device)
         self.int8_check: Int8Check | None = None  # how int8 compared with fp32 when it loaded
         self.engine = create_engine(engine, self.handle)
         self.adapter_set = AdapterSet(self.handle)
         self._reply_state()
 
-        if preloaded is None:
-            self.load_model(model_id, local_model_path)
-            self.load_tokenizer(model_id, local_tokenizer_path)
-        else:  # the handle holds the weights and tokenizer already
-            self.model_id, self.local_model_path = model_id, local_model_path
-            self.model = str(local_model_path or model_id or preloaded.source.path)
-            if preloaded.source.adapter:
-                self.load_adapter(preloaded.source.adapter)
+        self.model = preloaded.name
+        if preloaded.source.adapter:
+            self.load_adapter(preloaded.source.adapter)
         self.quantize_int8()
         if data_path:
             self.fine_tune(data_path, fine_tune_config)

@@ -174,8 +174,7 @@ class Chat:
                 check_background_run(self.startup_config())
             except UserError as e:
                 return self.error(str(e))
-        model = str(self.config.get("local_model_path") or self.config.get("model_id") or preloaded.source.path)
-        lines, self.log = opening_lines([e["name"] for e in self.entries], model,
+        lines, self.log = opening_lines([e["name"] for e in self.entries], preloaded.name,
                                         [t.__name__ for t in self.tools], self.log)
         if background:
             lines = [BACKGROUND_LINE, *lines, f"[dim]{plain(status_line({}, 0))}[/]"]

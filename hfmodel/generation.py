@@ -515,11 +515,15 @@ def _from_user_turn(turns: Chat) -> Chat:
 ENGINES: dict[str, type[TransformersEngine]] = {"transformers": TransformersEngine}
 
 
-def create_engine(name: str, handle: ModelHandle) -> TransformersEngine:
+def check_engine(name: str) -> None:
     if name not in ENGINES:
         from hfmodel.common import ModelLoadError
 
         raise ModelLoadError(f"Unknown engine '{name}'. Available: {', '.join(ENGINES)}.")
+
+
+def create_engine(name: str, handle: ModelHandle) -> TransformersEngine:
+    check_engine(name)
     return ENGINES[name](handle)
 
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field, ValidationError
 
 from hfmodel.common import ModelLoadError, closest, describe_validation, logger, pick_device, pick_dtype
-from hfmodel.generation import ENGINES
+from hfmodel.generation import check_engine
 from hfmodel.loading import (
     ModelHandle,
     ModelSource,
@@ -72,11 +72,6 @@ def reject_unknown_keys(unknown: dict[str, Any]) -> None:
                              f". Valid keys: model_type, {', '.join(valid)}.")
 
 
-def check_engine(name: str) -> None:
-    if name not in ENGINES:
-        raise ModelLoadError(f"Unknown engine '{name}'. Available: {', '.join(ENGINES)}.")
-
-
 def model_handle(device: str | None, dtype: str | None, quantization: str | None,
                  trust_remote_code: bool) -> ModelHandle:
     """An empty handle on the chosen device and dtype (one line logged)."""
@@ -96,6 +91,11 @@ class Preloaded:
     source: ModelSource
     taken: bool = False
 
+    @property
+    def name(self) -> str:
+        """What the wrapper calls its model: the configured folder or id, else where the weights came from."""
+        return str(self.settings["local_model_path"] or self.settings["model_id"] or self.source.path)
+
     def take(self, settings: dict[str, Any]) -> ModelHandle:
         """Hand the load over to a wrapper built with `settings` (a programming error otherwise)."""
         if self.taken:
@@ -108,23 +108,30 @@ class Preloaded:
 
 
 def preload(config: dict[str, Any]) -> Preloaded:
-    """Check one `model_configs` entry as `HuggingFaceWrapper.from_config` would, and load its weights and tokenizer
-    and read its chat format (an adapter folder's adapter, int8 serving and the start-up fine-tune are left to the
-    wrapper). Raises `ModelLoadError` (a
-    `UserError`) with one message for a bad entry."""
+    """Check one `model_configs` entry as `HuggingFaceWrapper.from_config` would, then `load` it. Raises
+    `ModelLoadError` (a `UserError`) with one message for a bad entry."""
     config = dict(config)
     model_type = config.pop("model_type", "huggingface")
     if model_type != "huggingface":
         raise ModelLoadError(f"model_type '{model_type}' is not supported here; use \"huggingface\".")
     reject_unknown_keys({k: v for k, v in config.items() if k not in MODEL_CONFIG_KEYS})
-    generation_parameters(GenerationParameters, **{k: config[k] for k in GenerationParameters.model_fields if k in config})
+    generation_parameters(GenerationParameters,
+                          **{k: config[k] for k in GenerationParameters.model_fields if k in config})
     FineTuneConfig.from_dict(config.get("fine_tune_config"), check_fields=bool(config.get("data_path")))
     check_engine(config.get("engine") or "transformers")
-    settings = {k: config.get(k, False if k == "trust_remote_code" else None) for k in LOAD_KEYS}
+    return load({k: config.get(k, False if k == "trust_remote_code" else None) for k in LOAD_KEYS})
+
+
+def load(settings: dict[str, Any]) -> Preloaded:
+    """The weights and tokenizer for `settings` (the LOAD_KEYS values) on a new handle, with the chat format read;
+    an adapter folder's adapter, int8 serving and the start-up fine-tune are left to the wrapper. A wrapper's first
+    load is this too (`HuggingFaceWrapper.load_model` replaces a loaded model)."""
     handle = model_handle(settings["device"], settings["dtype"], settings["quantization"],
                           bool(settings["trust_remote_code"]))
     source = resolve_model_source(settings["model_id"], settings["local_model_path"])
     started = time.perf_counter()
+    # On the compute thread that will generate with it: the process's torch work stays on one thread (one OpenMP
+    # team; see hfmodel/compute.py).
     module, _ = handle.compute.call(load_replacement, source, handle)
     logger.info("Loaded model %s in %.1f s", source.describe(), time.perf_counter() - started)
     handle.module, handle.source = module, source
